@@ -1,0 +1,1 @@
+"""VMM drivers. Each module is self-contained; drivers never import each other."""

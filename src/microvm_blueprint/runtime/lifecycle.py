@@ -1,0 +1,420 @@
+"""The lifecycle core: one implementation of :class:`VmProvider` over any :class:`VmmDriver`.
+
+It owns what every VMM shares — id rules, the state x job table, quotas, per-VM ordering, the
+durable store, intents, the audit trail and replay detection — and hands the driver only the
+transitions the table allows. Adapters are therefore thin and cannot drift apart on semantics;
+the contract suite in ``tests/contract`` runs against every driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TypeVar
+
+from .driver import VmmDriver
+from .errors import (
+    QuotaExceeded,
+    RecordedFailure,
+    SnapshotAlreadyExists,
+    SnapshotNotFound,
+    VmAlreadyExists,
+    VmError,
+    VmmError,
+    VmNotFound,
+)
+from .model import (
+    Action,
+    HostLimits,
+    Origin,
+    SnapshotRecord,
+    SnapshotView,
+    VmRecord,
+    VmSpec,
+    VmStatus,
+    VmView,
+    fs_name,
+    guard,
+    validate_id,
+)
+from .store import Store, StoredVm
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+LIVE = (VmStatus.CREATED, VmStatus.RUNNING, VmStatus.STOPPED)
+
+
+class Lifecycle:
+    """``VmProvider`` + ``VmQuery`` over an injected driver and store."""
+
+    def __init__(
+        self,
+        driver: VmmDriver,
+        store: Store,
+        *,
+        state_dir: str | Path,
+        limits: HostLimits | None = None,
+    ) -> None:
+        self.driver = driver
+        self.store = store
+        self.limits = limits or HostLimits()
+        self.state_dir = Path(state_dir)
+        self.vms_dir = self.state_dir / "vms"
+        self.snaps_dir = self.state_dir / "snapshots"
+        self.vms_dir.mkdir(parents=True, exist_ok=True)
+        self.snaps_dir.mkdir(parents=True, exist_ok=True)
+        self._locks: dict[str, asyncio.Lock] = {}
+        driver.set_exit_listener(self._on_vmm_exit)
+
+    # ---- plumbing ---------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _locked(self, *vm_ids: str) -> AsyncIterator[None]:
+        locks = [self._locks.setdefault(v, asyncio.Lock()) for v in sorted(set(vm_ids))]
+        for lock in locks:
+            await lock.acquire()
+        try:
+            yield
+        finally:
+            for lock in reversed(locks):
+                lock.release()
+
+    async def _call(
+        self, origin: Origin, action: str, vm_id: str | None, body: Callable[[], Awaitable[T]],
+        replay: Callable[[], Awaitable[T]],
+    ) -> T:
+        """Run one state change: replay check, then ``body``; a VmError is recorded for replays."""
+        if origin.call_id is not None:
+            done = self.store.get_call(origin.call_id)
+            if done is not None:
+                log.info("call %s replayed; answering the recorded outcome", origin.call_id)
+                if not done.ok:
+                    raise RecordedFailure(done.error or "failed")
+                return await replay()
+        try:
+            return await body()
+        except VmError as exc:
+            self.store.record_failure(origin, action, vm_id, str(exc))
+            raise
+
+    def _require(self, vm_id: str) -> StoredVm:
+        vm = self.store.get_vm(vm_id)
+        if vm is None:
+            raise VmNotFound(vm_id)
+        return vm
+
+    @staticmethod
+    def _record(vm: StoredVm) -> VmRecord:
+        return VmRecord(vm_id=vm.vm_id, status=vm.status, spec=vm.spec, workdir=vm.workdir, handle=vm.handle)
+
+    def _view(self, vm: StoredVm, *, history: bool = True) -> VmView:
+        return VmView(
+            vm_id=vm.vm_id,
+            status=vm.status,
+            spec=vm.spec,
+            snapshots=tuple(s.snapshot_id for s in self.store.list_snapshots(vm.vm_id)),
+            created_at=vm.created_at,
+            updated_at=vm.updated_at,
+            error=vm.error,
+            history=tuple(self.store.history(vm.vm_id)) if history else (),
+        )
+
+    def _check_quota(self, spec: VmSpec) -> None:
+        count, mem, _ = self.store.usage()
+        lim = self.limits
+        if lim.max_vms is not None and count + 1 > lim.max_vms:
+            raise QuotaExceeded(f"quota exceeded: at most {lim.max_vms} vms")
+        if lim.max_total_mem_mib is not None and mem + spec.mem_mib > lim.max_total_mem_mib:
+            raise QuotaExceeded(
+                f"quota exceeded: total guest memory would be {mem + spec.mem_mib} MiB "
+                f"(limit {lim.max_total_mem_mib} MiB)"
+            )
+
+    def _on_vmm_exit(self, vm_id: str, reason: str) -> None:
+        vm = self.store.get_vm(vm_id)
+        if vm is None or vm.status not in LIVE:
+            return
+        log.warning("vmm of vm %r exited unexpectedly: %s", vm_id, reason, extra={"vm_id": vm_id})
+        self.store.update_vm(vm_id, VmStatus.FAILED, Origin(), "vmm_exit", error=reason)
+
+    async def _after_driver_error(self, vm: StoredVm, exc: VmmError) -> None:
+        """A driver error leaves the VM in an unknown state: if its VMM is gone, it has failed."""
+        try:
+            alive = await self.driver.alive(self._record(vm))
+        except VmError:
+            alive = False
+        if not alive:
+            self.store.update_vm(vm.vm_id, VmStatus.FAILED, Origin(), "vmm_error", error=exc.detail()[:2000])
+
+    # ---- VmProvider ---------------------------------------------------------------------------
+
+    async def create_vm(self, vm_id: str, spec: VmSpec | None, origin: Origin) -> VmView:
+        async def body() -> VmView:
+            validate_id("vm_id", vm_id)
+            checked = self.limits.check_spec(spec or VmSpec())
+            async with self._locked(vm_id):
+                return await self._create_locked(vm_id, checked, origin)
+
+        return await self._call(origin, "create_vm", _safe(vm_id), body, lambda: self.get_vm(vm_id))
+
+    async def _create_locked(self, vm_id: str, spec: VmSpec, origin: Origin) -> VmView:
+        if self.store.get_vm(vm_id) is not None:
+            raise VmAlreadyExists(vm_id)
+        self._check_quota(spec)
+        workdir = self.vms_dir / fs_name(vm_id)
+        shutil.rmtree(workdir, ignore_errors=True)  # leftovers of an undone create
+        intent = self.store.add_intent(vm_id, "create", str(workdir), origin.call_id)
+        workdir.mkdir(parents=True)
+        record = VmRecord(vm_id=vm_id, status=VmStatus.CREATED, spec=spec, workdir=str(workdir))
+        try:
+            handle = await self.driver.create(record)
+        except BaseException:
+            await asyncio.shield(self._undo_workdir(record, intent))
+            raise
+        self.store.insert_vm(vm_id, VmStatus.CREATED, spec, str(workdir), handle, origin, "create", intent=intent)
+        return self._view(self._require(vm_id))
+
+    async def _undo_workdir(self, record: VmRecord, intent: int) -> None:
+        try:
+            await self.driver.destroy(record)
+        except VmError as exc:
+            log.warning("cleanup of a failed create for %r: %s", record.vm_id, exc)
+        shutil.rmtree(record.workdir, ignore_errors=True)
+        self.store.drop_intent(intent)
+
+    async def start_vm(self, vm_id: str, origin: Origin) -> VmView:
+        async def body() -> VmView:
+            validate_id("vm_id", vm_id)
+            async with self._locked(vm_id):
+                vm = self._require(vm_id)
+                guard(vm_id, vm.status, Action.START)
+                try:
+                    if vm.status is VmStatus.CREATED:
+                        handle = await self.driver.boot(self._record(vm))
+                        self.store.update_vm(vm_id, VmStatus.RUNNING, origin, "start", handle=handle)
+                    else:
+                        await self.driver.resume(self._record(vm))
+                        self.store.update_vm(vm_id, VmStatus.RUNNING, origin, "start")
+                except VmmError as exc:
+                    await self._after_driver_error(vm, exc)
+                    raise
+                return self._view(self._require(vm_id))
+
+        return await self._call(origin, "start_vm", _safe(vm_id), body, lambda: self.get_vm(vm_id))
+
+    async def stop_vm(self, vm_id: str, origin: Origin) -> VmView:
+        async def body() -> VmView:
+            validate_id("vm_id", vm_id)
+            async with self._locked(vm_id):
+                vm = self._require(vm_id)
+                guard(vm_id, vm.status, Action.STOP)
+                try:
+                    await self.driver.pause(self._record(vm))
+                except VmmError as exc:
+                    await self._after_driver_error(vm, exc)
+                    raise
+                self.store.update_vm(vm_id, VmStatus.STOPPED, origin, "stop")
+                return self._view(self._require(vm_id))
+
+        return await self._call(origin, "stop_vm", _safe(vm_id), body, lambda: self.get_vm(vm_id))
+
+    async def snapshot_vm(self, vm_id: str, snapshot_id: str, origin: Origin) -> SnapshotView:
+        async def body() -> SnapshotView:
+            validate_id("vm_id", vm_id)
+            validate_id("snapshot_id", snapshot_id)
+            async with self._locked(vm_id):
+                vm = self._require(vm_id)
+                guard(vm_id, vm.status, Action.SNAPSHOT)
+                if self.store.get_snapshot(vm_id, snapshot_id) is not None:
+                    raise SnapshotAlreadyExists(vm_id, snapshot_id)
+                lim = self.limits.max_snapshot_bytes
+                if lim is not None and self.store.usage()[2] >= lim:
+                    raise QuotaExceeded(f"quota exceeded: snapshot disk limit of {lim} bytes reached")
+                snapdir = self.snaps_dir / fs_name(vm_id) / fs_name(snapshot_id)
+                shutil.rmtree(snapdir, ignore_errors=True)
+                intent = self.store.add_intent(vm_id, "snapshot", str(snapdir), origin.call_id)
+                snapdir.mkdir(parents=True)
+                try:
+                    size = await self.driver.snapshot(self._record(vm), str(snapdir))
+                    if lim is not None and self.store.usage()[2] + size > lim:
+                        raise QuotaExceeded(
+                            f"quota exceeded: snapshot of {size} bytes would pass the limit of {lim} bytes"
+                        )
+                except BaseException as exc:
+                    shutil.rmtree(snapdir, ignore_errors=True)
+                    self.store.drop_intent(intent)
+                    if isinstance(exc, VmmError):
+                        await self._after_driver_error(vm, exc)
+                    raise
+                snap = SnapshotRecord(
+                    vm_id=vm_id,
+                    snapshot_id=snapshot_id,
+                    path=str(snapdir),
+                    vm_status=vm.status,
+                    spec=vm.spec,
+                    created_at=time.time(),
+                    size_bytes=size,
+                )
+                self.store.add_snapshot(snap, origin, intent=intent)
+                return _snap_view(snap)
+
+        return await self._call(
+            origin, "snapshot_vm", _safe(vm_id), body, lambda: self.get_snapshot(vm_id, snapshot_id)
+        )
+
+    async def destroy_vm(self, vm_id: str, origin: Origin) -> VmView:
+        async def body() -> VmView:
+            validate_id("vm_id", vm_id)
+            async with self._locked(vm_id):
+                vm = self._require(vm_id)
+                guard(vm_id, vm.status, Action.DESTROY)
+                await self.driver.destroy(self._record(vm))
+                shutil.rmtree(vm.workdir, ignore_errors=True)
+                self.store.update_vm(vm_id, VmStatus.DESTROYED, origin, "destroy", handle=None, error=vm.error)
+                return self._view(self._require(vm_id))
+
+        return await self._call(origin, "destroy_vm", _safe(vm_id), body, lambda: self.get_vm(vm_id))
+
+    async def restore_vm(self, source_vm_id: str, snapshot_id: str, new_vm_id: str, origin: Origin) -> VmView:
+        async def body() -> VmView:
+            validate_id("source_vm_id", source_vm_id)
+            validate_id("snapshot_id", snapshot_id)
+            validate_id("new_vm_id", new_vm_id)
+            async with self._locked(source_vm_id, new_vm_id):
+                self._require(source_vm_id)
+                snap = self.store.get_snapshot(source_vm_id, snapshot_id)
+                if snap is None:
+                    raise SnapshotNotFound(source_vm_id, snapshot_id)
+                if self.store.get_vm(new_vm_id) is not None:
+                    raise VmAlreadyExists(new_vm_id)
+                spec = self.limits.check_spec(snap.spec)
+                self._check_quota(spec)
+                workdir = self.vms_dir / fs_name(new_vm_id)
+                shutil.rmtree(workdir, ignore_errors=True)
+                intent = self.store.add_intent(new_vm_id, "restore", str(workdir), origin.call_id)
+                workdir.mkdir(parents=True)
+                record = VmRecord(vm_id=new_vm_id, status=snap.vm_status, spec=spec, workdir=str(workdir))
+                try:
+                    handle = await self.driver.restore(record, snap)
+                except BaseException:
+                    await asyncio.shield(self._undo_workdir(record, intent))
+                    raise
+                self.store.insert_vm(
+                    new_vm_id, snap.vm_status, spec, str(workdir), handle, origin, "restore", intent=intent
+                )
+                return self._view(self._require(new_vm_id))
+
+        return await self._call(origin, "restore_vm", _safe(new_vm_id), body, lambda: self.get_vm(new_vm_id))
+
+    async def delete_snapshot(self, vm_id: str, snapshot_id: str, origin: Origin) -> None:
+        async def body() -> None:
+            validate_id("vm_id", vm_id)
+            validate_id("snapshot_id", snapshot_id)
+            async with self._locked(vm_id):
+                self._require(vm_id)
+                snap = self.store.get_snapshot(vm_id, snapshot_id)
+                if snap is None:
+                    raise SnapshotNotFound(vm_id, snapshot_id)
+                await self.driver.delete_snapshot(snap)
+                shutil.rmtree(snap.path, ignore_errors=True)
+                self.store.delete_snapshot(vm_id, snapshot_id, origin)
+
+        async def replay() -> None:
+            return None
+
+        await self._call(origin, "delete_snapshot", _safe(vm_id), body, replay)
+
+    async def reconcile(self) -> str:
+        """Finish or undo intents, re-adopt live VMMs, mark vanished ones failed, remove orphans."""
+        undone = adopted = failed = orphans = 0
+        for intent in self.store.intents():
+            path = Path(intent.path)
+            if intent.action in ("create", "restore") and self.store.get_vm(intent.vm_id) is None:
+                record = VmRecord(intent.vm_id, VmStatus.CREATED, VmSpec(), str(path))
+                try:
+                    await self.driver.destroy(record)
+                except VmError as exc:
+                    log.warning("undoing %s of %r: %s", intent.action, intent.vm_id, exc)
+                shutil.rmtree(path, ignore_errors=True)
+            elif intent.action == "snapshot" and str(path) not in self.store.all_snapshot_paths():
+                shutil.rmtree(path, ignore_errors=True)
+            self.store.drop_intent(intent.seq)
+            undone += 1
+        owned: set[str] = set()
+        for vm in self.store.list_vms():
+            if vm.status not in LIVE:
+                continue
+            owned.add(Path(vm.workdir).name)
+            if await self.driver.adopt(self._record(vm)):
+                adopted += 1
+            else:
+                failed += 1
+                self.store.update_vm(
+                    vm.vm_id, VmStatus.FAILED, Origin(), "reconcile",
+                    error="vmm vanished while the operator was down",
+                )
+        for entry in self.vms_dir.iterdir():
+            if entry.name not in owned:
+                record = VmRecord(entry.name, VmStatus.CREATED, VmSpec(), str(entry))
+                try:
+                    await self.driver.destroy(record)
+                except VmError as exc:
+                    log.warning("removing orphan %s: %s", entry, exc)
+                shutil.rmtree(entry, ignore_errors=True)
+                orphans += 1
+        summary = (
+            f"reconciled: {adopted} vm(s) re-adopted, {failed} marked failed, "
+            f"{undone} unfinished step(s) undone, {orphans} orphan folder(s) removed"
+        )
+        log.info(summary)
+        return summary
+
+    async def close(self, *, stop_vms: bool = False) -> None:
+        await self.driver.close(stop_vms=stop_vms)
+
+    # ---- VmQuery ------------------------------------------------------------------------------
+
+    async def get_vm(self, vm_id: str) -> VmView:
+        validate_id("vm_id", vm_id)
+        return self._view(self._require(vm_id))
+
+    async def list_vms(self, *, limit: int | None = None, after: str | None = None) -> list[VmView]:
+        return [self._view(vm, history=False) for vm in self.store.list_vms(limit=limit, after=after)]
+
+    async def list_snapshots(self, vm_id: str) -> list[SnapshotView]:
+        validate_id("vm_id", vm_id)
+        self._require(vm_id)
+        return [_snap_view(s) for s in self.store.list_snapshots(vm_id)]
+
+    async def get_snapshot(self, vm_id: str, snapshot_id: str) -> SnapshotView:
+        validate_id("vm_id", vm_id)
+        validate_id("snapshot_id", snapshot_id)
+        self._require(vm_id)
+        snap = self.store.get_snapshot(vm_id, snapshot_id)
+        if snap is None:
+            raise SnapshotNotFound(vm_id, snapshot_id)
+        return _snap_view(snap)
+
+    async def console(self, vm_id: str, tail_bytes: int = 16384) -> str:
+        validate_id("vm_id", vm_id)
+        vm = self._require(vm_id)
+        if vm.status is VmStatus.DESTROYED:
+            return ""
+        return await self.driver.console(self._record(vm), max(0, min(tail_bytes, 1 << 20)))
+
+
+def _snap_view(snap: SnapshotRecord) -> SnapshotView:
+    return SnapshotView(
+        snapshot_id=snap.snapshot_id, created_at=snap.created_at, size_bytes=snap.size_bytes, vm_status=snap.vm_status
+    )
+
+
+def _safe(vm_id: object) -> str | None:
+    return vm_id if isinstance(vm_id, str) else None

@@ -1,0 +1,241 @@
+"""Values of the runtime layer: statuses, specs, views, snapshot manifests, id rules.
+
+Everything here is a frozen dataclass or an enum; the state x job table of DESIGN.md §5 lives in
+:data:`ALLOWED` and is enforced by :func:`guard`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from .errors import InvalidInput, InvalidTransition
+
+MAX_ID_BYTES = 256
+MIN_MEM_MIB = 128
+DEFAULT_MEM_MIB = 256
+DEFAULT_VCPUS = 1
+DEFAULT_IMAGE = "default"
+
+
+class VmStatus(str, Enum):
+    """Lifecycle status; the value is the word the API and error texts use."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    DESTROYED = "destroyed"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Action(Enum):
+    """A state-changing request; ``target`` is the word used in transition errors."""
+
+    START = "running"
+    STOP = "stopped"
+    SNAPSHOT = "snapshot"
+    DESTROY = "destroyed"
+
+    @property
+    def target(self) -> str:
+        return self.value
+
+
+ALLOWED: Mapping[VmStatus, frozenset[Action]] = {
+    VmStatus.CREATED: frozenset({Action.START, Action.SNAPSHOT, Action.DESTROY}),
+    VmStatus.RUNNING: frozenset({Action.STOP, Action.SNAPSHOT, Action.DESTROY}),
+    VmStatus.STOPPED: frozenset({Action.START, Action.SNAPSHOT, Action.DESTROY}),
+    VmStatus.DESTROYED: frozenset(),
+    VmStatus.FAILED: frozenset({Action.DESTROY}),
+}
+
+
+def guard(vm_id: str, status: VmStatus, action: Action) -> None:
+    """Raise :class:`InvalidTransition` unless ``action`` is allowed from ``status`` (DESIGN.md §5)."""
+    if action not in ALLOWED[status]:
+        raise InvalidTransition(vm_id, status.value, action.target)
+
+
+def validate_id(kind: str, value: object) -> str:
+    """Check an id (``vm_id``, ``snapshot_id`` ...) against §5: 1-256 UTF-8 bytes, no control characters."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{kind} must be a string")
+    if value == "":
+        raise InvalidInput(f"{kind} must not be empty")
+    try:
+        raw = value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(f"{kind} is not valid UTF-8") from exc
+    if len(raw) > MAX_ID_BYTES:
+        raise InvalidInput(f"{kind} exceeds maximum length of {MAX_ID_BYTES} bytes")
+    if any(unicodedata.category(ch) == "Cc" for ch in value):
+        raise InvalidInput(f"{kind} contains control characters")
+    return value
+
+
+def fs_name(value: str) -> str:
+    """Injective on-disk name for an id: never the raw id, never a path outside its folder."""
+    return hashlib.sha256(value.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """What a VM is made of. ``image`` names a built guest image (``default`` when empty)."""
+
+    vcpus: int = DEFAULT_VCPUS
+    mem_mib: int = DEFAULT_MEM_MIB
+    image: str = DEFAULT_IMAGE
+
+    def to_json(self) -> dict[str, Any]:
+        return {"vcpus": self.vcpus, "mem_mib": self.mem_mib, "image": self.image}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> VmSpec:
+        return cls(vcpus=int(data["vcpus"]), mem_mib=int(data["mem_mib"]), image=str(data["image"]))
+
+
+@dataclass(frozen=True)
+class HostLimits:
+    """Per-VM maxima and host-wide quotas. ``None`` = unlimited."""
+
+    max_vcpus: int = 8
+    max_mem_mib: int = 16384
+    max_vms: int | None = None
+    max_total_mem_mib: int | None = None
+    max_snapshot_bytes: int | None = None
+
+    def check_spec(self, spec: VmSpec) -> VmSpec:
+        """Validate a spec against §5 and these maxima; raise :class:`InvalidInput` naming the field."""
+        if spec.vcpus < 1:
+            raise InvalidInput("vcpus must be at least 1")
+        if spec.vcpus > self.max_vcpus:
+            raise InvalidInput(f"vcpus {spec.vcpus} exceeds host maximum of {self.max_vcpus}")
+        if spec.mem_mib < MIN_MEM_MIB:
+            raise InvalidInput(f"mem_mib must be at least {MIN_MEM_MIB}")
+        if spec.mem_mib > self.max_mem_mib:
+            raise InvalidInput(f"mem_mib {spec.mem_mib} exceeds host maximum of {self.max_mem_mib}")
+        image = spec.image or DEFAULT_IMAGE
+        validate_id("image", image)
+        if "/" in image or image in {".", ".."}:
+            raise InvalidInput("image must be a name, not a path")
+        return VmSpec(vcpus=spec.vcpus, mem_mib=spec.mem_mib, image=image)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Who asked for a change: the job call id and the caller address (the audit trail)."""
+
+    call_id: int | None = None
+    caller: str | None = None
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    at: float
+    action: str
+    status: VmStatus
+    call_id: int | None
+    caller: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "at": self.at,
+            "action": self.action,
+            "status": self.status.value,
+            "call_id": self.call_id,
+            "caller": self.caller,
+        }
+
+
+@dataclass(frozen=True)
+class VmHandle:
+    """How a driver finds its VMM again (persisted): pid, control socket, driver-specific extras."""
+
+    pid: int | None = None
+    control: str | None = None
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pid": self.pid, "control": self.control, "extra": dict(self.extra)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> VmHandle | None:
+        if not data:
+            return None
+        return cls(pid=data.get("pid"), control=data.get("control"), extra=dict(data.get("extra") or {}))
+
+
+@dataclass(frozen=True)
+class VmRecord:
+    """What the lifecycle core hands a driver: the VM's identity, spec, status and its folder."""
+
+    vm_id: str
+    status: VmStatus
+    spec: VmSpec
+    workdir: str
+    handle: VmHandle | None = None
+
+
+@dataclass(frozen=True)
+class SnapshotRecord:
+    """A stored snapshot: its folder and what it was taken of (the manifest)."""
+
+    vm_id: str
+    snapshot_id: str
+    path: str
+    vm_status: VmStatus
+    spec: VmSpec
+    created_at: float
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class SnapshotView:
+    snapshot_id: str
+    created_at: float
+    size_bytes: int
+    vm_status: VmStatus
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "snapshot_id": self.snapshot_id,
+            "created_at": self.created_at,
+            "size_bytes": self.size_bytes,
+            "vm_status": self.vm_status.value,
+        }
+
+
+@dataclass(frozen=True)
+class VmView:
+    """The read model of one VM, as the query API shows it."""
+
+    vm_id: str
+    status: VmStatus
+    spec: VmSpec
+    snapshots: tuple[str, ...]
+    created_at: float
+    updated_at: float
+    error: str | None = None
+    history: tuple[HistoryEntry, ...] = ()
+
+    def to_json(self, *, with_history: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "vm_id": self.vm_id,
+            "status": self.status.value,
+            "snapshots": list(self.snapshots),
+            "spec": self.spec.to_json(),
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+        if self.error:
+            out["error"] = self.error
+        if with_history:
+            out["history"] = [h.to_json() for h in self.history]
+        return out

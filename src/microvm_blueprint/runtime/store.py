@@ -1,0 +1,408 @@
+"""Durable runtime state: SQLite in WAL mode, shared by every adapter.
+
+One row per VM (tombstones kept), its snapshots in creation order, an audit trail of every change
+with the call id and caller that caused it, the outcome of every applied call (so a replayed call
+is answered with the same result), and intents for steps that live outside SQLite (spawning a VMM,
+writing files) so reconciliation at start can finish or undo them.
+
+Every state change is one SQLite transaction. ``path=":memory:"`` gives an ephemeral store.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import VmError
+from .model import (
+    HistoryEntry,
+    Origin,
+    SnapshotRecord,
+    VmHandle,
+    VmSpec,
+    VmStatus,
+)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS vms (
+    vm_id       TEXT PRIMARY KEY,
+    status      TEXT NOT NULL,
+    spec        TEXT NOT NULL,
+    workdir     TEXT NOT NULL,
+    handle      TEXT,
+    error       TEXT,
+    created_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    vm_id        TEXT NOT NULL,
+    snapshot_id  TEXT NOT NULL,
+    path         TEXT NOT NULL,
+    vm_status    TEXT NOT NULL,
+    spec         TEXT NOT NULL,
+    created_at   REAL NOT NULL,
+    size_bytes   INTEGER NOT NULL,
+    UNIQUE (vm_id, snapshot_id)
+);
+CREATE TABLE IF NOT EXISTS history (
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+    vm_id    TEXT NOT NULL,
+    at       REAL NOT NULL,
+    action   TEXT NOT NULL,
+    status   TEXT NOT NULL,
+    call_id  INTEGER,
+    caller   TEXT
+);
+CREATE INDEX IF NOT EXISTS history_vm ON history (vm_id, seq);
+CREATE TABLE IF NOT EXISTS calls (
+    call_id  INTEGER PRIMARY KEY,
+    action   TEXT NOT NULL,
+    vm_id    TEXT,
+    ok       INTEGER NOT NULL,
+    error    TEXT,
+    at       REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS intents (
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+    vm_id    TEXT NOT NULL,
+    action   TEXT NOT NULL,
+    path     TEXT NOT NULL,
+    call_id  INTEGER,
+    at       REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class StoredVm:
+    vm_id: str
+    status: VmStatus
+    spec: VmSpec
+    workdir: str
+    handle: VmHandle | None
+    error: str | None
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class CallOutcome:
+    call_id: int
+    action: str
+    vm_id: str | None
+    ok: bool
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Intent:
+    seq: int
+    vm_id: str
+    action: str
+    path: str
+    call_id: int | None
+
+
+class StoreError(VmError):
+    """The state database is unusable (corrupt, locked, wrong schema)."""
+
+
+class Store:
+    """Synchronous SQLite store; cheap enough to call from the event loop (WAL, NORMAL sync)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise StoreError(f"state database {self.path} has schema {row[0]}, expected {SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open state database {self.path}: {exc}") from exc
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreError(f"state database error: {exc}") from exc
+
+    def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            try:
+                return list(self._db.execute(sql, args).fetchall())
+            except sqlite3.Error as exc:
+                raise StoreError(f"state database error: {exc}") from exc
+
+    # ---- VMs -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _vm(row: tuple[object, ...]) -> StoredVm:
+        vm_id, status, spec, workdir, handle, error, created_at, updated_at = row
+        return StoredVm(
+            vm_id=str(vm_id),
+            status=VmStatus(str(status)),
+            spec=VmSpec.from_json(json.loads(str(spec))),
+            workdir=str(workdir),
+            handle=VmHandle.from_json(json.loads(str(handle))) if handle else None,
+            error=str(error) if error is not None else None,
+            created_at=float(created_at),  # type: ignore[arg-type]
+            updated_at=float(updated_at),  # type: ignore[arg-type]
+        )
+
+    _VM_COLS = "vm_id, status, spec, workdir, handle, error, created_at, updated_at"
+
+    def get_vm(self, vm_id: str) -> StoredVm | None:
+        rows = self._read(f"SELECT {self._VM_COLS} FROM vms WHERE vm_id=?", (vm_id,))
+        return self._vm(rows[0]) if rows else None
+
+    def list_vms(self, *, limit: int | None = None, after: str | None = None) -> list[StoredVm]:
+        sql = f"SELECT {self._VM_COLS} FROM vms"
+        args: list[object] = []
+        if after is not None:
+            sql += " WHERE vm_id > ?"
+            args.append(after)
+        sql += " ORDER BY vm_id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [self._vm(r) for r in self._read(sql, tuple(args))]
+
+    def usage(self) -> tuple[int, int, int]:
+        """(live VM count, their total guest memory MiB, total snapshot bytes)."""
+        live = self._read(
+            "SELECT count(*), coalesce(sum(json_extract(spec, '$.mem_mib')), 0) FROM vms "
+            "WHERE status NOT IN ('destroyed', 'failed')"
+        )[0]
+        snap = self._read("SELECT coalesce(sum(size_bytes), 0) FROM snapshots")[0]
+        return int(live[0]), int(live[1]), int(snap[0])  # type: ignore[call-overload]
+
+    def insert_vm(
+        self,
+        vm_id: str,
+        status: VmStatus,
+        spec: VmSpec,
+        workdir: str,
+        handle: VmHandle | None,
+        origin: Origin,
+        action: str,
+        *,
+        intent: int | None = None,
+    ) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                f"INSERT INTO vms ({self._VM_COLS}) VALUES (?,?,?,?,?,?,?,?)",
+                (vm_id, status.value, json.dumps(spec.to_json()), workdir, _handle(handle), None, now, now),
+            )
+            self._history(db, vm_id, now, action, status, origin)
+            self._call_ok(db, origin, action, vm_id, now)
+            if intent is not None:
+                db.execute("DELETE FROM intents WHERE seq=?", (intent,))
+
+    def update_vm(
+        self,
+        vm_id: str,
+        status: VmStatus,
+        origin: Origin,
+        action: str,
+        *,
+        handle: VmHandle | None | bool = False,
+        error: str | None = None,
+        intent: int | None = None,
+    ) -> None:
+        """Set a VM's status (and its handle unless ``handle`` is False), recording the change."""
+        now = time.time()
+        with self._tx() as db:
+            if handle is False:
+                db.execute(
+                    "UPDATE vms SET status=?, error=?, updated_at=? WHERE vm_id=?",
+                    (status.value, error, now, vm_id),
+                )
+            else:
+                db.execute(
+                    "UPDATE vms SET status=?, error=?, updated_at=?, handle=? WHERE vm_id=?",
+                    (status.value, error, now, _handle(handle if isinstance(handle, VmHandle) else None), vm_id),
+                )
+            self._history(db, vm_id, now, action, status, origin)
+            self._call_ok(db, origin, action, vm_id, now)
+            if intent is not None:
+                db.execute("DELETE FROM intents WHERE seq=?", (intent,))
+
+    def history(self, vm_id: str) -> list[HistoryEntry]:
+        rows = self._read(
+            "SELECT at, action, status, call_id, caller FROM history WHERE vm_id=? ORDER BY seq", (vm_id,)
+        )
+        return [
+            HistoryEntry(
+                at=float(r[0]),  # type: ignore[arg-type]
+                action=str(r[1]),
+                status=VmStatus(str(r[2])),
+                call_id=int(r[3]) if r[3] is not None else None,  # type: ignore[call-overload]
+                caller=str(r[4]) if r[4] is not None else None,
+            )
+            for r in rows
+        ]
+
+    # ---- snapshots ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _snap(row: tuple[object, ...]) -> SnapshotRecord:
+        vm_id, snapshot_id, path, vm_status, spec, created_at, size_bytes = row
+        return SnapshotRecord(
+            vm_id=str(vm_id),
+            snapshot_id=str(snapshot_id),
+            path=str(path),
+            vm_status=VmStatus(str(vm_status)),
+            spec=VmSpec.from_json(json.loads(str(spec))),
+            created_at=float(created_at),  # type: ignore[arg-type]
+            size_bytes=int(size_bytes),  # type: ignore[call-overload]
+        )
+
+    _SNAP_COLS = "vm_id, snapshot_id, path, vm_status, spec, created_at, size_bytes"
+
+    def list_snapshots(self, vm_id: str) -> list[SnapshotRecord]:
+        rows = self._read(f"SELECT {self._SNAP_COLS} FROM snapshots WHERE vm_id=? ORDER BY seq", (vm_id,))
+        return [self._snap(r) for r in rows]
+
+    def get_snapshot(self, vm_id: str, snapshot_id: str) -> SnapshotRecord | None:
+        rows = self._read(
+            f"SELECT {self._SNAP_COLS} FROM snapshots WHERE vm_id=? AND snapshot_id=?", (vm_id, snapshot_id)
+        )
+        return self._snap(rows[0]) if rows else None
+
+    def all_snapshot_paths(self) -> set[str]:
+        return {str(r[0]) for r in self._read("SELECT path FROM snapshots")}
+
+    def add_snapshot(self, snap: SnapshotRecord, origin: Origin, *, intent: int | None = None) -> None:
+        with self._tx() as db:
+            db.execute(
+                f"INSERT INTO snapshots ({self._SNAP_COLS}) VALUES (?,?,?,?,?,?,?)",
+                (
+                    snap.vm_id,
+                    snap.snapshot_id,
+                    snap.path,
+                    snap.vm_status.value,
+                    json.dumps(snap.spec.to_json()),
+                    snap.created_at,
+                    snap.size_bytes,
+                ),
+            )
+            status = db.execute("SELECT status FROM vms WHERE vm_id=?", (snap.vm_id,)).fetchone()[0]
+            self._history(db, snap.vm_id, snap.created_at, "snapshot", VmStatus(status), origin)
+            self._call_ok(db, origin, "snapshot_vm", snap.vm_id, snap.created_at)
+            if intent is not None:
+                db.execute("DELETE FROM intents WHERE seq=?", (intent,))
+
+    def delete_snapshot(self, vm_id: str, snapshot_id: str, origin: Origin) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute("DELETE FROM snapshots WHERE vm_id=? AND snapshot_id=?", (vm_id, snapshot_id))
+            status = db.execute("SELECT status FROM vms WHERE vm_id=?", (vm_id,)).fetchone()[0]
+            self._history(db, vm_id, now, "delete_snapshot", VmStatus(status), origin)
+            self._call_ok(db, origin, "delete_snapshot", vm_id, now)
+
+    # ---- calls (replay detection) -------------------------------------------------------------
+
+    def get_call(self, call_id: int) -> CallOutcome | None:
+        rows = self._read("SELECT call_id, action, vm_id, ok, error FROM calls WHERE call_id=?", (call_id,))
+        if not rows:
+            return None
+        r = rows[0]
+        return CallOutcome(
+            call_id=int(r[0]),  # type: ignore[call-overload]
+            action=str(r[1]),
+            vm_id=str(r[2]) if r[2] is not None else None,
+            ok=bool(r[3]),
+            error=str(r[4]) if r[4] is not None else None,
+        )
+
+    def record_failure(self, origin: Origin, action: str, vm_id: str | None, error: str) -> None:
+        """Record that a call failed, so a replay answers the same error. Changes nothing else."""
+        if origin.call_id is None:
+            return
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO calls (call_id, action, vm_id, ok, error, at) VALUES (?,?,?,?,?,?)",
+                (origin.call_id, action, vm_id, 0, error, time.time()),
+            )
+
+    # ---- intents -------------------------------------------------------------------------------
+
+    def add_intent(self, vm_id: str, action: str, path: str, call_id: int | None) -> int:
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO intents (vm_id, action, path, call_id, at) VALUES (?,?,?,?,?)",
+                (vm_id, action, path, call_id, time.time()),
+            )
+            return int(cur.lastrowid or 0)
+
+    def drop_intent(self, seq: int) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM intents WHERE seq=?", (seq,))
+
+    def intents(self) -> list[Intent]:
+        rows = self._read("SELECT seq, vm_id, action, path, call_id FROM intents ORDER BY seq")
+        return [
+            Intent(
+                seq=int(r[0]),  # type: ignore[call-overload]
+                vm_id=str(r[1]),
+                action=str(r[2]),
+                path=str(r[3]),
+                call_id=int(r[4]) if r[4] is not None else None,  # type: ignore[call-overload]
+            )
+            for r in rows
+        ]
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _history(
+        db: sqlite3.Connection, vm_id: str, at: float, action: str, status: VmStatus, origin: Origin
+    ) -> None:
+        db.execute(
+            "INSERT INTO history (vm_id, at, action, status, call_id, caller) VALUES (?,?,?,?,?,?)",
+            (vm_id, at, action, status.value, origin.call_id, origin.caller),
+        )
+
+    @staticmethod
+    def _call_ok(db: sqlite3.Connection, origin: Origin, action: str, vm_id: str, at: float) -> None:
+        if origin.call_id is not None:
+            db.execute(
+                "INSERT OR REPLACE INTO calls (call_id, action, vm_id, ok, error, at) VALUES (?,?,?,?,?,?)",
+                (origin.call_id, action, vm_id, 1, None, at),
+            )
+
+
+def _handle(handle: VmHandle | None) -> str | None:
+    return json.dumps(handle.to_json()) if handle is not None else None
