@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh Debian machine: system packages, the Python venv, npm tools.
+# Used by `make dev`, `make test` and CI. Safe to run again: each step is skipped when done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PKGS=(qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio zstd lz4 xz-utils kmod nodejs npm)
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v qemu-img >/dev/null || need+=(qemu-utils)
+[ -x /bin/busybox ] || command -v busybox >/dev/null || need+=(busybox-static)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+command -v cpio >/dev/null || need+=(cpio)
+command -v zstd >/dev/null || need+=(zstd)
+command -v lz4 >/dev/null || need+=(lz4)
+command -v xz >/dev/null || need+=(xz-utils)
+command -v node >/dev/null || need+=(nodejs)
+command -v npm >/dev/null || need+=(npm)
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO="sudo"
+# Guest images are built from Debian packages with `apt-get download`: the package lists must exist.
+if [ ${#need[@]} -gt 0 ] || [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v -e lock -e partial || true)" ]; then
+  echo "bootstrap: apt-get update${need:+ and install ${need[*]}}" >&2
+  $SUDO apt-get update -qq
+  if [ ${#need[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  fi
+fi
+: "${APT_PKGS[@]}"
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "bootstrap: creating .venv" >&2
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  echo "bootstrap: installing Python packages" >&2
+  .venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"
+  rm -f .venv/.installed-* && touch "$stamp"
+fi
+nstamp=node_modules/.installed-$(sha256sum package-lock.json | cut -c1-16)
+if [ ! -f "$nstamp" ]; then
+  echo "bootstrap: installing npm tools (anvil, solc)" >&2
+  npm ci --no-audit --no-fund --loglevel=error
+  touch "$nstamp"
+fi

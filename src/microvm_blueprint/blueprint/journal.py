@@ -1,0 +1,120 @@
+"""The job journal: what became of every job call, for ``GET /jobs/{call_id}``.
+
+Failed jobs are never written on-chain (blueprint-sdk has no error result), so this is where a
+customer learns why no result came. Fed by the runner's ``JobObserver`` callbacks; SQLite, WAL.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+MAX_ERROR_CHARS = 2000
+
+
+class JobStatus(str, Enum):
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class JobEntry:
+    call_id: int
+    job: str
+    job_index: int
+    status: JobStatus
+    caller: str | None
+    received_at: float
+    finished_at: float | None
+    error: str | None
+    result_tx: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "call_id": self.call_id,
+            "job": self.job,
+            "job_index": self.job_index,
+            "status": self.status.value,
+            "caller": self.caller,
+            "received_at": self.received_at,
+            "finished_at": self.finished_at,
+        }
+        if self.error is not None:
+            out["error"] = self.error
+        if self.result_tx is not None:
+            out["result_tx"] = self.result_tx
+        return out
+
+
+class JobJournal:
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS jobs (call_id INTEGER PRIMARY KEY, job TEXT NOT NULL, "
+            "job_index INTEGER NOT NULL, status TEXT NOT NULL, caller TEXT, received_at REAL NOT NULL, "
+            "finished_at REAL, error TEXT, result_tx TEXT)"
+        )
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def received(self, call_id: int, job: str, job_index: int, caller: str | None) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO jobs (call_id, job, job_index, status, caller, received_at) "
+                "VALUES (?,?,?,?,?,?)",
+                (call_id, job, job_index, JobStatus.PENDING.value, caller, time.time()),
+            )
+
+    def finished(self, call_id: int, *, error: str | None) -> None:
+        status = JobStatus.FAILED if error is not None else JobStatus.DONE
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET status=?, error=?, finished_at=? WHERE call_id=?",
+                (status.value, error[:MAX_ERROR_CHARS] if error else None, time.time(), call_id),
+            )
+
+    def submitted(self, call_id: int, tx_hash: str) -> None:
+        with self._lock:
+            self._db.execute("UPDATE jobs SET result_tx=? WHERE call_id=?", (tx_hash, call_id))
+
+    def dropped(self, call_id: int, reason: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET error=coalesce(error, ?) WHERE call_id=?",
+                (f"result not accepted on-chain: {reason}"[:MAX_ERROR_CHARS], call_id),
+            )
+
+    def get(self, call_id: int) -> JobEntry | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT call_id, job, job_index, status, caller, received_at, finished_at, error, result_tx "
+                "FROM jobs WHERE call_id=?",
+                (call_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        return JobEntry(
+            call_id=row[0],
+            job=row[1],
+            job_index=row[2],
+            status=JobStatus(row[3]),
+            caller=row[4],
+            received_at=row[5],
+            finished_at=row[6],
+            error=row[7],
+            result_tx=row[8],
+        )

@@ -1,0 +1,244 @@
+"""The read-only query API (DESIGN.md §5), an ASGI app over a ``VmQuery`` and the job journal.
+
+Holding only a ``VmQuery`` (never a ``VmProvider``), it cannot change a VM. Every method but GET
+answers 405. Path segments are split on the *raw* path and then percent-decoded, so an id that
+contains ``/`` (sent as ``%2F``) is still one segment and can never escape its route.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qs, unquote
+
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from ..errors import MicrovmBlueprintError
+from ..runtime.errors import InvalidInput, SnapshotNotFound, VmNotFound
+from ..runtime.provider import VmQuery
+from .journal import JobJournal
+
+log = logging.getLogger(__name__)
+
+MAX_PAGE = 1000
+DEFAULT_TAIL = 16 * 1024
+MAX_TAIL = 1024 * 1024
+MAX_PATH = 4096
+
+
+class BadRequest(MicrovmBlueprintError):
+    pass
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return JSONResponse(data, status_code=status)
+
+
+def _error(status: int, message: str) -> Response:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _int_param(query: dict[str, list[str]], name: str, *, default: int | None, lo: int, hi: int) -> int | None:
+    values = query.get(name)
+    if not values:
+        return default
+    raw = values[-1]
+    if not raw.isdigit() or len(raw) > 9:
+        raise BadRequest(f"{name} must be an integer between {lo} and {hi}")
+    value = int(raw)
+    if not lo <= value <= hi:
+        raise BadRequest(f"{name} must be an integer between {lo} and {hi}")
+    return value
+
+
+class QueryApp:
+    """ASGI callable. ``vms`` answers VM questions; ``journal`` answers ``/jobs``."""
+
+    def __init__(self, vms: VmQuery, journal: JobJournal | None) -> None:
+        self.vms = vms
+        self.journal = journal
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        response = await self._respond(scope)
+        await response(scope, receive, send)
+
+    async def _respond(self, scope: Scope) -> Response:
+        if scope["method"] != "GET":
+            return Response(
+                json.dumps({"error": "method not allowed: the query API is read-only"}),
+                status_code=405,
+                media_type="application/json",
+                headers={"Allow": "GET"},
+            )
+        raw = scope.get("raw_path") or scope["path"].encode()
+        raw_path = raw.split(b"?", 1)[0]
+        if len(raw_path) > MAX_PATH:
+            return _error(414, "path too long")
+        try:
+            parts = [unquote(p.decode("ascii"), errors="strict") for p in raw_path.split(b"/")[1:]]
+        except (UnicodeDecodeError, UnicodeEncodeError):
+            return _error(400, "path is not valid percent-encoded UTF-8")
+        try:
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"), errors="strict")
+        except (UnicodeDecodeError, ValueError):
+            return _error(400, "query string is not valid")
+        try:
+            return await self._route(parts, query)
+        except BadRequest as exc:
+            return _error(400, str(exc))
+        except InvalidInput as exc:
+            return _error(400, str(exc))
+        except (VmNotFound, SnapshotNotFound) as exc:
+            return _error(404, str(exc))
+        except MicrovmBlueprintError as exc:
+            log.warning("query failed: %s", exc)
+            return _error(500, str(exc))
+
+    async def _route(self, parts: list[str], query: dict[str, list[str]]) -> Response:
+        match parts:
+            case ["health"]:
+                return PlainTextResponse("ok")
+            case ["openapi.json"]:
+                return _json(OPENAPI)
+            case ["vms"] | ["vms", ""]:
+                limit = _int_param(query, "limit", default=None, lo=1, hi=MAX_PAGE)
+                after = query.get("after", [None])[-1]
+                views = await self.vms.list_vms(limit=limit, after=after)
+                return _json([v.to_json(with_history=False) for v in views])
+            case ["vms", vm_id]:
+                return _json((await self.vms.get_vm(vm_id)).to_json())
+            case ["vms", vm_id, "snapshots"]:
+                return _json([s.snapshot_id for s in await self.vms.list_snapshots(vm_id)])
+            case ["vms", vm_id, "snapshots", snapshot_id]:
+                return _json((await self.vms.get_snapshot(vm_id, snapshot_id)).to_json())
+            case ["vms", vm_id, "console"]:
+                tail = _int_param(query, "tail", default=DEFAULT_TAIL, lo=0, hi=MAX_TAIL)
+                return PlainTextResponse(await self.vms.console(vm_id, tail or 0))
+            case ["jobs", call_id]:
+                if not call_id.isdigit() or len(call_id) > 20 or int(call_id) >= 2**64:
+                    raise BadRequest("call_id must be an unsigned 64-bit integer")
+                entry = self.journal.get(int(call_id)) if self.journal is not None else None
+                if entry is None:
+                    return _error(404, f"job call {int(call_id)} not found")
+                return _json(entry.to_json())
+        return _error(404, "not found")
+
+
+Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_ERR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
+_VM = {
+    "type": "object",
+    "required": ["vm_id", "status", "snapshots"],
+    "properties": {
+        "vm_id": {"type": "string"},
+        "status": {"type": "string", "enum": ["created", "running", "stopped", "destroyed", "failed"]},
+        "snapshots": {"type": "array", "items": {"type": "string"}},
+        "spec": {"type": "object"},
+        "created_at": {"type": "number"},
+        "updated_at": {"type": "number"},
+        "error": {"type": "string"},
+        "history": {"type": "array", "items": {"type": "object"}},
+    },
+}
+_ID = {"type": "string", "minLength": 1, "maxLength": 256}
+
+
+def _p(name: str, where: str = "path", schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"name": name, "in": where, "required": where == "path", "schema": schema or _ID}
+
+
+def _ok(schema: dict[str, Any], media: str = "application/json") -> dict[str, Any]:
+    return {"description": "OK", "content": {media: {"schema": schema}}}
+
+
+_E404 = {"description": "not found", "content": {"application/json": {"schema": _ERR}}}
+_E400 = {"description": "bad request", "content": {"application/json": {"schema": _ERR}}}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "microvm-blueprint query API", "version": "1", "description": "Read-only; non-GET is 405."},
+    "paths": {
+        "/health": {"get": {"responses": {"200": _ok({"type": "string"}, "text/plain")}}},
+        "/vms": {
+            "get": {
+                "parameters": [
+                    _p("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}),
+                    _p("after", "query", _ID),
+                ],
+                "responses": {"200": _ok({"type": "array", "items": _VM}), "400": _E400},
+            }
+        },
+        "/vms/{vm_id}": {
+            "get": {"parameters": [_p("vm_id")], "responses": {"200": _ok(_VM), "400": _E400, "404": _E404}}
+        },
+        "/vms/{vm_id}/snapshots": {
+            "get": {
+                "parameters": [_p("vm_id")],
+                "responses": {"200": _ok({"type": "array", "items": {"type": "string"}}), "400": _E400, "404": _E404},
+            }
+        },
+        "/vms/{vm_id}/snapshots/{snapshot_id}": {
+            "get": {
+                "parameters": [_p("vm_id"), _p("snapshot_id")],
+                "responses": {
+                    "200": _ok(
+                        {
+                            "type": "object",
+                            "required": ["snapshot_id", "created_at", "size_bytes", "vm_status"],
+                            "properties": {
+                                "snapshot_id": {"type": "string"},
+                                "created_at": {"type": "number"},
+                                "size_bytes": {"type": "integer"},
+                                "vm_status": {"type": "string"},
+                            },
+                        }
+                    ),
+                    "400": _E400,
+                    "404": _E404,
+                },
+            }
+        },
+        "/vms/{vm_id}/console": {
+            "get": {
+                "parameters": [_p("vm_id"), _p("tail", "query", {"type": "integer", "minimum": 0, "maximum": MAX_TAIL})],
+                "responses": {"200": _ok({"type": "string"}, "text/plain"), "400": _E400, "404": _E404},
+            }
+        },
+        "/jobs/{call_id}": {
+            "get": {
+                "parameters": [_p("call_id", schema={"type": "integer", "minimum": 0, "maximum": 2**64 - 1})],
+                "responses": {
+                    "200": _ok(
+                        {
+                            "type": "object",
+                            "required": ["call_id", "job", "status"],
+                            "properties": {
+                                "call_id": {"type": "integer"},
+                                "job": {"type": "string"},
+                                "status": {"type": "string", "enum": ["done", "failed", "pending"]},
+                                "error": {"type": "string"},
+                                "result_tx": {"type": "string"},
+                            },
+                        }
+                    ),
+                    "400": _E400,
+                    "404": _E404,
+                },
+            }
+        },
+    },
+}

@@ -1,0 +1,63 @@
+"""The query API as a background service: uvicorn on a loopback port by default."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+
+import uvicorn
+
+from ..errors import MicrovmBlueprintError
+from .query import QueryApp
+
+log = logging.getLogger(__name__)
+
+
+class QueryServer:
+    """Serves :class:`QueryApp`; sets ``ready`` once listening; stops when cancelled."""
+
+    name = "query-api"
+
+    def __init__(self, app: QueryApp, host: str = "127.0.0.1", port: int = 3000) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self.bound_port: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.bound_port or self.port}"
+
+    async def run(self, ready: asyncio.Event) -> None:
+        try:
+            sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            raise MicrovmBlueprintError(f"query API cannot listen on {self.host}:{self.port}: {exc}") from exc
+        self.bound_port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=2
+        )
+        server = uvicorn.Server(config)
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        deadline = asyncio.get_running_loop().time() + 15
+        try:
+            while not server.started:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise MicrovmBlueprintError("query API did not start within 15 s")
+                if task.done():
+                    await task
+                    raise MicrovmBlueprintError("query API stopped before it started")
+                await asyncio.sleep(0.01)
+            log.info("query API listening on %s", self.url)
+            ready.set()
+            await task
+        finally:
+            server.should_exit = True
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(asyncio.wait_for(task, 5))
+            sock.close()
