@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TypeVar
 
+from ..crashpoints import crash_point
 from .driver import VmmDriver
 from .errors import (
     QuotaExceeded,
@@ -173,11 +174,13 @@ class Lifecycle:
         intent = self.store.add_intent(vm_id, "create", str(workdir), origin.call_id)
         workdir.mkdir(parents=True)
         record = VmRecord(vm_id=vm_id, status=VmStatus.CREATED, spec=spec, workdir=str(workdir))
+        crash_point("create.after_intent")
         try:
             handle = await self.driver.create(record)
         except BaseException:
             await asyncio.shield(self._undo_workdir(record, intent))
             raise
+        crash_point("create.after_vmm")
         self.store.insert_vm(vm_id, VmStatus.CREATED, spec, str(workdir), handle, origin, "create", intent=intent)
         return self._view(self._require(vm_id))
 
@@ -198,6 +201,7 @@ class Lifecycle:
                 try:
                     if vm.status is VmStatus.CREATED:
                         handle = await self.driver.boot(self._record(vm))
+                        crash_point("start.after_boot")
                         self.store.update_vm(vm_id, VmStatus.RUNNING, origin, "start", handle=handle)
                     else:
                         await self.driver.resume(self._record(vm))
@@ -242,7 +246,9 @@ class Lifecycle:
                 intent = self.store.add_intent(vm_id, "snapshot", str(snapdir), origin.call_id)
                 snapdir.mkdir(parents=True)
                 try:
+                    crash_point("snapshot.after_intent")
                     size = await self.driver.snapshot(self._record(vm), str(snapdir))
+                    crash_point("snapshot.after_save")
                     if lim is not None and self.store.usage()[2] + size > lim:
                         raise QuotaExceeded(
                             f"quota exceeded: snapshot of {size} bytes would pass the limit of {lim} bytes"
@@ -276,6 +282,7 @@ class Lifecycle:
                 vm = self._require(vm_id)
                 guard(vm_id, vm.status, Action.DESTROY)
                 await self.driver.destroy(self._record(vm))
+                crash_point("destroy.after_vmm")
                 shutil.rmtree(vm.workdir, ignore_errors=True)
                 self.store.update_vm(vm_id, VmStatus.DESTROYED, origin, "destroy", handle=None, error=vm.error)
                 return self._view(self._require(vm_id))
