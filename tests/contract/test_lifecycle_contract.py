@@ -231,3 +231,11 @@ async def test_state_survives_restart(provider: Lifecycle, tmp_path: Path) -> No
     reopened = Lifecycle(provider.driver, type(provider.store)(provider.store.path), state_dir=provider.state_dir)
     view = await reopened.get_vm("keep")
     assert view.status is VmStatus.STOPPED and view.snapshots == ("s",)
+
+
+async def test_uint64_call_ids(provider: Lifecycle) -> None:
+    big = Origin(call_id=2**64 - 1, caller="0xc")
+    await provider.create_vm("big", None, big)
+    again = await provider.create_vm("big", None, big)  # replay of the largest call id
+    assert again.status is VmStatus.CREATED
+    assert (await provider.get_vm("big")).history[0].call_id == 2**64 - 1

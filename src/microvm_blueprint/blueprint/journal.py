@@ -17,6 +17,15 @@ from typing import Any
 MAX_ERROR_CHARS = 2000
 
 
+def _i64(call_id: int) -> int:
+    """uint64 call id -> SQLite's signed 64-bit INTEGER (two's complement), and back."""
+    return call_id - (1 << 64) if call_id >= (1 << 63) else call_id
+
+
+def _u64(value: int) -> int:
+    return value + (1 << 64) if value < 0 else value
+
+
 class JobStatus(str, Enum):
     PENDING = "pending"
     DONE = "done"
@@ -76,7 +85,7 @@ class JobJournal:
             self._db.execute(
                 "INSERT OR IGNORE INTO jobs (call_id, job, job_index, status, caller, received_at) "
                 "VALUES (?,?,?,?,?,?)",
-                (call_id, job, job_index, JobStatus.PENDING.value, caller, time.time()),
+                (_i64(call_id), job, job_index, JobStatus.PENDING.value, caller, time.time()),
             )
 
     def finished(self, call_id: int, *, error: str | None) -> None:
@@ -84,18 +93,18 @@ class JobJournal:
         with self._lock:
             self._db.execute(
                 "UPDATE jobs SET status=?, error=?, finished_at=? WHERE call_id=?",
-                (status.value, error[:MAX_ERROR_CHARS] if error else None, time.time(), call_id),
+                (status.value, error[:MAX_ERROR_CHARS] if error else None, time.time(), _i64(call_id)),
             )
 
     def submitted(self, call_id: int, tx_hash: str) -> None:
         with self._lock:
-            self._db.execute("UPDATE jobs SET result_tx=? WHERE call_id=?", (tx_hash, call_id))
+            self._db.execute("UPDATE jobs SET result_tx=? WHERE call_id=?", (tx_hash, _i64(call_id)))
 
     def dropped(self, call_id: int, reason: str) -> None:
         with self._lock:
             self._db.execute(
                 "UPDATE jobs SET error=coalesce(error, ?) WHERE call_id=?",
-                (f"result not accepted on-chain: {reason}"[:MAX_ERROR_CHARS], call_id),
+                (f"result not accepted on-chain: {reason}"[:MAX_ERROR_CHARS], _i64(call_id)),
             )
 
     def get(self, call_id: int) -> JobEntry | None:
@@ -103,12 +112,12 @@ class JobJournal:
             row = self._db.execute(
                 "SELECT call_id, job, job_index, status, caller, received_at, finished_at, error, result_tx "
                 "FROM jobs WHERE call_id=?",
-                (call_id,),
+                (_i64(call_id),),
             ).fetchone()
         if row is None:
             return None
         return JobEntry(
-            call_id=row[0],
+            call_id=_u64(row[0]),
             job=row[1],
             job_index=row[2],
             status=JobStatus(row[3]),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote
@@ -27,6 +28,7 @@ MAX_PAGE = 1000
 DEFAULT_TAIL = 16 * 1024
 MAX_TAIL = 1024 * 1024
 MAX_PATH = 4096
+_DIGITS = re.compile(r"[0-9]+")
 
 
 class BadRequest(MicrovmBlueprintError):
@@ -46,7 +48,7 @@ def _int_param(query: dict[str, list[str]], name: str, *, default: int | None, l
     if not values:
         return default
     raw = values[-1]
-    if not raw.isdigit() or len(raw) > 9:
+    if not _DIGITS.fullmatch(raw) or len(raw) > 9:
         raise BadRequest(f"{name} must be an integer between {lo} and {hi}")
     value = int(raw)
     if not lo <= value <= hi:
@@ -128,7 +130,7 @@ class QueryApp:
                 tail = _int_param(query, "tail", default=DEFAULT_TAIL, lo=0, hi=MAX_TAIL)
                 return PlainTextResponse(await self.vms.console(vm_id, tail or 0))
             case ["jobs", call_id]:
-                if not call_id.isdigit() or len(call_id) > 20 or int(call_id) >= 2**64:
+                if not _DIGITS.fullmatch(call_id) or len(call_id) > 20 or int(call_id) >= 2**64:
                     raise BadRequest("call_id must be an unsigned 64-bit integer")
                 entry = self.journal.get(int(call_id)) if self.journal is not None else None
                 if entry is None:

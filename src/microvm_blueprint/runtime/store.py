@@ -268,7 +268,7 @@ class Store:
                 at=float(r[0]),  # type: ignore[arg-type]
                 action=str(r[1]),
                 status=VmStatus(str(r[2])),
-                call_id=int(r[3]) if r[3] is not None else None,  # type: ignore[call-overload]
+                call_id=_u64(r[3]),
                 caller=str(r[4]) if r[4] is not None else None,
             )
             for r in rows
@@ -335,12 +335,12 @@ class Store:
     # ---- calls (replay detection) -------------------------------------------------------------
 
     def get_call(self, call_id: int) -> CallOutcome | None:
-        rows = self._read("SELECT call_id, action, vm_id, ok, error FROM calls WHERE call_id=?", (call_id,))
+        rows = self._read("SELECT call_id, action, vm_id, ok, error FROM calls WHERE call_id=?", (_i64(call_id),))
         if not rows:
             return None
         r = rows[0]
         return CallOutcome(
-            call_id=int(r[0]),  # type: ignore[call-overload]
+            call_id=_u64(r[0]) or 0,
             action=str(r[1]),
             vm_id=str(r[2]) if r[2] is not None else None,
             ok=bool(r[3]),
@@ -354,7 +354,7 @@ class Store:
         with self._tx() as db:
             db.execute(
                 "INSERT OR IGNORE INTO calls (call_id, action, vm_id, ok, error, at) VALUES (?,?,?,?,?,?)",
-                (origin.call_id, action, vm_id, 0, error, time.time()),
+                (_i64(origin.call_id), action, vm_id, 0, error, time.time()),
             )
 
     # ---- intents -------------------------------------------------------------------------------
@@ -363,7 +363,7 @@ class Store:
         with self._tx() as db:
             cur = db.execute(
                 "INSERT INTO intents (vm_id, action, path, call_id, at) VALUES (?,?,?,?,?)",
-                (vm_id, action, path, call_id, time.time()),
+                (vm_id, action, path, _i64(call_id), time.time()),
             )
             return int(cur.lastrowid or 0)
 
@@ -379,7 +379,7 @@ class Store:
                 vm_id=str(r[1]),
                 action=str(r[2]),
                 path=str(r[3]),
-                call_id=int(r[4]) if r[4] is not None else None,  # type: ignore[call-overload]
+                call_id=_u64(r[4]),
             )
             for r in rows
         ]
@@ -392,7 +392,7 @@ class Store:
     ) -> None:
         db.execute(
             "INSERT INTO history (vm_id, at, action, status, call_id, caller) VALUES (?,?,?,?,?,?)",
-            (vm_id, at, action, status.value, origin.call_id, origin.caller),
+            (vm_id, at, action, status.value, _i64(origin.call_id), origin.caller),
         )
 
     @staticmethod
@@ -400,8 +400,22 @@ class Store:
         if origin.call_id is not None:
             db.execute(
                 "INSERT OR REPLACE INTO calls (call_id, action, vm_id, ok, error, at) VALUES (?,?,?,?,?,?)",
-                (origin.call_id, action, vm_id, 1, None, at),
+                (_i64(origin.call_id), action, vm_id, 1, None, at),
             )
+
+
+def _i64(call_id: int | None) -> int | None:
+    """uint64 call id -> SQLite's signed 64-bit INTEGER (two's complement)."""
+    if call_id is None:
+        return None
+    return call_id - (1 << 64) if call_id >= (1 << 63) else call_id
+
+
+def _u64(value: object) -> int | None:
+    if value is None:
+        return None
+    v = int(value)  # type: ignore[call-overload]
+    return v + (1 << 64) if v < 0 else v
 
 
 def _handle(handle: VmHandle | None) -> str | None:
