@@ -237,7 +237,7 @@ class Store:
         origin: Origin,
         action: str,
         *,
-        handle: VmHandle | None | bool = False,
+        handle: VmHandle | bool | None = False,
         error: str | None = None,
         intent: int | None = None,
     ) -> None:

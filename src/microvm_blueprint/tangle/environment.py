@@ -1,0 +1,160 @@
+"""BlueprintEnvironment: the operator's chain settings, from env vars and ``run`` flags (DESIGN.md §3).
+
+Built once at the entry point. A missing or malformed value raises :class:`ConfigError` whose one
+line names the variable. Secrets never live here (the key is read from the keystore).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+from urllib.parse import urlparse
+
+from eth_utils import is_address, to_checksum_address
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Secret(Generic[T]):
+    """Wraps a secret so ``repr``/``str``/logging never show it. ``reveal()`` gives it back."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: T) -> None:
+        self._value = value
+
+    def reveal(self) -> T:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
+    parsed = urlparse(raw)
+    if parsed.scheme not in schemes or not parsed.netloc:
+        raise ConfigError(f"{name}={raw!r} is not a {'/'.join(schemes)} URL")
+    return raw
+
+
+def _uint(name: str, raw: str, bits: int = 64) -> int:
+    text = raw.strip()
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an unsigned integer") from None
+    if not 0 <= value < 2**bits:
+        raise ConfigError(f"{name}={raw!r} is out of range for uint{bits}")
+    return value
+
+
+def _address(name: str, raw: str) -> str:
+    if not is_address(raw.strip()):
+        raise ConfigError(f"{name}={raw!r} is not an EVM address")
+    return to_checksum_address(raw.strip())
+
+
+def _bool(name: str, raw: str) -> bool:
+    text = raw.strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"", "0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean (true/false)")
+
+
+@dataclass(frozen=True)
+class BlueprintEnvironment:
+    http_rpc_url: str
+    data_dir: Path
+    keystore_uri: Path
+    blueprint_id: int
+    service_id: int | None
+    tangle_contract: str
+    ws_rpc_url: str | None = None
+    chain: str | None = None
+    protocol: str = "tangle"
+    test_mode: bool = False
+    dry_run: bool = False
+    staking_contract: str | None = None
+    status_registry_contract: str | None = None
+    from_block: int | None = None
+    max_getlogs_range: int = 1000
+    poll_interval: float = 1.0
+    confirmations: int = 0
+
+    @classmethod
+    def load(
+        cls, env: Mapping[str, str], *, require_service: bool = True, **flags: Any
+    ) -> BlueprintEnvironment:
+        """Build from ``env`` with ``flags`` (CLI values, ``None`` = not given) taking precedence."""
+
+        def get(name: str, flag: str | None = None) -> str | None:
+            if flag is not None and flags.get(flag) is not None:
+                return str(flags[flag])
+            value = env.get(name)
+            return value if value not in (None, "") else None
+
+        http = _url("HTTP_RPC_URL", get("HTTP_RPC_URL", "http_rpc_url") or "http://127.0.0.1:9944", ("http", "https"))
+        ws_raw = get("WS_RPC_URL", "ws_rpc_url")
+        ws = _url("WS_RPC_URL", ws_raw, ("ws", "wss")) if ws_raw else None
+        data_dir = get("DATA_DIR", "data_dir")
+        if not data_dir:
+            raise ConfigError("DATA_DIR is required (env DATA_DIR or --data-dir)")
+        protocol = (get("PROTOCOL", "protocol") or "tangle").lower()
+        if protocol != "tangle":
+            raise ConfigError(f"PROTOCOL={protocol!r} is not supported (only 'tangle')")
+        blueprint = get("BLUEPRINT_ID")
+        if blueprint is None:
+            raise ConfigError("BLUEPRINT_ID is required")
+        service_raw = get("SERVICE_ID", "service_id")
+        if service_raw is None and require_service:
+            raise ConfigError("SERVICE_ID is required for run")
+        tangle = get("TANGLE_CONTRACT", "tangle_contract")
+        if tangle is None:
+            raise ConfigError("TANGLE_CONTRACT is required")
+        staking = get("STAKING_CONTRACT")
+        registry = get("STATUS_REGISTRY_CONTRACT")
+        from_block = get("FROM_BLOCK", "from_block")
+        max_range = _uint("MAX_GETLOGS_RANGE", get("MAX_GETLOGS_RANGE") or "1000", 32)
+        if max_range < 1:
+            raise ConfigError("MAX_GETLOGS_RANGE must be at least 1")
+        poll_raw = get("POLL_INTERVAL") or "1.0"
+        try:
+            poll = float(poll_raw)
+        except ValueError:
+            raise ConfigError(f"POLL_INTERVAL={poll_raw!r} is not a number of seconds") from None
+        if not 0.01 <= poll <= 3600:
+            raise ConfigError("POLL_INTERVAL must be between 0.01 and 3600 seconds")
+        flag_bool = {k: flags.get(k) for k in ("test_mode", "dry_run")}
+        return cls(
+            http_rpc_url=http,
+            ws_rpc_url=ws,
+            data_dir=Path(data_dir),
+            keystore_uri=Path(get("KEYSTORE_URI", "keystore_uri") or "./keystore"),
+            blueprint_id=_uint("BLUEPRINT_ID", blueprint),
+            service_id=_uint("SERVICE_ID", service_raw) if service_raw is not None else None,
+            tangle_contract=_address("TANGLE_CONTRACT", tangle),
+            chain=get("CHAIN", "chain"),
+            protocol=protocol,
+            test_mode=bool(flag_bool["test_mode"]) or _bool("TEST_MODE", env.get("TEST_MODE", "")),
+            dry_run=bool(flag_bool["dry_run"]) or _bool("DRY_RUN", env.get("DRY_RUN", "")),
+            staking_contract=_address("STAKING_CONTRACT", staking) if staking else None,
+            status_registry_contract=_address("STATUS_REGISTRY_CONTRACT", registry) if registry else None,
+            from_block=_uint("FROM_BLOCK", from_block) if from_block is not None else None,
+            max_getlogs_range=max_range,
+            poll_interval=poll,
+            confirmations=_uint("CONFIRMATIONS", get("CONFIRMATIONS") or "0", 16),
+        )

@@ -1,0 +1,42 @@
+"""Errors of the Tangle layer.
+
+::
+
+    MicrovmBlueprintError            (microvm_blueprint.errors)
+    └── TangleError
+        ├── ConfigError              a missing or malformed setting; the message names it
+        ├── KeystoreError            keystore missing, unreadable or malformed
+        ├── AbiDecodeError           calldata that does not decode as the job's argument tuple
+        ├── RpcError                 the chain could not be reached / answered garbage (retried)
+        └── JobError                 a handler refused a call; the text is recorded, never sent
+
+web3/eth-abi/OSError exceptions are translated at the boundary with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+from ..errors import MicrovmBlueprintError
+
+
+class TangleError(MicrovmBlueprintError):
+    """Base of the Tangle layer's errors."""
+
+
+class ConfigError(TangleError):
+    """A setting is missing or malformed."""
+
+
+class KeystoreError(TangleError):
+    """The operator keystore is missing, unreadable or malformed."""
+
+
+class AbiDecodeError(TangleError):
+    """Calldata does not decode as the expected tuple."""
+
+
+class RpcError(TangleError):
+    """The chain's RPC failed (transport or protocol)."""
+
+
+class JobError(TangleError):
+    """A job handler refused a call. The message is what the customer sees in the journal."""

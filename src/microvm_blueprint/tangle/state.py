@@ -1,0 +1,232 @@
+"""Durable chain-side state (its own SQLite file under DATA_DIR): cursor, inbox, outbox.
+
+* **cursor** — the next block the producer scans and the hash of the last block scanned (reorgs).
+* **inbox** — every job call seen, inserted in the same transaction that advances the cursor, so a
+  call is never missed; the primary key (call id) means it is never handed out twice. A call is
+  ``new`` until its outcome is recorded, then ``done``.
+* **outbox** — results waiting to reach the chain: ``pending`` -> ``sent`` (tx hash) -> ``done``
+  (on-chain, or already there) / ``dropped`` (permanent revert). Marking a call ``done`` in the
+  inbox and queueing its result happen in one transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import TangleError
+
+
+def i64(value: int) -> int:
+    """uint64 -> SQLite signed INTEGER (two's complement)."""
+    return value - (1 << 64) if value >= (1 << 63) else value
+
+
+def u64(value: int) -> int:
+    return value + (1 << 64) if value < 0 else value
+
+
+@dataclass(frozen=True)
+class Cursor:
+    next_block: int
+    last_hash: str | None
+
+
+@dataclass(frozen=True)
+class InboxRow:
+    service_id: int
+    call_id: int
+    job_index: int
+    caller: str
+    inputs: bytes
+    block_number: int
+    block_hash: str
+    log_index: int
+    tx_hash: str
+    from_quote: bool
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    service_id: int
+    call_id: int
+    output: bytes
+    status: str
+    tx_hash: str | None
+    attempts: int
+
+
+class TangleState:
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(
+                """
+                CREATE TABLE IF NOT EXISTS cursor (
+                    key TEXT PRIMARY KEY, next_block INTEGER NOT NULL, last_hash TEXT);
+                CREATE TABLE IF NOT EXISTS inbox (
+                    call_id INTEGER NOT NULL, service_id INTEGER NOT NULL, job_index INTEGER NOT NULL,
+                    caller TEXT NOT NULL, inputs BLOB NOT NULL, block_number INTEGER NOT NULL,
+                    block_hash TEXT NOT NULL, log_index INTEGER NOT NULL, tx_hash TEXT NOT NULL,
+                    from_quote INTEGER NOT NULL, status TEXT NOT NULL, at REAL NOT NULL,
+                    PRIMARY KEY (service_id, call_id));
+                CREATE INDEX IF NOT EXISTS inbox_new ON inbox (status, block_number, log_index);
+                CREATE TABLE IF NOT EXISTS outbox (
+                    call_id INTEGER NOT NULL, service_id INTEGER NOT NULL, output BLOB NOT NULL,
+                    status TEXT NOT NULL, tx_hash TEXT, attempts INTEGER NOT NULL DEFAULT 0,
+                    reason TEXT, at REAL NOT NULL, PRIMARY KEY (service_id, call_id));
+                CREATE INDEX IF NOT EXISTS outbox_status ON outbox (status, at);
+                """
+            )
+        except sqlite3.Error as exc:
+            raise TangleError(f"cannot open chain state database {self.path}: {exc}") from exc
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise TangleError(f"chain state database error: {exc}") from exc
+
+    def _rows(self, sql: str, args: Sequence[object] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            try:
+                return list(self._db.execute(sql, tuple(args)).fetchall())
+            except sqlite3.Error as exc:
+                raise TangleError(f"chain state database error: {exc}") from exc
+
+    # ---- cursor + inbox ----
+
+    def cursor(self, key: str) -> Cursor | None:
+        rows = self._rows("SELECT next_block, last_hash FROM cursor WHERE key=?", (key,))
+        if not rows:
+            return None
+        return Cursor(int(rows[0][0]), str(rows[0][1]) if rows[0][1] else None)  # type: ignore[call-overload]
+
+    def set_cursor(self, key: str, cursor: Cursor) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO cursor (key, next_block, last_hash) VALUES (?,?,?)",
+                (key, cursor.next_block, cursor.last_hash),
+            )
+
+    def advance(self, key: str, cursor: Cursor, calls: Sequence[InboxRow]) -> list[InboxRow]:
+        """Record new calls and move the cursor, atomically. Returns the calls not seen before."""
+        fresh: list[InboxRow] = []
+        now = time.time()
+        with self._tx() as db:
+            for c in calls:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO inbox (call_id, service_id, job_index, caller, inputs, block_number, "
+                    "block_hash, log_index, tx_hash, from_quote, status, at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        i64(c.call_id), i64(c.service_id), c.job_index, c.caller, c.inputs, c.block_number,
+                        c.block_hash, c.log_index, c.tx_hash, int(c.from_quote), "new", now,
+                    ),
+                )
+                if cur.rowcount:
+                    fresh.append(c)
+            db.execute(
+                "INSERT OR REPLACE INTO cursor (key, next_block, last_hash) VALUES (?,?,?)",
+                (key, cursor.next_block, cursor.last_hash),
+            )
+        return fresh
+
+    def unfinished(self) -> list[InboxRow]:
+        """Calls recorded but not yet handled (a crash or shutdown interrupted them), in chain order."""
+        rows = self._rows(
+            "SELECT service_id, call_id, job_index, caller, inputs, block_number, block_hash, log_index, tx_hash, "
+            "from_quote FROM inbox WHERE status='new' ORDER BY block_number, log_index"
+        )
+        return [
+            InboxRow(
+                service_id=u64(int(r[0])),  # type: ignore[call-overload]
+                call_id=u64(int(r[1])),  # type: ignore[call-overload]
+                job_index=int(r[2]),  # type: ignore[call-overload]
+                caller=str(r[3]),
+                inputs=bytes(r[4]),  # type: ignore[arg-type]
+                block_number=int(r[5]),  # type: ignore[call-overload]
+                block_hash=str(r[6]),
+                log_index=int(r[7]),  # type: ignore[call-overload]
+                tx_hash=str(r[8]),
+                from_quote=bool(r[9]),
+            )
+            for r in rows
+        ]
+
+    def finish(self, service_id: int, call_id: int, output: bytes | None) -> None:
+        """Mark a call handled; queue its result (``None``: failed job, nothing to send)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE inbox SET status='done' WHERE service_id=? AND call_id=?", (i64(service_id), i64(call_id))
+            )
+            if output is not None:
+                db.execute(
+                    "INSERT OR IGNORE INTO outbox (call_id, service_id, output, status, at) VALUES (?,?,?,?,?)",
+                    (i64(call_id), i64(service_id), output, "pending", time.time()),
+                )
+
+    def call_status(self, service_id: int, call_id: int) -> str | None:
+        rows = self._rows(
+            "SELECT status FROM inbox WHERE service_id=? AND call_id=?", (i64(service_id), i64(call_id))
+        )
+        return str(rows[0][0]) if rows else None
+
+    # ---- outbox ----
+
+    def pending(self, limit: int) -> list[OutboxRow]:
+        rows = self._rows(
+            "SELECT service_id, call_id, output, status, tx_hash, attempts FROM outbox "
+            "WHERE status IN ('pending', 'sent') ORDER BY at LIMIT ?",
+            (limit,),
+        )
+        return [
+            OutboxRow(
+                service_id=u64(int(r[0])),  # type: ignore[call-overload]
+                call_id=u64(int(r[1])),  # type: ignore[call-overload]
+                output=bytes(r[2]),  # type: ignore[arg-type]
+                status=str(r[3]),
+                tx_hash=str(r[4]) if r[4] else None,
+                attempts=int(r[5]),  # type: ignore[call-overload]
+            )
+            for r in rows
+        ]
+
+    def outbox_status(self, service_id: int, call_id: int) -> tuple[str, str | None] | None:
+        rows = self._rows(
+            "SELECT status, tx_hash FROM outbox WHERE service_id=? AND call_id=?", (i64(service_id), i64(call_id))
+        )
+        return (str(rows[0][0]), str(rows[0][1]) if rows[0][1] else None) if rows else None
+
+    def mark(self, service_id: int, call_ids: Sequence[int], status: str, *, tx_hash: str | None = None,
+             reason: str | None = None) -> None:
+        with self._tx() as db:
+            for call_id in call_ids:
+                db.execute(
+                    "UPDATE outbox SET status=?, tx_hash=coalesce(?, tx_hash), reason=?, "
+                    "attempts=attempts + (CASE WHEN ?='sent' THEN 1 ELSE 0 END) WHERE service_id=? AND call_id=?",
+                    (status, tx_hash, reason, status, i64(service_id), i64(call_id)),
+                )
