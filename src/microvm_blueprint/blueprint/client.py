@@ -1,0 +1,193 @@
+"""The customer's side: submit a lifecycle job on-chain and wait for its result.
+
+Used by ``microvm-blueprint jobs submit``, the end-to-end tests and the benchmarks. Signs locally
+with the customer's key (never logged), reads the call id from the ``JobSubmitted`` log of the
+receipt, then watches ``JobResultSubmitted`` for that call. When no result comes it asks the query
+API's ``/jobs/{call_id}`` why (failed jobs are never written on-chain).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from eth_account import Account
+from eth_utils import to_checksum_address
+
+from ..errors import MicrovmBlueprintError
+from ..tangle.abi import decode_result, encode_args
+from ..tangle.contracts import SUBMIT_JOB, TOPIC_JOB_RESULT_SUBMITTED, TOPIC_JOB_SUBMITTED, selector
+from ..tangle.environment import Secret
+from ..tangle.rpc import JsonRpc
+from .jobs import JOBS_BY_INDEX, JOBS_BY_NAME, JobDef
+
+SEL_SUBMIT_JOB = bytes.fromhex(selector(SUBMIT_JOB)[2:])
+
+
+class ClientError(MicrovmBlueprintError):
+    pass
+
+
+def resolve_job(name_or_index: str) -> JobDef:
+    if name_or_index.isdigit() and int(name_or_index) in JOBS_BY_INDEX:
+        return JOBS_BY_INDEX[int(name_or_index)]
+    if name_or_index in JOBS_BY_NAME:
+        return JOBS_BY_NAME[name_or_index]
+    raise ClientError(f"unknown job {name_or_index!r}; known: {', '.join(JOBS_BY_NAME)}")
+
+
+def encode_job_args(job: JobDef, raw: Sequence[str]) -> bytes:
+    """Turn command-line strings into the job's ABI argument tuple (flat form)."""
+    if len(raw) != len(job.arg_types):
+        raise ClientError(f"{job.name} takes {len(job.arg_types)} argument(s): {job.signature}")
+    values: list[Any] = []
+    for typ, name, text in zip(job.arg_types, job.arg_names, raw, strict=True):
+        if typ.startswith("uint"):
+            if not text.isdigit():
+                raise ClientError(f"{name} must be an unsigned integer")
+            values.append(int(text))
+        else:
+            values.append(text)
+    return encode_args(job.arg_types, values)
+
+
+@dataclass(frozen=True)
+class Submitted:
+    call_id: int
+    tx_hash: str
+    block_number: int
+    receipt_seen_at: float  # time.monotonic() when the receipt was seen
+
+
+@dataclass(frozen=True)
+class Outcome:
+    call_id: int
+    result: Any | None
+    result_tx: str | None
+    job_status: dict[str, Any] | None  # from /jobs/{call_id} when no result came
+
+
+class TangleCustomer:
+    """A customer account talking to the Tangle contract of one service."""
+
+    def __init__(self, rpc_url: str, contract: str, service_id: int, key: Secret[str]) -> None:
+        self.rpc = JsonRpc(rpc_url, timeout=30)
+        self.contract = to_checksum_address(contract)
+        self.service_id = service_id
+        self._account = Account.from_key(key.reveal())
+        self.address = self._account.address
+        self._nonce: int | None = None
+        self._chain_id: int | None = None
+        self._gas_price: int | None = None
+
+    async def aclose(self) -> None:
+        await self.rpc.aclose()
+
+    def _tx_data(self, job: JobDef, inputs: bytes) -> bytes:
+        from eth_abi import encode
+
+        return SEL_SUBMIT_JOB + encode(["uint64", "uint8", "bytes"], [self.service_id, job.index, inputs])
+
+    async def send(self, job: JobDef, inputs: bytes, *, gas: int = 500_000) -> str:
+        """Sign and send ``submitJob`` without waiting (local nonces, so sends pipeline)."""
+        if self._chain_id is None:
+            self._chain_id = await self.rpc.chain_id()
+            self._gas_price = await self.rpc.gas_price()
+        if self._nonce is None:
+            self._nonce = await self.rpc.nonce(self.address)
+        tx = {
+            "to": self.contract,
+            "data": self._tx_data(job, inputs),
+            "gas": gas,
+            "gasPrice": self._gas_price,
+            "nonce": self._nonce,
+            "chainId": self._chain_id,
+            "value": 0,
+        }
+        signed = self._account.sign_transaction(tx)
+        try:
+            tx_hash = await self.rpc.send_raw(bytes(signed.raw_transaction))
+        except MicrovmBlueprintError:
+            self._nonce = None
+            raise
+        self._nonce += 1
+        return tx_hash
+
+    async def wait_submitted(self, tx_hash: str, timeout: float = 60.0) -> Submitted:
+        deadline = time.monotonic() + timeout
+        while True:
+            receipt = await self.rpc.receipt(tx_hash)
+            if receipt is not None:
+                break
+            if time.monotonic() > deadline:
+                raise ClientError(f"submitJob transaction {tx_hash} not mined after {timeout:.0f}s")
+            await asyncio.sleep(0.05)
+        seen = time.monotonic()
+        if int(str(receipt["status"]), 16) != 1:
+            raise ClientError(f"submitJob reverted (tx {tx_hash}): is this account a permitted caller?")
+        for entry in receipt.get("logs", []):
+            topics = entry.get("topics", [])
+            if entry.get("address", "").lower() == self.contract.lower() and topics and topics[0] == TOPIC_JOB_SUBMITTED:
+                return Submitted(int(topics[2], 16), tx_hash, int(str(receipt["blockNumber"]), 16), seen)
+        raise ClientError(f"no JobSubmitted log in {tx_hash}")
+
+    async def submit(self, job: JobDef, inputs: bytes, timeout: float = 60.0) -> Submitted:
+        return await self.wait_submitted(await self.send(job, inputs), timeout)
+
+    async def results(self, from_block: int, to_block: int | None = None) -> dict[int, tuple[bytes, str, int]]:
+        """call_id -> (result bytes, tx hash, block) for our service's JobResultSubmitted logs."""
+        to = to_block if to_block is not None else await self.rpc.block_number()
+        out: dict[int, tuple[bytes, str, int]] = {}
+        topics = [TOPIC_JOB_RESULT_SUBMITTED, "0x" + self.service_id.to_bytes(32, "big").hex()]
+        logs = await self.rpc.get_logs(address=self.contract, topics=topics, from_block=from_block, to_block=to)
+        from eth_abi import decode
+
+        for entry in logs:
+            call_id = int(entry["topics"][2], 16)
+            (result,) = decode(["bytes"], bytes.fromhex(str(entry["data"])[2:]))
+            out.setdefault(call_id, (bytes(result), str(entry["transactionHash"]), int(str(entry["blockNumber"]), 16)))
+        return out
+
+    async def wait_result(
+        self,
+        sub: Submitted,
+        *,
+        timeout: float,
+        api_url: str | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> Outcome:
+        """Wait for this call's result log; stop early if the operator's journal says it failed."""
+        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        status: dict[str, Any] | None = None
+        async with httpx.AsyncClient(timeout=5) as http:
+            while True:
+                found = await self.results(sub.block_number)
+                if sub.call_id in found:
+                    raw, tx, _ = found[sub.call_id]
+                    return Outcome(sub.call_id, decode_result("bool", raw), tx, None)
+                if api_url:
+                    status = await _job_status(http, api_url, sub.call_id)
+                    if status and status.get("status") == "failed":
+                        return Outcome(sub.call_id, None, None, status)
+                if progress:
+                    state = (status or {}).get("status", "not seen by the operator yet")
+                    progress(f"waiting for the result of call {sub.call_id}: {state} ({time.monotonic() - started:.0f}s)")
+                if time.monotonic() > deadline:
+                    return Outcome(sub.call_id, None, None, status)
+                await asyncio.sleep(0.25)
+
+
+async def _job_status(http: httpx.AsyncClient, api_url: str, call_id: int) -> dict[str, Any] | None:
+    try:
+        r = await http.get(f"{api_url}/jobs/{call_id}")
+    except httpx.HTTPError:
+        return None
+    if r.status_code != 200:
+        return None
+    body = r.json()
+    return body if isinstance(body, dict) else None

@@ -1,0 +1,163 @@
+"""Wiring: settings -> provider (driver chosen here, once) -> jobs + query API -> Tangle runner.
+
+This is the only place a VMM backend is chosen; everything below receives it injected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..runtime.driver import VmmDriver
+from ..runtime.errors import ImageError
+from ..runtime.lifecycle import Lifecycle
+from ..runtime.store import Store
+from ..tangle.consumer import TangleConsumer
+from ..tangle.environment import BlueprintEnvironment
+from ..tangle.keystore import OperatorKey, load_operator_key
+from ..tangle.producer import JobCall, TangleProducer
+from ..tangle.rpc import JsonRpc
+from ..tangle.runner import BlueprintRunner
+from ..tangle.state import TangleState
+from .jobs import build_router
+from .journal import JobJournal
+from .query import QueryApp
+from .server import QueryServer
+from .settings import OperatorSettings, ProviderKind
+
+log = logging.getLogger(__name__)
+
+
+def make_driver(settings: OperatorSettings) -> VmmDriver:
+    """Choose the VMM driver from ``MICROVM_PROVIDER`` (the one place this happens)."""
+    if settings.provider is ProviderKind.IN_MEMORY:
+        from ..runtime.adapters.in_memory import InMemoryDriver
+
+        return InMemoryDriver()
+    if settings.provider is ProviderKind.QEMU:
+        try:
+            from ..runtime.adapters.qemu import QemuDriver, QemuSettings
+        except ImportError as exc:
+            raise ImageError(f"the QEMU provider is not available: {exc}") from exc
+        from ..runtime import images
+
+        return QemuDriver(
+            QemuSettings(
+                qemu_bin=settings.qemu_bin,
+                image_dir=settings.image_dir or images.default_cache_dir(),
+                accel=settings.qemu_accel,
+                boot_timeout=settings.boot_timeout_s,
+            )
+        )
+    try:
+        from ..runtime.adapters.firecracker import FirecrackerDriver, FirecrackerSettings
+    except ImportError as exc:
+        raise ImageError(f"the Firecracker provider is not available: {exc}") from exc
+    return FirecrackerDriver(FirecrackerSettings.from_env(settings.env))
+
+
+def build_provider(settings: OperatorSettings, driver: VmmDriver | None = None) -> Lifecycle:
+    store = Store(":memory:" if settings.ephemeral else settings.data_dir / "runtime.sqlite3")
+    return Lifecycle(driver or make_driver(settings), store, state_dir=settings.state_dir, limits=settings.limits)
+
+
+class JournalObserver:
+    """Feeds the runner's job outcomes into the journal behind ``GET /jobs/{call_id}``."""
+
+    def __init__(self, journal: JobJournal) -> None:
+        self.journal = journal
+
+    def on_received(self, call: JobCall, job: str) -> None:
+        self.journal.received(call.call_id, job, call.job_index, call.caller)
+
+    def on_done(self, call: JobCall, output: bytes) -> None:
+        self.journal.finished(call.call_id, error=None)
+
+    def on_failed(self, call: JobCall, error: str) -> None:
+        self.journal.finished(call.call_id, error=error)
+
+    def on_submitted(self, call_id: int, tx_hash: str) -> None:
+        self.journal.submitted(call_id, tx_hash)
+
+    def on_dropped(self, call_id: int, reason: str) -> None:
+        self.journal.dropped(call_id, reason)
+
+
+@dataclass
+class Operator:
+    """Everything ``run`` starts, assembled; ``await operator.run()`` until ``operator.stop()``."""
+
+    env: BlueprintEnvironment
+    settings: OperatorSettings
+    provider: Lifecycle
+    runner: BlueprintRunner
+    server: QueryServer
+    journal: JobJournal
+    state: TangleState
+    rpc: JsonRpc
+    key: OperatorKey | None
+
+    @classmethod
+    def assemble(
+        cls,
+        env: BlueprintEnvironment,
+        settings: OperatorSettings,
+        *,
+        driver: VmmDriver | None = None,
+        key: OperatorKey | None = None,
+    ) -> Operator:
+        if env.service_id is None:
+            from ..tangle.errors import ConfigError
+
+            raise ConfigError("SERVICE_ID is required for run")
+        data = Path(env.data_dir)
+        data.mkdir(parents=True, exist_ok=True)
+        if key is None and not env.dry_run:
+            key = load_operator_key(env.keystore_uri)
+        provider = build_provider(settings, driver)
+        journal = JobJournal(data / "jobs.sqlite3")
+        state = TangleState(data / "tangle.sqlite3")
+        rpc = JsonRpc(env.http_rpc_url)
+        observer = JournalObserver(journal)
+        producer = TangleProducer(
+            rpc, state, contract=env.tangle_contract, service_id=env.service_id, from_block=env.from_block,
+            max_range=env.max_getlogs_range, poll_interval=env.poll_interval, confirmations=env.confirmations,
+        )
+        consumer = TangleConsumer(
+            rpc, state, key, contract=env.tangle_contract, dry_run=env.dry_run,
+            on_submitted=observer.on_submitted, on_dropped=observer.on_dropped,
+        )
+        server = QueryServer(QueryApp(provider, journal), settings.api_host, settings.api_port)
+        runner = BlueprintRunner(
+            build_router(provider), producer, consumer, state, background_services=[server], observer=observer,
+        )
+        return cls(env, settings, provider, runner, server, journal, state, rpc, key)
+
+    def stop(self) -> None:
+        self.runner.stop()
+
+    async def run(self) -> None:
+        env = self.env
+        if env.test_mode:
+            log.info("TEST_MODE is set: accepted for compatibility (there is no blueprint-manager bridge here)")
+        if env.dry_run:
+            log.info("--dry-run: jobs run, no transaction is sent")
+        log.info(
+            "operator %s, service %s on %s, provider %s",
+            self.key.address if self.key else "(dry run, no key)", env.service_id, env.tangle_contract,
+            self.settings.provider.value,
+        )
+        await self.provider.reconcile()
+        try:
+            await self.runner.run()
+        finally:
+            await asyncio.shield(self._close())
+
+    async def _close(self) -> None:
+        await self.provider.close(stop_vms=self.settings.stop_vms_on_exit)
+        await self.rpc.aclose()
+        self.journal.close()
+        self.state.close()
+        self.provider.store.close()
