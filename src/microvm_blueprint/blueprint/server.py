@@ -42,7 +42,9 @@ class QueryServer:
             self.app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=2
         )
         server = uvicorn.Server(config)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        # Signals belong to the entry point (it turns them into a graceful runner stop);
+        # uvicorn would otherwise replace the process's SIGINT/SIGTERM handlers while serving.
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
         task = asyncio.create_task(server.serve(sockets=[sock]))
         deadline = asyncio.get_running_loop().time() + 15
         try:
@@ -55,7 +57,9 @@ class QueryServer:
                 await asyncio.sleep(0.01)
             log.info("query API listening on %s", self.url)
             ready.set()
-            await task
+            # shield: cancelling this service must not cancel uvicorn mid-step; it is told to
+            # exit below and then awaited, so its sockets and connections close properly.
+            await asyncio.shield(task)
         finally:
             server.should_exit = True
             with contextlib.suppress(BaseException):

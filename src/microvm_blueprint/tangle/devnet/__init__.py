@@ -175,7 +175,7 @@ async def send_unlocked(rpc: JsonRpc, sender: str, to: str | None, data: bytes, 
         await asyncio.sleep(0.02)
 
 
-async def deploy_dev_tangle(rpc_url: str, *, required_results: int = 1) -> DevDeployment:
+async def deploy_dev_tangle(rpc_url: str, *, required_results: int = 1, job_count: int = JOB_COUNT) -> DevDeployment:
     """Deploy DevTangle, a blueprint with 8 jobs, register operator #1, make service with customer #0."""
     artifact = json.loads(ARTIFACT.read_text())
     rpc = JsonRpc(rpc_url)
@@ -183,7 +183,7 @@ async def deploy_dev_tangle(rpc_url: str, *, required_results: int = 1) -> DevDe
         owner, operator = ANVIL_ADDRESSES[0], ANVIL_ADDRESSES[1]
         receipt = await send_unlocked(rpc, owner, None, bytes.fromhex(artifact["bytecode"][2:]))
         contract = to_checksum_address(receipt["contractAddress"])
-        await send_unlocked(rpc, owner, contract, _sel("createBlueprint(uint8)") + encode(["uint8"], [JOB_COUNT]))
+        await send_unlocked(rpc, owner, contract, _sel("createBlueprint(uint8)") + encode(["uint8"], [job_count]))
         import coincurve
 
         pub = coincurve.PrivateKey(bytes.fromhex(ANVIL_KEYS[1][2:])).public_key.format(compressed=False)
