@@ -47,7 +47,8 @@ async def test_operator_against_real_tangle(anvil: Anvil, real_fixture: Path, tm
     deployment = await asyncio.to_thread(seed_real_tangle, anvil.rpc_url)
     cli = [sys.executable, "-m", "microvm_blueprint.cli"]
     keystore = tmp_path / "keystore"
-    imported = subprocess.run(
+    imported = await asyncio.to_thread(
+        subprocess.run,
         [*cli, "keys", "import", "--keystore-uri", str(keystore)],
         input=ANVIL_KEYS[1] + "\n", capture_output=True, text=True, timeout=60, check=True,
     )
