@@ -25,3 +25,11 @@ def shared() -> Path:
     if not path.is_dir():
         pytest.skip(f"reference material not found at {path} (set MICROVM_SHARED_DIR)")
     return path
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """Expose each phase's report on the item (fixtures use it to keep evidence of failures)."""
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep

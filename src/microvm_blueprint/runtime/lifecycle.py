@@ -27,6 +27,7 @@ from .errors import (
     VmAlreadyExists,
     VmError,
     VmmError,
+    VmmTimeout,
     VmNotFound,
 )
 from .model import (
@@ -206,6 +207,14 @@ class Lifecycle:
                     else:
                         await self.driver.resume(self._record(vm))
                         self.store.update_vm(vm_id, VmStatus.RUNNING, origin, "start")
+                except VmmTimeout as exc:
+                    if vm.status is VmStatus.CREATED:  # a boot that misses its deadline is a failed start
+                        self.store.update_vm(
+                            vm_id, VmStatus.FAILED, origin, "start", error=exc.detail()[:2000], call_ok=False
+                        )
+                    else:
+                        await self._after_driver_error(vm, exc)
+                    raise
                 except VmmError as exc:
                     await self._after_driver_error(vm, exc)
                     raise

@@ -240,8 +240,12 @@ class Store:
         handle: VmHandle | bool | None = False,
         error: str | None = None,
         intent: int | None = None,
+        call_ok: bool = True,
     ) -> None:
-        """Set a VM's status (and its handle unless ``handle`` is False), recording the change."""
+        """Set a VM's status (and its handle unless ``handle`` is False), recording the change.
+
+        ``call_ok=False`` records the change in the history without marking the call as applied
+        (a call that failed but changed the VM, e.g. a boot that missed its deadline)."""
         now = time.time()
         with self._tx() as db:
             if handle is False:
@@ -255,7 +259,8 @@ class Store:
                     (status.value, error, now, _handle(handle if isinstance(handle, VmHandle) else None), vm_id),
                 )
             self._history(db, vm_id, now, action, status, origin)
-            self._call_ok(db, origin, action, vm_id, now)
+            if call_ok:
+                self._call_ok(db, origin, action, vm_id, now)
             if intent is not None:
                 db.execute("DELETE FROM intents WHERE seq=?", (intent,))
 

@@ -1,0 +1,45 @@
+"""Shared QEMU test support: the image (built once per cache dir), drivers, evidence on failure."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGE_DIR = Path(os.environ.get("MICROVM_IMAGE_DIR", REPO / ".cache" / "images"))
+
+
+def qemu_available() -> str | None:
+    """None if QEMU tests can run, else the reason they cannot."""
+    for tool in ("qemu-system-x86_64", "qemu-img"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (apt-get install qemu-system-x86 qemu-utils)"
+    return None
+
+
+def ensure_image() -> Path:
+    from microvm_blueprint.runtime import images
+
+    reason = qemu_available()
+    if reason:
+        pytest.skip(reason)
+    try:
+        images.resolve_image("default", IMAGE_DIR)
+    except Exception:  # noqa: BLE001 - not built yet
+        images.build_image("default", cache_dir=IMAGE_DIR)
+    return IMAGE_DIR
+
+
+def ticks(text: str) -> int:
+    found = re.findall(r"tick (\d+)", text)
+    return int(found[-1]) if found else 0
+
+
+def qemu_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "qemu-system-x86_64"], capture_output=True, text=True, check=False)
+    return {int(p) for p in out.stdout.split()}
