@@ -24,10 +24,30 @@ def _in_memory(tmp: Path) -> VmmDriver:
     return InMemoryDriver()
 
 
-DRIVERS: dict[str, DriverFactory] = {"in-memory": _in_memory}
+def _firecracker(tmp: Path) -> VmmDriver:
+    from ..fakes.firecracker_support import stand_in_driver
+
+    return stand_in_driver(tmp / "fc")
 
 
-@pytest.fixture(params=sorted(DRIVERS))
+def _qemu(tmp: Path) -> VmmDriver:
+    from microvm_blueprint.runtime.adapters.qemu import QemuDriver, QemuSettings
+
+    from ..qemu_support import ensure_image
+
+    return QemuDriver(QemuSettings(image_dir=ensure_image(), accel="tcg", boot_timeout=120))
+
+
+DRIVERS: dict[str, DriverFactory] = {"in-memory": _in_memory, "firecracker-spec": _firecracker, "qemu": _qemu}
+
+
+@pytest.fixture(
+    params=[
+        "in-memory",
+        "firecracker-spec",
+        pytest.param("qemu", marks=[pytest.mark.qemu]),
+    ]
+)
 async def provider(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Lifecycle]:
     driver = DRIVERS[request.param](tmp_path)
     life = Lifecycle(driver, Store(tmp_path / "state.sqlite3"), state_dir=tmp_path / "state", limits=HostLimits())

@@ -55,7 +55,7 @@ def make_driver(settings: OperatorSettings) -> VmmDriver:
         from ..runtime.adapters.firecracker import FirecrackerDriver, FirecrackerSettings
     except ImportError as exc:
         raise ImageError(f"the Firecracker provider is not available: {exc}") from exc
-    return FirecrackerDriver(FirecrackerSettings.from_env(settings.env))
+    return FirecrackerDriver(FirecrackerSettings.from_env(settings.env, image_dir=settings.image_dir))
 
 
 def build_provider(settings: OperatorSettings, driver: VmmDriver | None = None) -> Lifecycle:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import os
 import shutil
 import stat
@@ -27,15 +28,18 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import ImageError
 
 READY_LINE = "MICROVM-READY"
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 DEFAULT_ROOTFS_MIB = 64
 MODULES = ("virtio_ring", "virtio", "virtio_mmio", "virtio_blk")
+"""Modules the guest cannot boot without (loaded in this order, after their dependencies)."""
+OPTIONAL_MODULES = ("virtio_net",)
+"""Modules carried when the kernel has them (with their dependencies, e.g. ``failover``)."""
 KERNEL_META = "linux-image-cloud-amd64"
 BUSYBOX = "busybox-static"
 
@@ -86,6 +90,9 @@ class ImageManifest:
     ready_line: str
     created_at: float
     sha256: dict[str, str]
+    sizes: dict[str, int] = field(default_factory=dict)
+    packages: dict[str, str] = field(default_factory=dict)
+    modules: list[str] = field(default_factory=list)
 
     @classmethod
     def load(cls, folder: Path) -> ImageManifest:
@@ -185,6 +192,81 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
     raise ImageError("no LZ4-compressed ELF kernel found inside the bzImage")
 
 
+# ---- kernel modules ----------------------------------------------------------------------------
+
+MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst")
+
+
+def find_module(moddir: Path, name: str) -> Path | None:
+    """The file of module ``name`` under ``moddir`` (``.ko``, ``.ko.xz`` or ``.ko.zst``); ``-``/``_`` alike."""
+    alt = {name, name.replace("_", "-"), name.replace("-", "_")}
+    for suffix in MODULE_SUFFIXES:
+        for n in sorted(alt):
+            found = sorted(moddir.rglob(n + suffix))
+            if found:
+                return found[0]
+    return None
+
+
+def module_bytes(path: Path) -> bytes:
+    """A module file's ELF bytes (busybox ``insmod`` wants them uncompressed)."""
+    data = path.read_bytes()
+    if path.name.endswith(".ko.xz"):
+        try:
+            data = lzma.decompress(data)
+        except lzma.LZMAError as exc:
+            raise ImageError(f"module {path.name} is not valid xz: {exc}") from exc
+    elif path.name.endswith(".ko.zst"):
+        proc = subprocess.run([_tool("zstd"), "-dc"], input=data, capture_output=True, timeout=120, check=False)
+        if proc.returncode != 0:
+            raise ImageError(f"module {path.name} is not valid zstd: {proc.stderr.decode(errors='replace')[-300:]}")
+        data = proc.stdout
+    if data[:4] != b"\x7fELF":
+        raise ImageError(f"module {path.name} is not an ELF object")
+    return data
+
+
+def module_depends(ko: bytes) -> list[str]:
+    """The ``depends=`` list of a module's ``.modinfo`` section."""
+    at = ko.find(b"\0depends=")
+    if at == -1:
+        return []
+    end = ko.find(b"\0", at + 1)
+    value = ko[at + len(b"\0depends="):end].decode("ascii", "replace")
+    return [d for d in value.split(",") if d]
+
+
+def module_load_order(moddir: Path, required: tuple[str, ...], optional: tuple[str, ...] = ()
+                      ) -> list[tuple[str, bytes]]:
+    """(name, ELF bytes) of ``required`` + available ``optional`` modules, each after its dependencies."""
+    loaded: dict[str, bytes] = {}
+    order: list[str] = []
+
+    def visit(name: str, needed: bool, trail: tuple[str, ...]) -> bool:
+        if name in loaded:
+            return True
+        if name in trail:
+            raise ImageError(f"kernel modules depend on each other in a cycle: {' -> '.join((*trail, name))}")
+        path = find_module(moddir, name)
+        if path is None:
+            if needed:
+                raise ImageError(f"the kernel has no module {name} (looked for {name}.ko[.xz|.zst] in {moddir})")
+            return False
+        data = module_bytes(path)
+        for dep in module_depends(data):
+            if not visit(dep, needed, (*trail, name)):
+                return False
+        loaded[name] = data
+        order.append(name)
+        return True
+
+    for m in required:
+        visit(m, True, ())
+    for m in optional:
+        visit(m, False, ())
+    return [(m, loaded[m]) for m in order]
+
+
 # ---- build ----------------------------------------------------------------------------------
 
 
@@ -215,8 +297,8 @@ def build_image(
     with tempfile.TemporaryDirectory(prefix=".build-", dir=cache) as tmp_s:
         tmp = Path(tmp_s)
         debs, unpacked, out = tmp / "debs", tmp / "x", tmp / "image"
-        for d in (debs, unpacked, out):
-            d.mkdir()
+        for folder in (debs, unpacked, out):
+            folder.mkdir()
         os.chmod(debs, 0o777)  # apt-get download drops privileges to _apt when it can
         say(f"downloading {inputs['kernel_package']} {inputs['kernel_version']} and {BUSYBOX}")
         _run([_tool("apt-get"), "download", "-q", f"{inputs['kernel_package']}={inputs['kernel_version']}",
@@ -234,19 +316,16 @@ def build_image(
         shutil.copyfile(vmlinuz[0], out / "bzImage")
         say("unpacking vmlinux (ELF) for Firecracker")
         (out / "vmlinux").write_bytes(extract_vmlinux((out / "bzImage").read_bytes()))
-        say("writing initramfs with " + " ".join(MODULES))
         moddir = unpacked / "lib" / "modules" / kver / "kernel"
+        modules = module_load_order(moddir, MODULES, OPTIONAL_MODULES)
+        say("writing initramfs with " + " ".join(m for m, _ in modules))
         entries: list[tuple[str, int, bytes]] = [
             ("bin", 0o40755, b""), ("dev", 0o40755, b""), ("proc", 0o40755, b""), ("sys", 0o40755, b""),
             ("newroot", 0o40755, b""), ("lib", 0o40755, b""), ("lib/modules", 0o40755, b""),
             ("bin/busybox", 0o100755, busybox.read_bytes()),
-            ("init", 0o100755, INITRAMFS_INIT.format(modules=" ".join(MODULES)).encode()),
+            ("init", 0o100755, INITRAMFS_INIT.format(modules=" ".join(m for m, _ in modules)).encode()),
         ]
-        for mod in MODULES:
-            found = list(moddir.rglob(f"{mod}.ko"))
-            if not found:
-                raise ImageError(f"kernel {kver} has no module {mod}.ko")
-            entries.append((f"lib/modules/{mod}.ko", 0o100644, found[0].read_bytes()))
+        entries += [(f"lib/modules/{m}.ko", 0o100644, data) for m, data in modules]
         (out / "initramfs.cpio").write_bytes(cpio_newc(entries))
         say(f"making a {rootfs_size_mib} MiB ext4 root filesystem (mkfs.ext4 -d)")
         root = tmp / "root"
@@ -281,6 +360,9 @@ def build_image(
             ready_line=READY_LINE,
             created_at=time.time(),
             sha256={f: _sha256(out / f) for f in files},
+            sizes={f: (out / f).stat().st_size for f in files},
+            packages={inputs["kernel_package"]: inputs["kernel_version"], BUSYBOX: inputs["busybox_version"]},
+            modules=[m for m, _ in modules],
         )
         (out / "manifest.json").write_text(json.dumps(asdict(manifest), indent=1, sort_keys=True))
         if final.exists():

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -42,7 +44,7 @@ from ...procs import Child, kill_pid, pid_alive, tail
 from .. import images
 from ..driver import ExitListener
 from ..errors import ImageError, VmError, VmmApiError, VmmError, VmmTimeout
-from ..model import SnapshotRecord, VmHandle, VmRecord, VmStatus
+from ..model import SnapshotRecord, VmHandle, VmRecord, VmSpec, VmStatus
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,11 @@ CONFIG = "vm.json"
 SNAP_MEMORY = "memory.bin"
 SNAP_DISK = "disk.qcow2"
 SNAP_CONFIG = "vm.json"
+LAST_SAVE = "last-save.bin"
+"""Hard link (or copy) of the memory file of the last save of a VM that stayed paused after it.
+
+QEMU 7.2 refuses a second ``migrate`` of a VM left in ``postmigrate`` ("Can't migrate the vm that was
+paused due to previous migration"); such a VM has not executed since, so its state *is* that file."""
 CONSOLE_DEV = "console"
 
 
@@ -74,8 +81,56 @@ class QemuSettings:
     extra_cmdline: str = ""
 
 
+_TSC_LINES = (
+    re.compile(r"tsc: Refined TSC clocksource calibration: ([0-9.]+) MHz"),
+    re.compile(r"tsc: Detected ([0-9.]+) MHz processor"),
+)
+
+
+def tsc_khz_from_kernel_log(lines: list[str]) -> int | None:
+    """The TSC kHz the host kernel calibrated (refined value first), from its log lines."""
+    for pattern in _TSC_LINES:
+        for line in reversed(lines):
+            m = pattern.search(line)
+            if m:
+                return round(float(m.group(1)) * 1000)
+    return None
+
+
+def _kernel_log() -> list[str]:
+    """The host kernel's log ring (``/dev/kmsg``, non-blocking); empty if not readable."""
+    lines: list[str] = []
+    try:
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return lines
+    try:
+        while len(lines) < 100_000:
+            try:
+                rec = os.read(fd, 8192)
+            except BlockingIOError:
+                break
+            except BrokenPipeError:  # a record was overwritten while reading: skip it
+                continue
+            except OSError:
+                break
+            if not rec:
+                break
+            lines.append(rec.decode("utf-8", "replace").split(";", 1)[-1])
+    finally:
+        os.close(fd)
+    return lines
+
+
+@functools.cache
 def host_tsc_khz() -> int | None:
-    """The host TSC frequency (TCG guests see it); ``None`` if unknown."""
+    """The host TSC frequency (TCG guests read the host's TSC); ``None`` if unknown.
+
+    The kernel's own calibration (``tsc: Refined TSC ...`` / ``tsc: Detected ...``) is preferred:
+    ``cpu MHz`` in /proc/cpuinfo is the *current* clock on hosts with frequency scaling."""
+    khz = tsc_khz_from_kernel_log(_kernel_log())
+    if khz:
+        return khz
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("cpu MHz"):
@@ -433,6 +488,8 @@ class QemuDriver:
         q = self._vm(vm)
         await self._qmp(q, "cont")
         await self._wait_status(q, {"running"}, self.settings.qmp_timeout)
+        with contextlib.suppress(FileNotFoundError):
+            (q.workdir / LAST_SAVE).unlink()  # the guest ran: the last save is history
 
     async def snapshot(self, vm: VmRecord, snapdir: str) -> int:
         q = self._vm(vm)
@@ -446,9 +503,15 @@ class QemuDriver:
                 await self._pump(q)
                 await self._qmp(q, "stop")
             try:
-                await self._pass_fd(q, out / SNAP_MEMORY, "snapshot", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-                await self._qmp(q, "migrate", {"uri": "fd:snapshot"})
-                await self._wait_migration(q, "saving the memory snapshot")
+                status = (await self._qmp(q, "query-status"))["status"]
+                if status == "postmigrate":  # paused since its last save: that save is its state
+                    await _link_or_copy(q.workdir / LAST_SAVE, out / SNAP_MEMORY)
+                else:
+                    await self._pass_fd(q, out / SNAP_MEMORY, "snapshot", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                    await self._qmp(q, "migrate", {"uri": "fd:snapshot"})
+                    await self._wait_migration(q, "saving the memory snapshot")
+                    if not was_running:
+                        await _link_or_copy(out / SNAP_MEMORY, q.workdir / LAST_SAVE)
                 await _copy(q.workdir / DISK, out / SNAP_DISK)
             finally:
                 if was_running:
@@ -538,9 +601,7 @@ class QemuDriver:
                 self._forget(vm_id)
 
 
-def _probe_spec():  # type: ignore[no-untyped-def]
-    from ..model import VmSpec
-
+def _probe_spec() -> VmSpec:
     return VmSpec(vcpus=1, mem_mib=256)
 
 
@@ -577,6 +638,23 @@ async def _run(argv: list[str], what: str, timeout: float = 120) -> None:
         raise VmmTimeout(f"{what} did not finish within {timeout:.0f}s") from exc
     if proc.returncode != 0:
         raise VmmError(f"{what} failed", exit_code=proc.returncode, log_tail=err.decode(errors="replace")[-1000:])
+
+
+async def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes a hard link of ``src`` (a copy across file systems); replaces ``dst``."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except FileNotFoundError as exc:
+        raise VmmError(f"the saved state {src.name} of this paused vm is missing") from exc
+    except OSError:
+        await _copy(src, tmp)
+    try:
+        os.replace(tmp, dst)
+    except OSError as exc:
+        raise VmmError(f"cannot place {dst.name}: {exc.strerror or exc}") from exc
 
 
 async def _copy(src: Path, dst: Path) -> None:
