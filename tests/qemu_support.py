@@ -30,7 +30,7 @@ def ensure_image() -> Path:
         pytest.skip(reason)
     try:
         images.resolve_image("default", IMAGE_DIR)
-    except Exception:  # noqa: BLE001 - not built yet
+    except Exception:
         images.build_image("default", cache_dir=IMAGE_DIR)
     return IMAGE_DIR
 

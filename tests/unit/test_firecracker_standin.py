@@ -46,7 +46,7 @@ def boot(c: httpx.Client, tmp: Path) -> None:
 
 
 def test_schema_is_enforced(api) -> None:  # type: ignore[no-untyped-def]
-    c, tmp, _ = api
+    c, _tmp, _ = api
     assert "Invalid request method and/or path" in fault(c.put("/nowhere", json={}))
     assert "Invalid request method and/or path" in fault(c.delete("/vm"))
     assert "invalid body" in fault(c.put("/machine-config", json={"vcpu_count": 1, "mem_size_mib": 128, "x": 1}))
