@@ -40,6 +40,18 @@ def ticks(text: str) -> int:
     return int(found[-1]) if found else 0
 
 
-def qemu_pids() -> set[int]:
+def qemu_pids(under: Path | None = None) -> set[int]:
+    """QEMU processes (those running in a folder below ``under`` only, when given)."""
     out = subprocess.run(["pgrep", "-f", "qemu-system-x86_64"], capture_output=True, text=True, check=False)
-    return {int(p) for p in out.stdout.split()}
+    pids = {int(p) for p in out.stdout.split()}
+    if under is None:
+        return pids
+    root = str(Path(under).resolve())
+    mine = set()
+    for pid in pids:
+        try:
+            if os.readlink(f"/proc/{pid}/cwd").startswith(root):
+                mine.add(pid)
+        except OSError:
+            continue
+    return mine

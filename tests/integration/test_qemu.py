@@ -25,7 +25,6 @@ pytestmark = pytest.mark.qemu
 @pytest.fixture
 async def life(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Lifecycle]:
     image_dir = ensure_image()
-    before = qemu_pids()
     driver = QemuDriver(QemuSettings(image_dir=image_dir, accel="tcg", boot_timeout=120))
     lc = Lifecycle(driver, Store(tmp_path / "s.sqlite3"), state_dir=tmp_path / "state")
     yield lc
@@ -38,7 +37,7 @@ async def life(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[
         if vm.status is not VmStatus.DESTROYED:
             await lc.destroy_vm(vm.vm_id, Origin())
     await lc.close(stop_vms=True)
-    assert qemu_pids() - before == set(), "a QEMU process was left behind"
+    assert qemu_pids(tmp_path) == set(), "a QEMU process was left behind"
     assert list((tmp_path / "state" / "vms").iterdir()) == [], "a VM folder was left behind"
 
 
@@ -140,10 +139,10 @@ async def test_killed_qemu_is_failed_and_destroy_cleans_up(life: Lifecycle) -> N
 
 
 async def test_missing_image_is_a_clear_error_before_spawning(life: Lifecycle) -> None:
-    before = qemu_pids()
+    before = qemu_pids(life.state_dir)
     with pytest.raises(ImageError, match="image 'nonexistent' is not built"):
         await life.create_vm("x", VmSpec(vcpus=1, mem_mib=256, image="nonexistent"), Origin())
-    assert qemu_pids() == before
+    assert qemu_pids(life.state_dir) == before
     assert await life.list_vms() == []
 
 

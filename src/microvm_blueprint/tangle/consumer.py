@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from eth_abi import decode, encode
 from eth_account import Account
 
+from ..crashpoints import crash_point
 from .contracts import ALREADY_DONE, GET_JOB_CALL, PERMANENT, SUBMIT_RESULT, SUBMIT_RESULTS, selector
 from .errors import RpcError, TangleError
 from .keystore import OperatorKey
@@ -205,6 +206,7 @@ class TangleConsumer:
             self._nonce = None
             self._gas_price = None
             raise exc
+        crash_point("consumer.after_send")
         ids = [r.call_id for r in rows]
         self.state.mark(service_id, ids, "sent", tx_hash=tx_hash)
         self._in_flight[tx_hash] = _InFlight(tx_hash, service_id, ids, time.monotonic(), self._nonce)
@@ -224,6 +226,7 @@ class TangleConsumer:
                 continue
             del self._in_flight[tx_hash]
             if int(str(receipt.get("status", "0x0")), 16) == 1:
+                crash_point("consumer.after_receipt")
                 self.state.mark(fl.service_id, fl.call_ids, "done", tx_hash=tx_hash)
                 for call_id in fl.call_ids:
                     self.on_submitted(call_id, tx_hash)

@@ -20,6 +20,7 @@ from typing import Any
 from eth_abi import decode
 from eth_utils import to_checksum_address
 
+from ..crashpoints import crash_point
 from .contracts import TOPIC_JOB_SUBMITTED, TOPIC_JOB_SUBMITTED_FROM_QUOTE, TOPIC_SERVICE_ACTIVATED
 from .errors import RpcError, TangleError
 from .rpc import JsonRpc
@@ -244,6 +245,8 @@ class TangleProducer:
                     calls.append(call)
             cursor = Cursor(to_block + 1, str(last.get("hash")) if last else None)
             fresh = self.state.advance(self.key, cursor, [c.to_row() for c in calls])
+            if fresh:
+                crash_point("producer.after_advance")
             for row in fresh:
                 await deliver(JobCall.from_row(row))
             if to_block >= safe_head:

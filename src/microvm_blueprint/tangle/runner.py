@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
+from ..crashpoints import crash_point
 from ..errors import MicrovmBlueprintError
 from .consumer import TangleConsumer
 from .errors import JobError, TangleError
@@ -188,10 +189,12 @@ class BlueprintRunner:
             except Exception:
                 log.exception("job %s (call %d) crashed", job, call.call_id, extra=extra)
                 error = "internal error while running the job"
+        crash_point("runner.after_handler")
         ms = (time.perf_counter() - started) * 1000
         if error is None and output is not None:
             self.observer.on_done(call, output)
             self.state.finish(call.service_id, call.call_id, output)
+            crash_point("runner.after_finish")
             self.consumer.wake()
             log.info("job %s call %d done in %.1f ms", job, call.call_id, ms, extra=extra)
         else:

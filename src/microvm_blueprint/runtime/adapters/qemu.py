@@ -475,6 +475,9 @@ class QemuDriver:
 
     async def boot(self, vm: VmRecord) -> VmHandle | None:
         q = self._vm(vm)
+        status = (await self._qmp(q, "query-status"))["status"]
+        if status == "running" and images.READY_LINE in tail(q.workdir / CONSOLE_LOG, 1 << 20):
+            return self._handle(q)  # booted before an operator crash; the replayed start finds it ready
         await self._cont_and_wait_ready(q, self.settings.boot_timeout)
         return self._handle(q)
 
@@ -504,6 +507,12 @@ class QemuDriver:
                 await self._qmp(q, "stop")
             try:
                 status = (await self._qmp(q, "query-status"))["status"]
+                if status == "postmigrate" and not (q.workdir / LAST_SAVE).exists():
+                    # an earlier save was interrupted (operator killed mid-snapshot): QEMU 7.2 will not
+                    # migrate again from postmigrate, so let it run for a moment and pause it afresh
+                    await self._qmp(q, "cont")
+                    await self._qmp(q, "stop")
+                    status = (await self._qmp(q, "query-status"))["status"]
                 if status == "postmigrate":  # paused since its last save: that save is its state
                     await _link_or_copy(q.workdir / LAST_SAVE, out / SNAP_MEMORY)
                 else:
@@ -580,6 +589,12 @@ class QemuDriver:
             self._forget(vm.vm_id)
             return False
         self._watch(q)
+        if vm.status is VmStatus.RUNNING:
+            # an operator killed between a snapshot's pause and its resume leaves the guest paused:
+            # bring it back to the status the store recorded
+            with contextlib.suppress(VmError):
+                if (await self._qmp(q, "query-status"))["status"] in ("paused", "postmigrate"):
+                    await self._qmp(q, "cont")
         log.info("re-adopted qemu pid %d for vm %r", pid, vm.vm_id, extra={"vm_id": vm.vm_id})
         return True
 
