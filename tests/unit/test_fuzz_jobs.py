@@ -1,0 +1,138 @@
+"""Hostile input (hypothesis): calldata and ids thrown at every job handler.
+
+Each case either succeeds or fails with the exact error the rules give, and a failure changes nothing.
+CI runs >= 10k cases (HYPOTHESIS_PROFILE=ci); locally the default profile is smaller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import pytest
+from eth_abi import encode
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from microvm_blueprint.blueprint.jobs import JOBS, build_router
+from microvm_blueprint.runtime.adapters.in_memory import InMemoryDriver
+from microvm_blueprint.runtime.errors import InvalidInput
+from microvm_blueprint.runtime.lifecycle import Lifecycle
+from microvm_blueprint.runtime.model import validate_id
+from microvm_blueprint.runtime.store import Store
+from microvm_blueprint.tangle.abi import decode_args
+from microvm_blueprint.tangle.errors import AbiDecodeError, JobError
+from microvm_blueprint.tangle.producer import JobCall
+
+settings.register_profile("ci", max_examples=3500, deadline=None, suppress_health_check=list(HealthCheck))
+settings.register_profile("dev", max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+_loop = asyncio.new_event_loop()
+_tmp = tempfile.TemporaryDirectory()
+_life = Lifecycle(InMemoryDriver(), Store(Path(_tmp.name) / "s.sqlite3"), state_dir=Path(_tmp.name) / "state")
+_router = build_router(_life)
+_calls = iter(range(10**9))
+LIFECYCLE_REFUSAL = re.compile(
+    r"vm '.*' (not found|already exists)"
+    r"|snapshot '.*' (not found|already exists) for vm '.*'"
+    r"|invalid vm transition for '.*': \w+ -> \w+",
+    re.S,
+)
+
+
+def _fingerprint() -> tuple[object, ...]:
+    """Cheap and complete: every change the lifecycle makes adds a history row or a VM/snapshot row."""
+    db = _life.store
+    return tuple(
+        db._read(sql)[0]  # noqa: SLF001 - the test inspects the store directly
+        for sql in (
+            "SELECT count(*), coalesce(max(seq), 0) FROM history",
+            "SELECT count(*), group_concat(status) FROM (SELECT status FROM vms ORDER BY vm_id)",
+            "SELECT count(*), coalesce(max(seq), 0) FROM snapshots",
+        )
+    )
+
+
+def _run(job_index: int, inputs: bytes) -> str | None:
+    route = _router.lookup(job_index)
+    assert route is not None
+    call = JobCall(service_id=0, call_id=next(_calls), job_index=job_index, caller="0x" + "c" * 40, inputs=inputs)
+    try:
+        _loop.run_until_complete(route.handler(call))
+    except JobError as exc:
+        return str(exc)
+    return None
+
+
+ids = st.one_of(
+    st.text(max_size=300),
+    st.text(alphabet=st.characters(codec="utf-8"), min_size=0, max_size=80),
+    st.sampled_from(["", "..", "../etc/passwd", "a/b", "\x00", "x" * 257, "é" * 129, "vm-1"]),
+)
+
+
+def _expected_id_error(kind: str, value: str) -> str | None:
+    try:
+        validate_id(kind, value)
+    except InvalidInput as exc:
+        return str(exc)
+    return None
+
+
+@given(data=st.binary(max_size=600), job=st.sampled_from(JOBS))
+def test_random_calldata_never_escapes_and_changes_nothing_on_error(data: bytes, job: object) -> None:
+    before = _fingerprint()
+    error = _run(job.index, data)  # type: ignore[attr-defined]
+    if error is not None:
+        assert _fingerprint() == before
+        try:
+            decode_args(job.arg_types, data)  # type: ignore[attr-defined]
+        except AbiDecodeError as exc:
+            assert error == str(exc)
+
+
+@given(vm_id=ids, snapshot_id=ids)
+def test_hostile_ids_get_the_exact_error(vm_id: str, snapshot_id: str) -> None:
+    for job in JOBS:
+        args: list[object] = []
+        for name, typ in zip(job.arg_names, job.arg_types, strict=True):
+            if typ == "string":
+                args.append(snapshot_id if name == "snapshot_id" else ("" if name == "image" else vm_id))
+            else:
+                args.append(256 if name == "mem_mib" else 1)
+        before = _fingerprint()
+        error = _run(job.index, encode(list(job.arg_types), args))
+        if error is None:
+            continue
+        assert _fingerprint() == before, (job.name, error)
+        first_bad = None
+        for name, typ, value in zip(job.arg_names, job.arg_types, args, strict=True):
+            if typ == "string" and name != "image":
+                first_bad = first_bad or _expected_id_error(name, str(value))
+        if first_bad is not None:
+            assert error == first_bad, (job.name, error)
+        else:  # valid ids: only lifecycle refusals remain
+            assert LIFECYCLE_REFUSAL.fullmatch(error), (job.name, error)
+
+
+def test_decode_args_only_raises_abidecodeerror() -> None:
+    @given(st.binary(max_size=400), st.lists(st.sampled_from(["string", "uint32", "uint8", "bytes"]), max_size=4))
+    def inner(data: bytes, types: list[str]) -> None:
+        try:
+            decode_args(types, data)
+        except AbiDecodeError:
+            pass
+
+    inner()
+
+
+@pytest.mark.parametrize("size", [64 * 1024 + 1, 1 << 20])
+def test_huge_inputs_refused(size: int) -> None:
+    before = _fingerprint()
+    error = _run(0, b"\x00" * size)
+    assert error == f"inputs of {size} bytes exceed the limit of {64 * 1024} bytes"
+    assert _fingerprint() == before

@@ -1,0 +1,282 @@
+"""Guest image pieces that need no network and no VM: cpio writer, modules, vmlinux, cache, argv."""
+
+from __future__ import annotations
+
+import json
+import lzma
+import os
+import shutil
+import stat
+import subprocess
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from microvm_blueprint.runtime import images
+from microvm_blueprint.runtime.adapters import qemu
+from microvm_blueprint.runtime.errors import ImageError
+
+# ---- cpio (newc) ----------------------------------------------------------------------------
+
+
+def _parse_newc(blob: bytes) -> list[tuple[str, int, bytes]]:
+    """A strict reader: 4-byte alignment, magic, lengths; stops at the trailer."""
+    out: list[tuple[str, int, bytes]] = []
+    pos = 0
+    while True:
+        assert pos % 4 == 0
+        header = blob[pos : pos + 110]
+        assert header[:6] == b"070701", header[:6]
+        fields = [int(header[6 + 8 * i : 14 + 8 * i], 16) for i in range(13)]
+        mode, filesize, namesize = fields[1], fields[6], fields[11]
+        name = blob[pos + 110 : pos + 110 + namesize]
+        assert name.endswith(b"\0")
+        pos += 110 + namesize
+        pos += (4 - pos % 4) % 4
+        data = blob[pos : pos + filesize]
+        pos += filesize
+        pos += (4 - pos % 4) % 4
+        if name == b"TRAILER!!!\0":
+            assert pos == len(blob)
+            return out
+        out.append((name[:-1].decode(), mode, data))
+
+
+ENTRIES = [
+    ("bin", 0o40755, b""),
+    ("bin/busybox", 0o100755, b"\x7fELF" + bytes(range(256)) * 3 + b"x"),  # odd length: padding
+    ("init", 0o100755, b"#!/bin/busybox sh\necho hi\n"),
+    ("lib", 0o40755, b""),
+    ("lib/modules", 0o40755, b""),
+    ("lib/modules/a.ko", 0o100644, b"abc"),
+]
+
+
+def test_cpio_newc_round_trips() -> None:
+    blob = images.cpio_newc(ENTRIES)
+    assert _parse_newc(blob) == ENTRIES
+
+
+@pytest.mark.skipif(shutil.which("cpio") is None, reason="cpio is not installed")
+def test_cpio_newc_is_read_by_gnu_cpio(tmp_path: Path) -> None:
+    blob = images.cpio_newc(ENTRIES)
+    listing = subprocess.run(["cpio", "-it", "--quiet"], input=blob, capture_output=True, check=True)
+    assert listing.stdout.decode().split() == [name for name, _, _ in ENTRIES]
+    subprocess.run(["cpio", "-idm", "--quiet", "--no-absolute-filenames"], input=blob, cwd=tmp_path,
+                   capture_output=True, check=True)
+    for name, mode, data in ENTRIES:
+        path = tmp_path / name
+        assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(mode)
+        if stat.S_ISREG(mode):
+            assert path.read_bytes() == data
+        else:
+            assert path.is_dir()
+
+
+# ---- kernel modules -------------------------------------------------------------------------
+
+
+def _ko(depends: str) -> bytes:
+    return b"\x7fELF" + b"\0" * 16 + b"license=GPL\0depends=" + depends.encode() + b"\0name=x\0"
+
+
+def test_module_depends_reads_modinfo() -> None:
+    assert images.module_depends(_ko("virtio,virtio_ring")) == ["virtio", "virtio_ring"]
+    assert images.module_depends(_ko("")) == []
+    assert images.module_depends(b"\x7fELF no modinfo") == []
+
+
+def _moddir(tmp_path: Path, mods: dict[str, bytes]) -> Path:
+    root = tmp_path / "kernel"
+    for rel, data in mods.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+def test_module_load_order_puts_dependencies_first(tmp_path: Path) -> None:
+    root = _moddir(tmp_path, {
+        "drivers/virtio/virtio_ring.ko": _ko(""),
+        "drivers/virtio/virtio.ko": _ko("virtio_ring"),
+        "drivers/virtio/virtio_mmio.ko": _ko("virtio,virtio_ring"),
+        "drivers/block/virtio_blk.ko": _ko("virtio,virtio_ring"),
+        "drivers/net/virtio_net.ko.xz": lzma.compress(_ko("virtio_ring,virtio,net_failover"),
+                                                      format=lzma.FORMAT_XZ),
+        "drivers/net/net_failover.ko": _ko("failover"),
+        "net/core/failover.ko": _ko(""),
+    })
+    order = images.module_load_order(root, images.MODULES, images.OPTIONAL_MODULES)
+    names = [n for n, _ in order]
+    assert names[:4] == ["virtio_ring", "virtio", "virtio_mmio", "virtio_blk"]  # DESIGN.md §4 order
+    assert names[4:] == ["failover", "net_failover", "virtio_net"]
+    assert all(data[:4] == b"\x7fELF" for _, data in order)  # .ko.xz was decompressed
+
+
+def test_missing_required_module_is_an_image_error_and_optional_is_skipped(tmp_path: Path) -> None:
+    root = _moddir(tmp_path, {"a/virtio_ring.ko": _ko(""), "a/virtio.ko": _ko("virtio_ring"),
+                              "a/virtio_mmio.ko": _ko("virtio"), "a/virtio_net.ko": _ko("net_failover")})
+    with pytest.raises(ImageError, match="no module virtio_blk"):
+        images.module_load_order(root, images.MODULES)
+    order = images.module_load_order(root, ("virtio_mmio",), ("virtio_net",))  # net_failover absent
+    assert [n for n, _ in order] == ["virtio_ring", "virtio", "virtio_mmio"]
+
+
+def test_module_cycle_and_garbage_are_image_errors(tmp_path: Path) -> None:
+    root = _moddir(tmp_path, {"a.ko": _ko("b"), "b.ko": _ko("a"), "c.ko.xz": b"not xz", "d.ko": b"text"})
+    with pytest.raises(ImageError, match="cycle"):
+        images.module_load_order(root, ("a",))
+    with pytest.raises(ImageError, match="not valid xz"):
+        images.module_load_order(root, ("c",))
+    with pytest.raises(ImageError, match="not an ELF"):
+        images.module_load_order(root, ("d",))
+
+
+@pytest.mark.skipif(shutil.which("zstd") is None, reason="zstd is not installed")
+def test_zstd_module_is_decompressed(tmp_path: Path) -> None:
+    packed = subprocess.run(["zstd", "-q", "-c"], input=_ko(""), capture_output=True, check=True).stdout
+    root = _moddir(tmp_path, {"x/virtio_ring.ko.zst": packed})
+    assert images.module_load_order(root, ("virtio_ring",)) == [("virtio_ring", _ko(""))]
+
+
+# ---- vmlinux from bzImage -------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("lz4") is None, reason="lz4 is not installed")
+def test_extract_vmlinux_finds_the_lz4_elf_payload() -> None:
+    elf = b"\x7fELF\x02\x01\x01" + os.urandom(5000) + b"\0" * 20000
+    payload = subprocess.run(["lz4", "-l", "-q", "-c"], input=elf, capture_output=True, check=True).stdout
+    assert payload[:4] == b"\x02\x21\x4c\x18"  # legacy frame, as the kernel's build writes it
+    decoy = b"\x02\x21\x4c\x18" + b"garbage" * 10  # a magic that is not a valid stream first
+    bzimage = b"MZ" + os.urandom(3000) + decoy + payload + b"\0" * 64
+    assert images.extract_vmlinux(bzimage) == elf
+    with pytest.raises(ImageError, match="no LZ4-compressed ELF"):
+        images.extract_vmlinux(b"MZ" + os.urandom(1000))
+
+
+# ---- cache: content address, manifest, resolve/list -----------------------------------------
+
+INPUTS = {"kernel_package": "linux-image-6.1.0-56-cloud-amd64", "kernel_version": "6.1.192-2",
+          "busybox_version": "1:1.35.0-4+deb12u1+b1"}
+
+
+def test_image_key_is_a_stable_content_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    key = images.image_key(INPUTS, 64)
+    assert key == images.image_key(dict(reversed(list(INPUTS.items()))), 64)  # order does not matter
+    assert len(key) == 16 and int(key, 16) >= 0
+    assert images.image_key({**INPUTS, "kernel_version": "6.1.192-3"}, 64) != key
+    assert images.image_key({**INPUTS, "busybox_version": "1:1.36"}, 64) != key
+    assert images.image_key(INPUTS, 4096) != key
+    monkeypatch.setattr(images, "RECIPE_VERSION", images.RECIPE_VERSION + "x")
+    assert images.image_key(INPUTS, 64) != key  # a new build recipe is a new image
+
+
+def _fake_image(cache: Path, name: str) -> images.ImageManifest:
+    folder = cache / f"{name}-{images.image_key(INPUTS, 64)}"
+    folder.mkdir(parents=True)
+    for f in ("bzImage", "vmlinux", "initramfs.cpio", "rootfs.ext4"):
+        (folder / f).write_bytes(b"x")
+    m = images.ImageManifest(
+        name=name, root=str(folder), bzimage=str(folder / "bzImage"), vmlinux=str(folder / "vmlinux"),
+        initramfs=str(folder / "initramfs.cpio"), rootfs=str(folder / "rootfs.ext4"), rootfs_size_mib=64,
+        kernel_package=INPUTS["kernel_package"], kernel_version="6.1.0-56-cloud-amd64",
+        busybox_version=INPUTS["busybox_version"], cmdline="console=ttyS0", ready_line=images.READY_LINE,
+        created_at=1.0, sha256={}, sizes={"bzImage": 1}, packages={}, modules=["virtio_ring"],
+    )
+    (folder / "manifest.json").write_text(json.dumps(asdict(m)))
+    images._link_name(cache, name, folder)
+    return m
+
+
+def test_resolve_and_list_built_images(tmp_path: Path) -> None:
+    assert images.list_images(tmp_path / "absent") == []
+    with pytest.raises(ImageError, match=r"image 'default' is not built \(run `microvm-blueprint image build"):
+        images.resolve_image("default", tmp_path)
+    m = _fake_image(tmp_path, "default")
+    assert images.resolve_image("default", tmp_path) == m
+    assert images.list_images(tmp_path) == [m]
+    Path(m.rootfs).unlink()
+    with pytest.raises(ImageError, match="incomplete"):
+        images.resolve_image("default", tmp_path)
+
+
+def test_old_manifests_without_new_fields_still_load(tmp_path: Path) -> None:
+    m = _fake_image(tmp_path, "old")
+    data = asdict(m)
+    for new in ("sizes", "packages", "modules"):
+        del data[new]
+    (Path(m.root) / "manifest.json").write_text(json.dumps(data))
+    assert images.resolve_image("old", tmp_path).sizes == {}
+
+
+@pytest.mark.parametrize("bad", ["", ".", "..", "a/b", "../x"])
+def test_image_names_are_plain_names(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(ImageError, match="plain name"):
+        images.resolve_image(bad, tmp_path)
+    with pytest.raises(ImageError, match="plain name"):
+        images.build_image(bad, cache_dir=tmp_path)
+
+
+def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MICROVM_IMAGE_DIR", str(tmp_path / "imgs"))
+    assert images.default_cache_dir() == tmp_path / "imgs"
+    monkeypatch.delenv("MICROVM_IMAGE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert images.default_cache_dir() == tmp_path / ".cache" / "microvm-blueprint" / "images"
+
+
+def test_a_missing_build_tool_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    with pytest.raises(ImageError, match="needs `apt-get`, which is not installed"):
+        images.build_image("default", cache_dir=tmp_path / "cache", progress=lambda _: None)
+    assert not (tmp_path / "cache").exists()  # nothing half-built
+
+
+# ---- QEMU argv and kernel command line ------------------------------------------------------
+
+
+@pytest.fixture
+def manifest(tmp_path: Path) -> images.ImageManifest:
+    return _fake_image(tmp_path, "default")
+
+
+def test_qemu_argv_is_a_list_with_the_expected_flags(
+        manifest: images.ImageManifest, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(qemu, "host_tsc_khz", lambda: 2_100_000)
+    argv = qemu.qemu_argv(qemu.QemuSettings(), manifest, vcpus=2, mem_mib=256, accel="tcg")
+    assert isinstance(argv, list) and all(isinstance(a, str) for a in argv)
+    assert argv[0] == "qemu-system-x86_64"
+
+    def value(flag: str) -> str:
+        return argv[argv.index(flag) + 1]
+
+    assert value("-M").startswith("microvm")
+    assert value("-accel") == "tcg" and value("-m") == "256" and value("-smp") == "2"
+    for flag in ("-nodefaults", "-no-user-config", "-S"):
+        assert flag in argv
+    assert "-incoming" not in argv  # only a restore waits for an incoming migration
+    assert value("-kernel") == manifest.bzimage and value("-initrd") == manifest.initramfs
+    cmdline = value("-append").split()
+    assert "console=ttyS0" in cmdline
+    assert "tsc_early_khz=2100000" in cmdline and "lpj=8400000" in cmdline  # DESIGN.md §4, HZ=250
+    assert value("-qmp") == "unix:qmp.sock,server=on,wait=off"  # relative: inside the VM folder
+    assert value("-serial") == "chardev:console" and value("-chardev").startswith("ringbuf,id=console,size=")
+    assert "file=disk.qcow2,format=qcow2" in value("-drive")
+    assert not any("exec:" in a for a in argv)
+    incoming = qemu.qemu_argv(qemu.QemuSettings(), manifest, vcpus=1, mem_mib=128, accel="tcg", incoming=True)
+    assert incoming[incoming.index("-incoming") + 1] == "defer"
+
+
+def test_kvm_argv_does_not_pin_the_tsc(manifest: images.ImageManifest) -> None:
+    argv = qemu.qemu_argv(qemu.QemuSettings(qemu_bin="/opt/qemu"), manifest, vcpus=1, mem_mib=128, accel="kvm")
+    assert argv[0] == "/opt/qemu"
+    assert argv[argv.index("-cpu") + 1] == "host"
+    assert "tsc_early_khz" not in argv[argv.index("-append") + 1]
+
+
+def test_tsc_khz_prefers_the_kernels_refined_calibration() -> None:
+    log = ["tsc: Detected 2100.000 MHz processor", "x", "tsc: Refined TSC clocksource calibration: 2099.998 MHz"]
+    assert qemu.tsc_khz_from_kernel_log(log) == 2_099_998
+    assert qemu.tsc_khz_from_kernel_log(log[:2]) == 2_100_000
+    assert qemu.tsc_khz_from_kernel_log(["nothing"]) is None
