@@ -419,7 +419,7 @@ def _i64(call_id: int | None) -> int | None:
 def _u64(value: object) -> int | None:
     if value is None:
         return None
-    v = int(value)  # type: ignore[call-overload]
+    v: int = int(value)  # type: ignore[call-overload]
     return v + (1 << 64) if v < 0 else v
 
 

@@ -146,14 +146,14 @@ TANGLE_ABI: list[dict[str, Any]] = [
 
 
 def topic(event: dict[str, Any]) -> str:
-    return "0x" + event_abi_to_log_topic(event).hex()
+    return "0x" + event_abi_to_log_topic(event).hex()  # type: ignore[arg-type]
 
 
 def selector(fragment: dict[str, Any]) -> str:
     if fragment["type"] == "error":
         sig = f"{fragment['name']}({','.join(i['type'] for i in fragment['inputs'])})"
         return "0x" + keccak(text=sig)[:4].hex()
-    return "0x" + function_abi_to_4byte_selector(fragment).hex()
+    return "0x" + function_abi_to_4byte_selector(fragment).hex()  # type: ignore[arg-type]
 
 
 TOPIC_JOB_SUBMITTED = topic(JOB_SUBMITTED)

@@ -11,6 +11,7 @@ errors are retried with capped exponential backoff and jitter; an undecodable lo
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -187,7 +188,7 @@ class TangleProducer:
             lo = max(0, hi - step + 1)
             logs = await self._retry(
                 "eth_getLogs(ServiceActivated)",
-                lambda lo=lo, hi=hi: self.rpc.get_logs(address=self.contract, topics=topics, from_block=lo, to_block=hi),
+                functools.partial(self.rpc.get_logs, address=self.contract, topics=topics, from_block=lo, to_block=hi),
                 stop,
             )
             if logs:
@@ -226,12 +227,12 @@ class TangleProducer:
             lo = cursor.next_block
             logs = await self._retry(
                 "eth_getLogs",
-                lambda lo=lo, to=to_block: self.rpc.get_logs(
-                    address=self.contract, topics=topics, from_block=lo, to_block=to
+                functools.partial(
+                    self.rpc.get_logs, address=self.contract, topics=topics, from_block=lo, to_block=to_block
                 ),
                 stop,
             )
-            last = await self._retry("eth_getBlockByNumber", lambda to=to_block: self.rpc.get_block(to), stop)
+            last = await self._retry("eth_getBlockByNumber", functools.partial(self.rpc.get_block, to_block), stop)
             calls: list[JobCall] = []
             for entry in sorted(logs, key=lambda e: (int(str(e["blockNumber"]), 16), int(str(e["logIndex"]), 16))):
                 if entry.get("removed"):

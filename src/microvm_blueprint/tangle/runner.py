@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -141,7 +142,7 @@ class BlueprintRunner:
             task = asyncio.create_task(self._after(prev, call, key), name=f"job:{call.call_id}")
             self._tails[key] = task
             self._handlers.add(task)
-            task.add_done_callback(lambda t, k=key: self._done(t, k))
+            task.add_done_callback(functools.partial(self._done, key=key))
 
     def _done(self, task: asyncio.Task[None], key: str) -> None:
         self._handlers.discard(task)

@@ -167,7 +167,7 @@ class TangleState:
                 call_id=u64(int(r[1])),  # type: ignore[call-overload]
                 job_index=int(r[2]),  # type: ignore[call-overload]
                 caller=str(r[3]),
-                inputs=bytes(r[4]),  # type: ignore[arg-type]
+                inputs=bytes(r[4]),  # type: ignore[call-overload]
                 block_number=int(r[5]),  # type: ignore[call-overload]
                 block_hash=str(r[6]),
                 log_index=int(r[7]),  # type: ignore[call-overload]
@@ -207,7 +207,7 @@ class TangleState:
             OutboxRow(
                 service_id=u64(int(r[0])),  # type: ignore[call-overload]
                 call_id=u64(int(r[1])),  # type: ignore[call-overload]
-                output=bytes(r[2]),  # type: ignore[arg-type]
+                output=bytes(r[2]),  # type: ignore[call-overload]
                 status=str(r[3]),
                 tx_hash=str(r[4]) if r[4] else None,
                 attempts=int(r[5]),  # type: ignore[call-overload]
