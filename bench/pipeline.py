@@ -1,0 +1,159 @@
+"""Job pipeline on anvil with the in-memory provider, against a bare pipelined submitResult loop."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+from eth_abi import encode
+from eth_account import Account
+
+from microvm_blueprint.blueprint.client import TangleCustomer
+from microvm_blueprint.blueprint.jobs import JOBS_BY_NAME
+from microvm_blueprint.blueprint.operator import Operator
+from microvm_blueprint.blueprint.settings import OperatorSettings
+from microvm_blueprint.tangle.abi import encode_args
+from microvm_blueprint.tangle.consumer import submit_result_data
+from microvm_blueprint.tangle.contracts import TOPIC_JOB_RESULT_SUBMITTED
+from microvm_blueprint.tangle.devnet import ANVIL_KEYS, Anvil, deploy_dev_tangle
+from microvm_blueprint.tangle.environment import BlueprintEnvironment, Secret
+from microvm_blueprint.tangle.keystore import import_key
+from microvm_blueprint.tangle.rpc import JsonRpc
+
+from .common import emit, median, pct
+
+CREATE = JOBS_BY_NAME["create_vm"]
+
+
+async def _send_all(customer: TangleCustomer, names: list[str]) -> list[str]:
+    return [await customer.send(CREATE, encode_args(CREATE.arg_types, [n])) for n in names]
+
+
+async def _bare_baseline(rpc_url: str, contract: str, call_ids: list[int]) -> float:
+    """Seconds for a bare loop: sign + send every submitResult pipelined, then wait for every receipt."""
+    rpc = JsonRpc(rpc_url)
+    acct = Account.from_key(ANVIL_KEYS[1])
+    try:
+        nonce = await rpc.nonce(acct.address)
+        chain_id = await rpc.chain_id()
+        gas_price = await rpc.gas_price()
+        t0 = time.perf_counter()
+        hashes = []
+        for i, call_id in enumerate(call_ids):
+            tx = {"to": contract, "data": submit_result_data(0, call_id, encode(["bool"], [True])), "gas": 200_000,
+                  "gasPrice": gas_price, "nonce": nonce + i, "chainId": chain_id, "value": 0}
+            hashes.append(await rpc.send_raw(bytes(acct.sign_transaction(tx).raw_transaction)))
+        for h in hashes:
+            while await rpc.receipt(h) is None:
+                await asyncio.sleep(0.005)
+        return time.perf_counter() - t0
+    finally:
+        await rpc.aclose()
+
+
+class ResultWatcher:
+    """Polls JobResultSubmitted logs and notes when each call's result was first seen (client clock)."""
+
+    def __init__(self, rpc_url: str, contract: str, from_block: int) -> None:
+        self.rpc = JsonRpc(rpc_url)
+        self.contract = contract
+        self.next_block = from_block
+        self.seen: dict[int, float] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            head = await self.rpc.block_number()
+            if head >= self.next_block:
+                logs = await self.rpc.get_logs(address=self.contract, topics=[TOPIC_JOB_RESULT_SUBMITTED],
+                                               from_block=self.next_block, to_block=head)
+                now = time.perf_counter()
+                for e in logs:
+                    self.seen.setdefault(int(e["topics"][2], 16), now)
+                self.next_block = head + 1
+            await asyncio.sleep(0.01)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def wait(self, ids: list[int], timeout: float) -> None:
+        deadline = time.perf_counter() + timeout
+        while not all(i in self.seen for i in ids):
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"{sum(i not in self.seen for i in ids)} results missing")
+            await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+        await self.rpc.aclose()
+
+
+async def run(jobs: int = 500, steady_rate: float = 20.0, steady_seconds: float = 10.0) -> None:
+    async with Anvil() as chain:
+        d = await deploy_dev_tangle(chain.rpc_url)
+        customer = TangleCustomer(chain.rpc_url, d.contract, 0, Secret(ANVIL_KEYS[0]))
+        # baseline: the same number of bare submitResult transactions, pipelined, one key
+        base_hashes = await _send_all(customer, [f"base-{i}" for i in range(jobs)])
+        base_ids = [(await customer.wait_submitted(h)).call_id for h in base_hashes]
+        bare_s = await _bare_baseline(chain.rpc_url, d.contract, base_ids)
+        start_block = (await customer.rpc.block_number()) + 1
+        with tempfile.TemporaryDirectory() as tmp:
+            keystore = Path(tmp) / "ks"
+            import_key(keystore, ANVIL_KEYS[1])
+            env = BlueprintEnvironment.load({
+                "HTTP_RPC_URL": chain.rpc_url, "DATA_DIR": tmp, "KEYSTORE_URI": str(keystore), "BLUEPRINT_ID": "0",
+                "SERVICE_ID": "0", "TANGLE_CONTRACT": d.contract, "FROM_BLOCK": str(start_block),
+                "POLL_INTERVAL": "0.05",
+            })
+            op = Operator.assemble(env, OperatorSettings.from_env({}, Path(tmp), api_port=0))
+            task = asyncio.create_task(op.run())
+            await asyncio.wait_for(op.runner.ready.wait(), 30)
+            watcher = ResultWatcher(chain.rpc_url, d.contract, start_block)
+            watcher.start()
+            # burst: 500 create_vm as fast as the chain takes them
+            t0 = time.perf_counter()
+            hashes = await _send_all(customer, [f"vm-{i}" for i in range(jobs)])
+            subs = [await customer.wait_submitted(h) for h in hashes]
+            ids = [s.call_id for s in subs]
+            await watcher.wait(ids, 300)
+            burst_s = max(watcher.seen[i] for i in ids) - t0
+            burst_lat = [watcher.seen[s.call_id] - _perf(s.receipt_seen_at) for s in subs]
+            # steady: 20 jobs/s, latency from receipt seen to result seen
+            steady = []
+            n = int(steady_rate * steady_seconds)
+            t_next = time.perf_counter()
+            pending = []
+            for i in range(n):
+                await asyncio.sleep(max(0.0, t_next - time.perf_counter()))
+                t_next += 1 / steady_rate
+                h = await customer.send(CREATE, encode_args(CREATE.arg_types, [f"steady-{i}"]))
+                pending.append(asyncio.create_task(customer.wait_submitted(h)))
+            steady_subs = [await p for p in pending]
+            await watcher.wait([s.call_id for s in steady_subs], 120)
+            steady = [watcher.seen[s.call_id] - _perf(s.receipt_seen_at) for s in steady_subs]
+            op.stop()
+            await asyncio.wait_for(task, 60)
+            await watcher.close()
+        await customer.aclose()
+    jobs_per_s = jobs / burst_s
+    bare_per_s = jobs / bare_s
+    emit(
+        "job_pipeline",
+        {
+            "jobs": jobs, "jobs_per_s": round(jobs_per_s, 1), "burst_p50_ms": round(median(burst_lat) * 1000, 1),
+            "burst_p99_ms": round(pct(burst_lat, 99) * 1000, 1), "steady_rate": steady_rate,
+            "steady_p50_ms": round(median(steady) * 1000, 1), "steady_p99_ms": round(pct(steady, 99) * 1000, 1),
+            "result_transactions": op.runner.consumer.sent_tx,
+        },
+        {"bare_submitResult_per_s": round(bare_per_s, 1), "bare_seconds": round(bare_s, 2)},
+        {"jobs_per_s_vs_bare": round(jobs_per_s / bare_per_s, 2)},
+        targets={"jobs_per_s_vs_bare": ">= 1.0", "steady_p50_ms": "<= 300"},
+    )
+
+
+def _perf(monotonic_at: float) -> float:
+    """receipt_seen_at is time.monotonic(); convert to the perf_counter clock used here."""
+    return monotonic_at - time.monotonic() + time.perf_counter()

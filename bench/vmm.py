@@ -1,0 +1,189 @@
+"""VM lifecycle and density under QEMU (TCG here), each against bare QEMU measured in the same run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+from qemu.qmp import QMPClient
+
+from microvm_blueprint.runtime import images
+from microvm_blueprint.runtime.adapters.qemu import QemuDriver, QemuSettings, qemu_argv
+from microvm_blueprint.runtime.lifecycle import Lifecycle
+from microvm_blueprint.runtime.model import Origin, VmSpec
+from microvm_blueprint.runtime.store import Store
+
+from .common import emit, median, pss_kib, rss_kib
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGE_DIR = Path(os.environ.get("MICROVM_IMAGE_DIR", REPO / ".cache" / "images"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+
+
+def _image(name: str = "default", size: int = images.DEFAULT_ROOTFS_MIB) -> images.ImageManifest:
+    try:
+        m = images.resolve_image(name, IMAGE_DIR)
+        if m.rootfs_size_mib == size:
+            return m
+    except Exception:  # noqa: BLE001 - build it
+        pass
+    return images.build_image(name, cache_dir=IMAGE_DIR, rootfs_size_mib=size)
+
+
+class BareQemu:
+    """QEMU started by hand with the driver's own argv (minus -S), console to a chardev file."""
+
+    def __init__(self, manifest: images.ImageManifest, workdir: Path, mem_mib: int = 256) -> None:
+        self.manifest = manifest
+        self.workdir = workdir
+        self.mem = mem_mib
+        self.proc: asyncio.subprocess.Process | None = None
+        self.qmp = QMPClient("bare")
+
+    async def boot(self, timeout: float = 120) -> float:
+        import subprocess
+
+        await asyncio.to_thread(
+            subprocess.run,
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", self.manifest.rootfs,
+             str(self.workdir / "disk.qcow2")],
+            check=True,
+        )
+        argv = qemu_argv(QemuSettings(), self.manifest, vcpus=1, mem_mib=self.mem, accel="tcg")
+        argv = [a for a in argv if a != "-S"]
+        i = argv.index("-serial")
+        argv[i - 1] = "file,id=console,path=console.log"  # -chardev value
+        t0 = time.perf_counter()
+        self.proc = await asyncio.create_subprocess_exec(*argv, cwd=self.workdir, stdout=asyncio.subprocess.DEVNULL,
+                                                         stderr=asyncio.subprocess.DEVNULL)
+        path = self.workdir / "console.log"
+        while not (path.exists() and images.READY_LINE in path.read_text(errors="replace")):
+            if time.perf_counter() - t0 > timeout:
+                raise TimeoutError("bare qemu did not boot")
+            await asyncio.sleep(0.01)
+        return time.perf_counter() - t0
+
+    async def connect(self) -> None:
+        fd = os.open(self.workdir, os.O_RDONLY)
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(f"/proc/self/fd/{fd}/qmp.sock")
+        await self.qmp.connect(s)
+
+    async def save(self, path: Path) -> float:
+        t0 = time.perf_counter()
+        await self.qmp.execute("stop")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.qmp.send_fd_scm(fd)
+        await self.qmp.execute("getfd", {"fdname": "m"})
+        os.close(fd)
+        await self.qmp.execute("migrate", {"uri": "fd:m"})
+        while (await self.qmp.execute("query-migrate")).get("status") != "completed":  # type: ignore[union-attr]
+            await asyncio.sleep(0.005)
+        await self.qmp.execute("cont")
+        return time.perf_counter() - t0
+
+    async def kill(self) -> None:
+        if self.proc and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+async def lifecycle() -> None:
+    small = _image()
+    _image("bench-4g", 4096)  # built once; created from below by name
+    ours_boot, bare_boot, ours_snap, bare_snap, restore, create_small, create_big = [], [], [], [], [], [], []
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        life = Lifecycle(QemuDriver(QemuSettings(image_dir=IMAGE_DIR, accel="tcg")), Store(tmp / "s.db"),
+                         state_dir=tmp / "state")
+        o = Origin()
+        for r in range(ROUNDS):
+            # bare first, then ours, alternating rounds share the machine's noise
+            wd = tmp / f"bare-{r}"
+            wd.mkdir()
+            bare = BareQemu(small, wd)
+            bare_boot.append(await bare.boot())
+            await bare.connect()
+            await asyncio.sleep(1)
+            bare_snap.append(await bare.save(wd / "mem.bin"))
+            await bare.kill()
+            t0 = time.perf_counter()
+            await life.create_vm(f"vm-{r}", None, o)
+            await life.start_vm(f"vm-{r}", o)
+            ours_boot.append(time.perf_counter() - t0)
+            await asyncio.sleep(1)
+            t0 = time.perf_counter()
+            await life.snapshot_vm(f"vm-{r}", "s", o)
+            ours_snap.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            await life.restore_vm(f"vm-{r}", "s", f"copy-{r}", o)
+            restore.append(time.perf_counter() - t0)
+            for vm in (f"vm-{r}", f"copy-{r}"):
+                await life.destroy_vm(vm, o)
+            for image, acc in (("default", create_small), ("bench-4g", create_big)):
+                t0 = time.perf_counter()
+                await life.create_vm(f"c-{image}-{r}", VmSpec(image=image), o)
+                acc.append(time.perf_counter() - t0)
+                await life.destroy_vm(f"c-{image}-{r}", o)
+        await life.close(stop_vms=True)
+    emit(
+        "vm_lifecycle",
+        {"create_start_ready_s": round(median(ours_boot), 3), "snapshot_running_256mib_s": round(median(ours_snap), 3),
+         "restore_to_running_s": round(median(restore), 3), "create_64mib_s": round(median(create_small), 4),
+         "create_4gib_s": round(median(create_big), 4), "rounds": ROUNDS},
+        {"bare_boot_ready_s": round(median(bare_boot), 3), "bare_qmp_migrate_s": round(median(bare_snap), 3)},
+        {"boot_vs_bare": round(median(ours_boot) / median(bare_boot), 3),
+         "snapshot_vs_bare": round(median(ours_snap) / median(bare_snap), 3),
+         "cold_boot_over_restore": round(median(ours_boot) / median(restore), 1),
+         "create_4gib_vs_64mib": round(median(create_big) / median(create_small), 3)},
+        targets={"boot_vs_bare": "<= 1.10", "snapshot_vs_bare": "<= 1.2", "cold_boot_over_restore": ">= 5",
+                 "create_4gib_vs_64mib": "<= 1.2"},
+    )
+
+
+async def density(count: int = 16) -> None:
+    manifest = _image()
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        bares = []
+        for i in range(2):
+            wd = tmp / f"bare-{i}"
+            wd.mkdir()
+            b = BareQemu(manifest, wd, mem_mib=128)
+            await b.boot(300)
+            bares.append(b)
+        bare_pss = median([pss_kib(b.proc.pid) for b in bares if b.proc])
+        for b in bares:
+            await b.kill()
+        driver = QemuDriver(QemuSettings(image_dir=IMAGE_DIR, accel="tcg", boot_timeout=600))
+        life = Lifecycle(driver, Store(tmp / "s.db"), state_dir=tmp / "state")
+        o = Origin()
+        await life.create_vm("warm", VmSpec(mem_mib=128), o)  # imports, caches: not per-VM growth
+        rss0 = rss_kib(os.getpid())
+        for i in range(count):
+            await life.create_vm(f"d-{i}", VmSpec(mem_mib=128), o)
+        sem = asyncio.Semaphore(4)
+
+        async def start(i: int) -> None:
+            async with sem:
+                await life.start_vm(f"d-{i}", o)
+
+        await asyncio.gather(*(start(i) for i in range(count)))
+        rss1 = rss_kib(os.getpid())
+        pss = [pss_kib(life.store.get_vm(f"d-{i}").handle.pid) for i in range(count)]  # type: ignore[union-attr]
+        for vm in await life.list_vms():
+            await life.destroy_vm(vm.vm_id, o)
+        await life.close(stop_vms=True)
+    per_vm = median(pss)
+    emit(
+        "density",
+        {"guests": count, "guest_mem_mib": 128, "vmm_pss_per_vm_mib": round(per_vm / 1024, 1),
+         "operator_rss_growth_per_vm_kib": round((rss1 - rss0) / count, 1)},
+        {"bare_qemu_pss_mib": round(bare_pss / 1024, 1)},
+        {"vmm_pss_vs_bare": round(per_vm / bare_pss, 3)},
+        targets={"operator_rss_growth_per_vm_kib": "< 1024"},
+    )

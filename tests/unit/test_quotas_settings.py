@@ -1,0 +1,84 @@
+"""Quotas are clean errors that change nothing; settings name the bad variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from microvm_blueprint.blueprint.settings import OperatorSettings, ProviderKind
+from microvm_blueprint.runtime.adapters.in_memory import InMemoryDriver
+from microvm_blueprint.runtime.errors import InvalidInput, QuotaExceeded
+from microvm_blueprint.runtime.lifecycle import Lifecycle
+from microvm_blueprint.runtime.model import HostLimits, Origin, VmSpec
+from microvm_blueprint.runtime.store import Store
+from microvm_blueprint.tangle.environment import BlueprintEnvironment, Secret
+from microvm_blueprint.tangle.errors import ConfigError
+
+
+def life(tmp: Path, **limits: int) -> Lifecycle:
+    return Lifecycle(InMemoryDriver(), Store(tmp / "s.db"), state_dir=tmp / "st", limits=HostLimits(**limits))
+
+
+async def test_vm_count_and_memory_quotas(tmp_path: Path) -> None:
+    lc = life(tmp_path, max_vms=2, max_total_mem_mib=640)
+    await lc.create_vm("a", None, Origin())
+    await lc.create_vm("b", VmSpec(mem_mib=256, image=""), Origin())
+    with pytest.raises(QuotaExceeded, match="at most 2 vms"):
+        await lc.create_vm("c", None, Origin())
+    await lc.destroy_vm("b", Origin())  # destroyed VMs do not count
+    with pytest.raises(QuotaExceeded, match="total guest memory would be 768 MiB"):
+        await lc.create_vm("c", VmSpec(mem_mib=512, image=""), Origin())
+    assert [v.vm_id for v in await lc.list_vms()] == ["a", "b"]
+    await lc.create_vm("c", VmSpec(mem_mib=384, image=""), Origin())
+
+
+async def test_snapshot_disk_quota(tmp_path: Path) -> None:
+    lc = life(tmp_path, max_snapshot_bytes=150)
+    await lc.create_vm("a", None, Origin())
+    await lc.snapshot_vm("a", "s1", Origin())  # ~110 bytes of manifest
+    with pytest.raises(QuotaExceeded, match="snapshot"):
+        await lc.snapshot_vm("a", "s2", Origin())
+    assert (await lc.get_vm("a")).snapshots == ("s1",)
+    assert len(list((tmp_path / "st" / "snapshots").rglob("manifest.json"))) == 1
+
+
+def test_operator_settings_errors(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="MICROVM_PROVIDER='kvm-magic' is not one of: in-memory, qemu, firecracker"):
+        OperatorSettings.from_env({"MICROVM_PROVIDER": "kvm-magic"}, tmp_path)
+    with pytest.raises(InvalidInput, match="MICROVM_MAX_VMS='many' is not an integer"):
+        OperatorSettings.from_env({"MICROVM_MAX_VMS": "many"}, tmp_path)
+    with pytest.raises(InvalidInput, match="MICROVM_API_ADDR"):
+        OperatorSettings.from_env({"MICROVM_API_ADDR": "localhost"}, tmp_path)
+    s = OperatorSettings.from_env({"MICROVM_PROVIDER": "QEMU", "MICROVM_MAX_VMS": "3"}, tmp_path)
+    assert (s.provider, s.limits.max_vms) == (ProviderKind.QEMU, 3)
+
+
+BASE = {"DATA_DIR": "/tmp/x", "BLUEPRINT_ID": "1", "SERVICE_ID": "2",
+        "TANGLE_CONTRACT": "0x0165878A594ca255338adfa4d48449f69242Eb8F"}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"DATA_DIR": ""}, "DATA_DIR is required"),
+        ({"BLUEPRINT_ID": ""}, "BLUEPRINT_ID is required"),
+        ({"SERVICE_ID": ""}, "SERVICE_ID is required for run"),
+        ({"SERVICE_ID": "-1"}, "SERVICE_ID='-1' is out of range for uint64"),
+        ({"SERVICE_ID": "two"}, "SERVICE_ID='two' is not an unsigned integer"),
+        ({"SERVICE_ID": str(2**64)}, "out of range for uint64"),
+        ({"TANGLE_CONTRACT": "0x123"}, "TANGLE_CONTRACT='0x123' is not an EVM address"),
+        ({"HTTP_RPC_URL": "ftp://x"}, "HTTP_RPC_URL='ftp://x' is not a http/https URL"),
+        ({"PROTOCOL": "eigenlayer"}, "PROTOCOL='eigenlayer' is not supported"),
+        ({"TEST_MODE": "perhaps"}, "TEST_MODE='perhaps' is not a boolean"),
+    ],
+)
+def test_environment_names_the_bad_variable(change: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        BlueprintEnvironment.load({**BASE, **change})
+
+
+def test_secret_never_shows() -> None:
+    s = Secret("0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80")
+    assert "ac09" not in repr(s) and "ac09" not in str(s) and "ac09" not in f"{s}"
+    assert s.reveal().startswith("0xac09")
