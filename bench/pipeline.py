@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -12,13 +14,12 @@ from eth_account import Account
 
 from microvm_blueprint.blueprint.client import TangleCustomer
 from microvm_blueprint.blueprint.jobs import JOBS_BY_NAME
-from microvm_blueprint.blueprint.operator import Operator
-from microvm_blueprint.blueprint.settings import OperatorSettings
+from microvm_blueprint.procs import Child
 from microvm_blueprint.tangle.abi import encode_args
 from microvm_blueprint.tangle.consumer import submit_result_data
-from microvm_blueprint.tangle.contracts import TOPIC_JOB_RESULT_SUBMITTED
-from microvm_blueprint.tangle.devnet import ANVIL_KEYS, Anvil, deploy_dev_tangle
-from microvm_blueprint.tangle.environment import BlueprintEnvironment, Secret
+from microvm_blueprint.tangle.contracts import TOPIC_JOB_RESULT_SUBMITTED, TOPIC_JOB_SUBMITTED
+from microvm_blueprint.tangle.devnet import ANVIL_ADDRESSES, ANVIL_KEYS, Anvil, deploy_dev_tangle, free_port
+from microvm_blueprint.tangle.environment import Secret
 from microvm_blueprint.tangle.keystore import import_key
 from microvm_blueprint.tangle.rpc import JsonRpc
 
@@ -53,13 +54,15 @@ async def _bare_baseline(rpc_url: str, contract: str, call_ids: list[int]) -> fl
         await rpc.aclose()
 
 
-class ResultWatcher:
-    """Polls JobResultSubmitted logs and notes when each call's result was first seen (client clock)."""
+class ChainWatcher:
+    """One poll loop over the contract's logs: when each call was first seen submitted (JobSubmitted)
+    and when its result was first seen (JobResultSubmitted), on the client's clock."""
 
     def __init__(self, rpc_url: str, contract: str, from_block: int) -> None:
         self.rpc = JsonRpc(rpc_url)
         self.contract = contract
         self.next_block = from_block
+        self.submitted: dict[int, float] = {}
         self.seen: dict[int, float] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -67,23 +70,29 @@ class ResultWatcher:
         while True:
             head = await self.rpc.block_number()
             if head >= self.next_block:
-                logs = await self.rpc.get_logs(address=self.contract, topics=[TOPIC_JOB_RESULT_SUBMITTED],
-                                               from_block=self.next_block, to_block=head)
+                logs = await self.rpc.get_logs(
+                    address=self.contract, topics=[[TOPIC_JOB_RESULT_SUBMITTED, TOPIC_JOB_SUBMITTED]],
+                    from_block=self.next_block, to_block=head,
+                )
                 now = time.perf_counter()
                 for e in logs:
-                    self.seen.setdefault(int(e["topics"][2], 16), now)
+                    target = self.seen if e["topics"][0] == TOPIC_JOB_RESULT_SUBMITTED else self.submitted
+                    target.setdefault(int(e["topics"][2], 16), now)
                 self.next_block = head + 1
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.005)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 
     async def wait(self, ids: list[int], timeout: float) -> None:
         deadline = time.perf_counter() + timeout
-        while not all(i in self.seen for i in ids):
+        while not all(i in self.seen and i in self.submitted for i in ids):
             if time.perf_counter() > deadline:
                 raise TimeoutError(f"{sum(i not in self.seen for i in ids)} results missing")
             await asyncio.sleep(0.01)
+
+    def latencies(self, ids: list[int]) -> list[float]:
+        return [self.seen[i] - self.submitted[i] for i in ids]
 
     async def close(self) -> None:
         if self._task:
@@ -103,39 +112,38 @@ async def run(jobs: int = 500, steady_rate: float = 20.0, steady_seconds: float 
         with tempfile.TemporaryDirectory() as tmp:
             keystore = Path(tmp) / "ks"
             import_key(keystore, ANVIL_KEYS[1])
-            env = BlueprintEnvironment.load({
-                "HTTP_RPC_URL": chain.rpc_url, "DATA_DIR": tmp, "KEYSTORE_URI": str(keystore), "BLUEPRINT_ID": "0",
-                "SERVICE_ID": "0", "TANGLE_CONTRACT": d.contract, "FROM_BLOCK": str(start_block),
-                "POLL_INTERVAL": "0.05",
-            })
-            op = Operator.assemble(env, OperatorSettings.from_env({}, Path(tmp), api_port=0))
-            task = asyncio.create_task(op.run())
-            await asyncio.wait_for(op.runner.ready.wait(), 30)
-            watcher = ResultWatcher(chain.rpc_url, d.contract, start_block)
+            env = {
+                **os.environ, "HTTP_RPC_URL": chain.rpc_url, "DATA_DIR": tmp, "KEYSTORE_URI": str(keystore),
+                "BLUEPRINT_ID": "0", "SERVICE_ID": "0", "TANGLE_CONTRACT": d.contract,
+                "FROM_BLOCK": str(start_block), "POLL_INTERVAL": "0.05", "MICROVM_API_ADDR": f"127.0.0.1:{free_port()}",
+                "LOG_LEVEL": "WARNING",
+            }
+            # the operator runs as its own process, as in production (the customer and the chain
+            # watcher below share this one)
+            op = await Child.spawn([sys.executable, "-m", "microvm_blueprint.cli", "run"], Path(tmp) / "op.log",
+                                   env=env)
+            watcher = ChainWatcher(chain.rpc_url, d.contract, start_block)
             watcher.start()
-            # burst: 500 create_vm as fast as the chain takes them
+            first = base_ids[-1] + 1
+            # burst: 500 create_vm as fast as the chain takes them (sends pipelined, no waiting)
             t0 = time.perf_counter()
-            hashes = await _send_all(customer, [f"vm-{i}" for i in range(jobs)])
-            subs = [await customer.wait_submitted(h) for h in hashes]
-            ids = [s.call_id for s in subs]
+            await _send_all(customer, [f"vm-{i}" for i in range(jobs)])
+            ids = list(range(first, first + jobs))
             await watcher.wait(ids, 300)
             burst_s = max(watcher.seen[i] for i in ids) - t0
-            burst_lat = [watcher.seen[s.call_id] - _perf(s.receipt_seen_at) for s in subs]
-            # steady: 20 jobs/s, latency from receipt seen to result seen
-            steady = []
+            burst_lat = watcher.latencies(ids)
+            # steady: 20 jobs/s; latency from the customer seeing its call on-chain to seeing the result
             n = int(steady_rate * steady_seconds)
             t_next = time.perf_counter()
-            pending = []
             for i in range(n):
                 await asyncio.sleep(max(0.0, t_next - time.perf_counter()))
                 t_next += 1 / steady_rate
-                h = await customer.send(CREATE, encode_args(CREATE.arg_types, [f"steady-{i}"]))
-                pending.append(asyncio.create_task(customer.wait_submitted(h)))
-            steady_subs = [await p for p in pending]
-            await watcher.wait([s.call_id for s in steady_subs], 120)
-            steady = [watcher.seen[s.call_id] - _perf(s.receipt_seen_at) for s in steady_subs]
-            op.stop()
-            await asyncio.wait_for(task, 60)
+                await customer.send(CREATE, encode_args(CREATE.arg_types, [f"steady-{i}"]))
+            steady_ids = list(range(first + jobs, first + jobs + n))
+            await watcher.wait(steady_ids, 120)
+            steady = watcher.latencies(steady_ids)
+            result_txs = await _count_txs_from(chain.rpc_url, start_block, ANVIL_ADDRESSES[1])
+            await op.stop(grace=20)
             await watcher.close()
         await customer.aclose()
     jobs_per_s = jobs / burst_s
@@ -146,7 +154,7 @@ async def run(jobs: int = 500, steady_rate: float = 20.0, steady_seconds: float 
             "jobs": jobs, "jobs_per_s": round(jobs_per_s, 1), "burst_p50_ms": round(median(burst_lat) * 1000, 1),
             "burst_p99_ms": round(pct(burst_lat, 99) * 1000, 1), "steady_rate": steady_rate,
             "steady_p50_ms": round(median(steady) * 1000, 1), "steady_p99_ms": round(pct(steady, 99) * 1000, 1),
-            "result_transactions": op.runner.consumer.sent_tx,
+            "result_transactions": result_txs,
         },
         {"bare_submitResult_per_s": round(bare_per_s, 1), "bare_seconds": round(bare_s, 2)},
         {"jobs_per_s_vs_bare": round(jobs_per_s / bare_per_s, 2)},
@@ -154,6 +162,13 @@ async def run(jobs: int = 500, steady_rate: float = 20.0, steady_seconds: float 
     )
 
 
-def _perf(monotonic_at: float) -> float:
-    """receipt_seen_at is time.monotonic(); convert to the perf_counter clock used here."""
-    return monotonic_at - time.monotonic() + time.perf_counter()
+async def _count_txs_from(rpc_url: str, from_block: int, sender: str) -> int:
+    rpc = JsonRpc(rpc_url)
+    try:
+        count = 0
+        for n in range(from_block, await rpc.block_number() + 1):
+            block = await rpc.call("eth_getBlockByNumber", [hex(n), True])
+            count += sum(tx["from"].lower() == sender.lower() for tx in block["transactions"])
+        return count
+    finally:
+        await rpc.aclose()

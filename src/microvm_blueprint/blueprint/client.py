@@ -125,7 +125,7 @@ class TangleCustomer:
                 break
             if time.monotonic() > deadline:
                 raise ClientError(f"submitJob transaction {tx_hash} not mined after {timeout:.0f}s")
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.01)
         seen = time.monotonic()
         if int(str(receipt["status"]), 16) != 1:
             raise ClientError(f"submitJob reverted (tx {tx_hash}): is this account a permitted caller?")

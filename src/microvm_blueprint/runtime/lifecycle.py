@@ -129,8 +129,10 @@ class Lifecycle:
         )
 
     def _check_quota(self, spec: VmSpec) -> None:
-        count, mem, _ = self.store.usage()
         lim = self.limits
+        if lim.max_vms is None and lim.max_total_mem_mib is None:
+            return  # no host quota: skip the usage scan on the hot path
+        count, mem, _ = self.store.usage()
         if lim.max_vms is not None and count + 1 > lim.max_vms:
             raise QuotaExceeded(f"quota exceeded: at most {lim.max_vms} vms")
         if lim.max_total_mem_mib is not None and mem + spec.mem_mib > lim.max_total_mem_mib:

@@ -72,7 +72,7 @@ class TangleConsumer:
         *,
         contract: str,
         dry_run: bool = False,
-        batch_max: int = 32,
+        batch_max: int = 100,
         max_in_flight: int = 8,
         on_submitted: Callback | None = None,
         on_dropped: Callback | None = None,
@@ -247,16 +247,34 @@ class TangleConsumer:
             return False
         if not rows or len(self._in_flight) >= self.max_in_flight:
             return bool(self._in_flight)
+        if self._in_flight and len(rows) < self.batch_max:
+            # a transaction is on its way: let results gather into one full batch instead of
+            # paying for many small ones (a full batch still pipelines immediately)
+            return True
         by_service: dict[int, list[OutboxRow]] = {}
         for row in rows:
             by_service.setdefault(row.service_id, []).append(row)
         for service_id, group in by_service.items():
-            group = await self._classify(service_id, group[: self.batch_max])
-            if not group:
+            group = group[: self.batch_max]
+            # fast path: one simulation of the whole batch; it reverts if any call is completed,
+            # unknown or not ours, and only then is each call looked at (getJobCall) and classified
+            data = (
+                submit_results_data(service_id, [r.call_id for r in group], [r.output for r in group])
+                if len(group) > 1
+                else submit_result_data(service_id, group[0].call_id, group[0].output)
+            )
+            try:
+                gas = await self._estimate(data)
+            except ContractRevert as exc:
+                log.info("batch of %d would revert (%s); checking each call", len(group), exc.name or exc)
+                group = await self._classify(service_id, group)
+                if not group:
+                    continue
+                chosen, data, gas = await self._simulate(service_id, group)
+                if chosen:
+                    await self._send(service_id, chosen, data, gas)
                 continue
-            chosen, data, gas = await self._simulate(service_id, group)
-            if chosen:
-                await self._send(service_id, chosen, data, gas)
+            await self._send(service_id, group, data, gas)
         return True
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -441,18 +442,20 @@ class QemuDriver:
                 os.close(vm.dirfd)
 
     async def _kill(self, vm_id: str, workdir: Path) -> int | None:
-        """Stop a VM's QEMU for good: quit, SIGTERM, SIGKILL; reap; forget."""
+        """Stop a VM's QEMU for good: close QMP cleanly, SIGTERM (QEMU's own orderly shutdown),
+        then SIGKILL; reap; forget. (A QMP ``quit`` would leave qemu.qmp with an EOF it reports as
+        an unretrieved error; SIGTERM is just as orderly for QEMU.)"""
         vm = self._vms.get(vm_id)
         code: int | None = None
         if vm is not None:
             vm.stopping = True
-            if vm.qmp.runstate.name == "RUNNING":
-                with contextlib.suppress(QMPError, OSError, EOFError, TimeoutError, ExecuteError):
-                    await asyncio.wait_for(vm.qmp.execute("quit"), 3)
+            for t in vm.tasks:
+                t.cancel()
+            await asyncio.gather(*vm.tasks, return_exceptions=True)
             with contextlib.suppress(QMPError, OSError, EOFError, TimeoutError, ExecuteError):
                 await asyncio.wait_for(vm.qmp.disconnect(), 3)
             if vm.child is not None:
-                code = await vm.child.stop(polite=None, grace=0, term_grace=self.settings.stop_timeout)
+                code = await vm.child.stop(polite=signal.SIGTERM, grace=self.settings.stop_timeout, term_grace=1)
             elif vm.pid and pid_alive(vm.pid):
                 await kill_pid(vm.pid, grace=self.settings.stop_timeout)
             self._forget(vm_id)
