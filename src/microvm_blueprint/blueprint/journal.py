@@ -6,13 +6,14 @@ customer learns why no result came. Fed by the runner's ``JobObserver`` callback
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+from ..errors import MicrovmBlueprintError
+from ..sqlitedb import Database
 
 MAX_ERROR_CHARS = 2000
 
@@ -24,6 +25,16 @@ def _i64(call_id: int) -> int:
 
 def _u64(value: int) -> int:
     return value + (1 << 64) if value < 0 else value
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (call_id INTEGER PRIMARY KEY, job TEXT NOT NULL, job_index INTEGER NOT NULL,
+    status TEXT NOT NULL, caller TEXT, received_at REAL NOT NULL, finished_at REAL, error TEXT, result_tx TEXT);
+"""
+
+
+class JournalError(MicrovmBlueprintError):
+    """The job journal database is unusable."""
 
 
 class JobStatus(str, Enum):
@@ -63,59 +74,48 @@ class JobEntry:
 
 class JobJournal:
     def __init__(self, path: str | Path) -> None:
-        self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS jobs (call_id INTEGER PRIMARY KEY, job TEXT NOT NULL, "
-            "job_index INTEGER NOT NULL, status TEXT NOT NULL, caller TEXT, received_at REAL NOT NULL, "
-            "finished_at REAL, error TEXT, result_tx TEXT)"
-        )
-        self._lock = threading.Lock()
+        self._dbx = Database(path, _SCHEMA, error=JournalError, what="job journal")
+        self.path = self._dbx.path
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._dbx.close()
+
+    def _write(self, sql: str, args: tuple[object, ...]) -> None:
+        with self._dbx.tx() as db:
+            db.execute(sql, args)
 
     def received(self, call_id: int, job: str, job_index: int, caller: str | None) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT OR IGNORE INTO jobs (call_id, job, job_index, status, caller, received_at) "
-                "VALUES (?,?,?,?,?,?)",
-                (_i64(call_id), job, job_index, JobStatus.PENDING.value, caller, time.time()),
-            )
+        self._write(
+            "INSERT OR IGNORE INTO jobs (call_id, job, job_index, status, caller, received_at) "
+            "VALUES (?,?,?,?,?,?)",
+            (_i64(call_id), job, job_index, JobStatus.PENDING.value, caller, time.time()),
+        )
 
     def finished(self, call_id: int, *, error: str | None) -> None:
         status = JobStatus.FAILED if error is not None else JobStatus.DONE
-        with self._lock:
-            self._db.execute(
-                "UPDATE jobs SET status=?, error=?, finished_at=? WHERE call_id=?",
-                (status.value, error[:MAX_ERROR_CHARS] if error else None, time.time(), _i64(call_id)),
-            )
+        self._write(
+            "UPDATE jobs SET status=?, error=?, finished_at=? WHERE call_id=?",
+            (status.value, error[:MAX_ERROR_CHARS] if error else None, time.time(), _i64(call_id)),
+        )
 
     def submitted(self, call_id: int, tx_hash: str) -> None:
-        with self._lock:
-            self._db.execute("UPDATE jobs SET result_tx=? WHERE call_id=?", (tx_hash, _i64(call_id)))
+        self._write("UPDATE jobs SET result_tx=? WHERE call_id=?", (tx_hash, _i64(call_id)))
 
     def dropped(self, call_id: int, reason: str) -> None:
-        with self._lock:
-            self._db.execute(
-                "UPDATE jobs SET error=coalesce(error, ?) WHERE call_id=?",
-                (f"result not accepted on-chain: {reason}"[:MAX_ERROR_CHARS], _i64(call_id)),
-            )
+        self._write(
+            "UPDATE jobs SET error=coalesce(error, ?) WHERE call_id=?",
+            (f"result not accepted on-chain: {reason}"[:MAX_ERROR_CHARS], _i64(call_id)),
+        )
 
     def get(self, call_id: int) -> JobEntry | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT call_id, job, job_index, status, caller, received_at, finished_at, error, result_tx "
-                "FROM jobs WHERE call_id=?",
-                (_i64(call_id),),
-            ).fetchone()
-        if row is None:
+        rows = self._dbx.rows(
+            "SELECT call_id, job, job_index, status, caller, received_at, finished_at, error, result_tx "
+            "FROM jobs WHERE call_id=?",
+            (_i64(call_id),),
+        )
+        if not rows:
             return None
+        row: tuple[Any, ...] = rows[0]
         return JobEntry(
             call_id=_u64(row[0]),
             job=row[1],

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..sqlitedb import Database
 from .errors import VmError
 from .model import (
     HistoryEntry,
@@ -121,48 +120,23 @@ class Store:
     """Synchronous SQLite store; cheap enough to call from the event loop (WAL, NORMAL sync)."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.executescript(_SCHEMA)
-            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is None:
-                self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) != SCHEMA_VERSION:
-                raise StoreError(f"state database {self.path} has schema {row[0]}, expected {SCHEMA_VERSION}")
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open state database {self.path}: {exc}") from exc
-        self._lock = threading.RLock()
+        self._dbx = Database(path, _SCHEMA, error=StoreError, what="state database")
+        self.path = self._dbx.path
+        row = self._read("SELECT value FROM meta WHERE key='schema'")
+        if not row:
+            with self._tx() as db:
+                db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif int(str(row[0][0])) != SCHEMA_VERSION:
+            raise StoreError(f"state database {self.path} has schema {row[0][0]}, expected {SCHEMA_VERSION}")
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._dbx.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise StoreError(f"state database error: {exc}") from exc
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return self._dbx.tx()
 
     def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
-        with self._lock:
-            try:
-                return list(self._db.execute(sql, args).fetchall())
-            except sqlite3.Error as exc:
-                raise StoreError(f"state database error: {exc}") from exc
+        return self._dbx.rows(sql, args)
 
     # ---- VMs -------------------------------------------------------------------------------
 

@@ -12,13 +12,13 @@
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..sqlitedb import Database
 from .errors import TangleError
 
 
@@ -61,62 +61,37 @@ class OutboxRow:
     attempts: int
 
 
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cursor (
+    key TEXT PRIMARY KEY, next_block INTEGER NOT NULL, last_hash TEXT);
+CREATE TABLE IF NOT EXISTS inbox (
+    call_id INTEGER NOT NULL, service_id INTEGER NOT NULL, job_index INTEGER NOT NULL,
+    caller TEXT NOT NULL, inputs BLOB NOT NULL, block_number INTEGER NOT NULL,
+    block_hash TEXT NOT NULL, log_index INTEGER NOT NULL, tx_hash TEXT NOT NULL,
+    from_quote INTEGER NOT NULL, status TEXT NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (service_id, call_id));
+CREATE INDEX IF NOT EXISTS inbox_new ON inbox (status, block_number, log_index);
+CREATE TABLE IF NOT EXISTS outbox (
+    call_id INTEGER NOT NULL, service_id INTEGER NOT NULL, output BLOB NOT NULL,
+    status TEXT NOT NULL, tx_hash TEXT, attempts INTEGER NOT NULL DEFAULT 0,
+    reason TEXT, at REAL NOT NULL, PRIMARY KEY (service_id, call_id));
+CREATE INDEX IF NOT EXISTS outbox_status ON outbox (status, at);
+"""
+
+
 class TangleState:
     def __init__(self, path: str | Path) -> None:
-        self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.executescript(
-                """
-                CREATE TABLE IF NOT EXISTS cursor (
-                    key TEXT PRIMARY KEY, next_block INTEGER NOT NULL, last_hash TEXT);
-                CREATE TABLE IF NOT EXISTS inbox (
-                    call_id INTEGER NOT NULL, service_id INTEGER NOT NULL, job_index INTEGER NOT NULL,
-                    caller TEXT NOT NULL, inputs BLOB NOT NULL, block_number INTEGER NOT NULL,
-                    block_hash TEXT NOT NULL, log_index INTEGER NOT NULL, tx_hash TEXT NOT NULL,
-                    from_quote INTEGER NOT NULL, status TEXT NOT NULL, at REAL NOT NULL,
-                    PRIMARY KEY (service_id, call_id));
-                CREATE INDEX IF NOT EXISTS inbox_new ON inbox (status, block_number, log_index);
-                CREATE TABLE IF NOT EXISTS outbox (
-                    call_id INTEGER NOT NULL, service_id INTEGER NOT NULL, output BLOB NOT NULL,
-                    status TEXT NOT NULL, tx_hash TEXT, attempts INTEGER NOT NULL DEFAULT 0,
-                    reason TEXT, at REAL NOT NULL, PRIMARY KEY (service_id, call_id));
-                CREATE INDEX IF NOT EXISTS outbox_status ON outbox (status, at);
-                """
-            )
-        except sqlite3.Error as exc:
-            raise TangleError(f"cannot open chain state database {self.path}: {exc}") from exc
-        self._lock = threading.RLock()
+        self._dbx = Database(path, _SCHEMA, error=TangleError, what="chain state database")
+        self.path = self._dbx.path
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._dbx.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise TangleError(f"chain state database error: {exc}") from exc
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return self._dbx.tx()
 
     def _rows(self, sql: str, args: Sequence[object] = ()) -> list[tuple[object, ...]]:
-        with self._lock:
-            try:
-                return list(self._db.execute(sql, tuple(args)).fetchall())
-            except sqlite3.Error as exc:
-                raise TangleError(f"chain state database error: {exc}") from exc
+        return self._dbx.rows(sql, args)
 
     # ---- cursor + inbox ----
 
