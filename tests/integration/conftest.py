@@ -18,6 +18,7 @@ from microvm_blueprint.blueprint.jobs import JOBS_BY_NAME
 from microvm_blueprint.blueprint.operator import Operator
 from microvm_blueprint.blueprint.settings import OperatorSettings
 from microvm_blueprint.runtime.driver import VmmDriver
+from microvm_blueprint.runtime.lifecycle import Lifecycle
 from microvm_blueprint.tangle.abi import encode_args
 from microvm_blueprint.tangle.devnet import ANVIL_KEYS, Anvil, DevDeployment, DevnetError, find_anvil
 from microvm_blueprint.tangle.environment import BlueprintEnvironment, Secret
@@ -143,3 +144,31 @@ async def result_counts(rpc_url: str, contract: str) -> dict[int, int]:
     finally:
         await rpc.aclose()
     return dict(Counter(int(e["topics"][2], 16) for e in logs))
+
+
+@pytest.fixture
+async def life(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Lifecycle]:
+    """A lifecycle over real QEMU guests (TCG); keeps every console when the test failed and checks
+    that no QEMU process or VM folder is left."""
+    from microvm_blueprint.runtime.adapters.qemu import QemuDriver, QemuSettings
+    from microvm_blueprint.runtime.model import Origin, VmStatus
+    from microvm_blueprint.runtime.store import Store
+
+    from ..qemu_support import ensure_image, qemu_pids
+
+    image_dir = ensure_image()
+    driver = QemuDriver(QemuSettings(image_dir=image_dir, accel="tcg", boot_timeout=120))
+    lc = Lifecycle(driver, Store(tmp_path / "s.sqlite3"), state_dir=tmp_path / "state")
+    yield lc
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:  # keep the evidence
+        for vm in await lc.list_vms():
+            text = await lc.console(vm.vm_id, 8000)
+            (tmp_path / f"console-{vm.vm_id}.log").write_text(text)
+            print(f"--- console of {vm.vm_id} ---\n{text}")
+    for vm in await lc.list_vms():
+        if vm.status is not VmStatus.DESTROYED:
+            await lc.destroy_vm(vm.vm_id, Origin())
+    await lc.close(stop_vms=True)
+    assert qemu_pids(tmp_path) == set(), "a QEMU process was left behind"
+    assert list((tmp_path / "state" / "vms").iterdir()) == [], "a VM folder was left behind"

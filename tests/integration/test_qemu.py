@@ -6,7 +6,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -20,25 +20,6 @@ from microvm_blueprint.runtime.store import Store
 from ..qemu_support import ensure_image, qemu_pids, ticks
 
 pytestmark = pytest.mark.qemu
-
-
-@pytest.fixture
-async def life(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Lifecycle]:
-    image_dir = ensure_image()
-    driver = QemuDriver(QemuSettings(image_dir=image_dir, accel="tcg", boot_timeout=120))
-    lc = Lifecycle(driver, Store(tmp_path / "s.sqlite3"), state_dir=tmp_path / "state")
-    yield lc
-    # keep the evidence: every VM's console goes into the report when the test failed
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        for vm in await lc.list_vms():
-            print(f"--- console of {vm.vm_id} ---\n{await lc.console(vm.vm_id, 8000)}")
-    for vm in await lc.list_vms():
-        if vm.status is not VmStatus.DESTROYED:
-            await lc.destroy_vm(vm.vm_id, Origin())
-    await lc.close(stop_vms=True)
-    assert qemu_pids(tmp_path) == set(), "a QEMU process was left behind"
-    assert list((tmp_path / "state" / "vms").iterdir()) == [], "a VM folder was left behind"
 
 
 async def until(pred: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:

@@ -5,41 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from microvm_blueprint.runtime import images
-from microvm_blueprint.runtime.adapters.qemu import QemuDriver, QemuSettings
 from microvm_blueprint.runtime.lifecycle import Lifecycle
 from microvm_blueprint.runtime.model import Origin, VmSpec, VmStatus
-from microvm_blueprint.runtime.store import Store
 
-from ..qemu_support import ensure_image, qemu_pids, ticks
+from ..qemu_support import ensure_image, ticks
 
 pytestmark = pytest.mark.qemu
 ORIGIN = Origin()
-
-
-@pytest.fixture
-async def life(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Lifecycle]:
-    image_dir = ensure_image()
-    driver = QemuDriver(QemuSettings(image_dir=image_dir, accel="tcg", boot_timeout=120))
-    lc = Lifecycle(driver, Store(tmp_path / "s.sqlite3"), state_dir=tmp_path / "state")
-    yield lc
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:  # keep the evidence
-        for vm in await lc.list_vms():
-            text = await lc.console(vm.vm_id, 8000)
-            (tmp_path / f"console-{vm.vm_id}.log").write_text(text)
-            print(f"--- console of {vm.vm_id} ---\n{text}")
-    for vm in await lc.list_vms():
-        if vm.status is not VmStatus.DESTROYED:
-            await lc.destroy_vm(vm.vm_id, ORIGIN)
-    await lc.close(stop_vms=True)
-    assert qemu_pids(tmp_path) == set(), "a QEMU process was left behind"
-    assert list((tmp_path / "state" / "vms").iterdir()) == [], "a VM folder was left behind"
 
 
 async def tick_of(lc: Lifecycle, vm_id: str) -> int:
