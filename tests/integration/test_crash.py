@@ -85,13 +85,20 @@ async def run_crash_rounds(tmp_path: Path, vms: int, provider_env: dict[str, str
         }
         customer = TangleCustomer(chain.rpc_url, d.contract, 0, Secret(ANVIL_KEYS[0]))
         jobs = plan(vms)
-        hashes = []
-        for name, args in jobs:  # pipelined: the whole workload is on-chain before the first crash
-            job = JOBS_BY_NAME[name]
-            hashes.append(await customer.send(job, encode_args(job.arg_types, args)))
-        for h in hashes:
-            await customer.wait_submitted(h)
         total = len(jobs)
+        sent = 0
+
+        async def submit_upto(n: int) -> None:
+            """Put the next part of the workload on-chain (pipelined), so every round has work to crash in."""
+            nonlocal sent
+            hashes = []
+            for name, args in jobs[sent:n]:
+                job = JOBS_BY_NAME[name]
+                hashes.append(await customer.send(job, encode_args(job.arg_types, args)))
+            for h in hashes:
+                await customer.wait_submitted(h)
+            sent = max(sent, n)
+
         cli = [sys.executable, "-m", "microvm_blueprint.cli", "run"]
 
         async def done() -> bool:
@@ -100,11 +107,15 @@ async def run_crash_rounds(tmp_path: Path, vms: int, provider_env: dict[str, str
 
         hit: list[str] = []
         rounds = [("point", p) for p in crash_points] + [("kill", str(i)) for i in range(kills)] + [("clean", "")]
+        chunk = -(-total // (len(rounds) - 1))
         for n, (kind, what) in enumerate(rounds):
+            await submit_upto(total if kind == "clean" else min(total, (n + 1) * chunk))
             round_env = dict(env)
             if kind == "point":
                 round_env["MICROVM_CRASH_AT"] = what
-                round_env["MICROVM_CRASH_AFTER"] = str(rnd.randrange(0, after_max))
+                # per-job points may let a few jobs pass first; per-window/per-batch points fire at once
+                per_job = what.split(".")[0] in {"create", "start", "snapshot", "destroy", "runner"}
+                round_env["MICROVM_CRASH_AFTER"] = str(rnd.randrange(0, after_max) if per_job else 0)
             child = await Child.spawn(cli, tmp_path / f"operator-{n}.log", env=round_env)
             deadline = asyncio.get_running_loop().time() + 120
             if kind == "kill":
