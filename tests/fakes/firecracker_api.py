@@ -2,21 +2,36 @@
 """A stand-in for the Firecracker binary: serves the API on a Unix socket, checked against the spec.
 
 No Firecracker binary can run on these machines, so the driver is tested against this program. It
-loads ``firecracker.yaml`` (swagger 2.0) at start and refuses, as Firecracker does, with 400 and a
-``{"fault_message": ...}`` body: unknown paths or methods, bodies that fail the operation's schema
-(unknown fields included: every object is treated as ``additionalProperties: false``), and requests
-that break the state rules of DESIGN.md §4:
+loads ``firecracker.yaml`` (swagger 2.0) at start — from ``--fake-spec``, else
+``$MICROVM_SHARED_DIR/firecracker/firecracker.yaml``, else ``<repo>/../shared/firecracker/`` — and
+answers as Firecracker does, with ``400 {"fault_message": ...}``, to:
 
-* machine-config, boot-source, drives, network-interfaces only before InstanceStart;
-* InstanceStart once, with a boot source;
-* PATCH /vm Paused|Resumed only after boot; PUT /snapshot/create only while Paused;
-* PUT /snapshot/load only on a fresh process (logger/metrics excepted); a failed load exits the process;
-* PATCH /drives/{id} only after boot or load.
+* a path + method the spec does not have;
+* a body that fails the operation's body schema (``$ref`` resolved; every object schema with
+  properties is closed, ``additionalProperties: false``, as Firecracker's serde
+  ``deny_unknown_fields`` is; required fields, types, enums, bounds enforced), a missing body where
+  one is required, a body where the operation takes none, or malformed JSON;
+* a request that breaks the state rules (DESIGN.md §4), taken from the spec's own summaries where it
+  states them ("Pre-boot only." / "Post-boot only."):
 
-The "guest" prints the ready line and a tick counter to stdout (the serial console) while running;
-snapshots record the configuration and the tick count, so a restore carries on counting.
+  - configuration (machine-config, boot-source, drives, network-interfaces, ...) only before
+    ``InstanceStart`` and never after a snapshot load;
+  - ``InstanceStart`` once, and only with a boot source (machine-config has defaults);
+  - ``PATCH /vm`` Paused/Resumed and ``PATCH /drives/{id}`` only after boot or load;
+  - ``PUT /snapshot/create`` only while Paused;
+  - ``PUT /snapshot/load`` only on a fresh process (nothing but logger/metrics before it); a load that
+    fails after its body was accepted makes the process exit (status 1) right after answering. The
+    load opens every disk the snapshot names, so a missing one fails it, as in Firecracker.
 
-    firecracker_api.py --api-sock PATH [--id ID] [--spec firecracker.yaml]
+Every response body is validated against the operation's response schema too (a stand-in bug would
+answer 500). ``GET /`` is ``InstanceInfo`` with state ``Not started`` / ``Running`` / ``Paused``.
+
+The "guest" writes to stdout, Firecracker's serial console, only if its boot args name
+``console=ttyS0``: a kernel banner and ``MICROVM-READY`` at ``InstanceStart``, then ``tick N``
+every 0.2 s while running. A snapshot records the configuration and the tick count (its memory file
+has ``mem_size_mib`` KiB: a scaled-down fake), so a restore carries on counting.
+
+    firecracker_api.py --api-sock PATH [--id ID] [--fake-spec YAML] [--fake-never-listen]
 """
 
 from __future__ import annotations
@@ -26,6 +41,7 @@ import copy
 import json
 import os
 import re
+import signal
 import socketserver
 import sys
 import threading
@@ -34,23 +50,24 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-import yaml
-
+VERSION = "1.12.1"
 READY_LINE = "MICROVM-READY"
-PRE_BOOT = ("/machine-config", "/boot-source", "/drives/", "/network-interfaces/")
+STATE_FORMAT = "fake-firecracker-vmstate/1"
+MEM_HEADER = b"fake-firecracker-memory\n"
+NOT_STARTED, RUNNING, PAUSED = "Not started", "Running", "Paused"
+ID_RULE = re.compile(r"^[A-Za-z0-9-]{1,64}$")  # Firecracker's instance id rule
 
 
 def default_spec() -> Path:
-    base = Path(os.environ.get("MICROVM_SHARED_DIR", Path(__file__).resolve().parents[3] / "shared"))
-    return base / "firecracker" / "firecracker.yaml"
+    base = os.environ.get("MICROVM_SHARED_DIR") or str(Path(__file__).resolve().parents[3] / "shared")
+    return Path(base) / "firecracker" / "firecracker.yaml"
 
 
 def close_objects(schema: Any) -> Any:
-    """Every object schema with properties refuses unknown fields (Firecracker's serde deny_unknown_fields)."""
+    """Every object schema with properties refuses unknown fields (Firecracker's deny_unknown_fields)."""
     if isinstance(schema, dict):
         out = {k: close_objects(v) for k, v in schema.items()}
-        if out.get("type") == "object" and "properties" in out and "additionalProperties" not in out:
+        if "properties" in out and isinstance(out["properties"], dict) and "additionalProperties" not in out:
             out["additionalProperties"] = False
         return out
     if isinstance(schema, list):
@@ -58,157 +75,293 @@ def close_objects(schema: Any) -> Any:
     return schema
 
 
-class Spec:
-    def __init__(self, path: Path) -> None:
-        raw = yaml.safe_load(path.read_text())
-        self.definitions = close_objects(raw["definitions"])
-        self.routes: list[tuple[re.Pattern[str], str, dict[str, Any]]] = []
-        for template, ops in raw["paths"].items():
-            pattern = re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", template) + "$")
-            for method, op in ops.items():
-                if method != "parameters":
-                    self.routes.append((pattern, method.upper(), op))
-
-    def find(self, method: str, path: str) -> dict[str, Any] | None:
-        for pattern, m, op in self.routes:
-            if m == method and pattern.match(path):
-                return op
-        return None
-
-    def validate(self, op: dict[str, Any], body: Any) -> None:
-        for param in op.get("parameters", []):
-            if param.get("in") != "body":
-                continue
-            schema = {**copy.deepcopy(param["schema"]), "definitions": self.definitions}
-            jsonschema.Draft4Validator(schema).validate(body)
-            return
-        if body not in (None, {}):
-            raise jsonschema.ValidationError("this operation takes no body")
-
-
 class Refused(Exception):
+    """A request Firecracker would refuse: ``status`` + ``fault_message``."""
+
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
 
 
+class Operation:
+    def __init__(self, template: str, method: str, op: dict[str, Any], definitions: dict[str, Any]) -> None:
+        self.template = template
+        self.method = method
+        summary = str(op.get("summary", ""))
+        self.pre_boot = "Pre-boot only" in summary
+        self.post_boot = "Post-boot only" in summary
+        self.body: dict[str, Any] | None = None
+        self.body_required = False
+        for param in op.get("parameters", []):
+            if param.get("in") == "body":
+                self.body = {**close_objects(copy.deepcopy(param["schema"])), "definitions": definitions}
+                self.body_required = bool(param.get("required"))
+        self.responses: dict[int, dict[str, Any]] = {}
+        for code, response in (op.get("responses") or {}).items():
+            if str(code).isdigit() and "schema" in response:
+                self.responses[int(code)] = {**copy.deepcopy(response["schema"]), "definitions": definitions}
+
+
+class Spec:
+    """The routes of firecracker.yaml and their schemas."""
+
+    def __init__(self, path: Path) -> None:
+        import yaml  # imported late, so the start-up banner is printed as promptly as Firecracker's
+
+        raw = yaml.safe_load(path.read_text())
+        self.definitions = close_objects(raw["definitions"])
+        self.routes: list[tuple[re.Pattern[str], Operation]] = []
+        for template, ops in raw["paths"].items():
+            pattern = re.compile("^" + re.sub(r"\\\{[^}]+\\\}", "([^/]+)", re.escape(template)) + "$")
+            for method, op in ops.items():
+                if method != "parameters":
+                    self.routes.append((pattern, Operation(template, method.upper(), op, self.definitions)))
+
+    def find(self, method: str, path: str) -> Operation | None:
+        for pattern, op in self.routes:
+            if op.method == method and pattern.match(path):
+                return op
+        return None
+
+    @staticmethod
+    def check_body(op: Operation, body: Any, present: bool) -> None:
+        if op.body is None:
+            if present:
+                raise Refused(f"{op.method} {op.template} takes no body")
+            return
+        if not present:
+            if op.body_required:
+                raise Refused("The request body is missing.")
+            return
+        import jsonschema
+
+        try:
+            jsonschema.Draft4Validator(op.body).validate(body)
+        except jsonschema.ValidationError as exc:
+            where = "/".join(str(p) for p in exc.absolute_path) or "body"
+            raise Refused(f"An error occurred when deserializing the json body of a request: {where}: {exc.message}") from None
+
+    @staticmethod
+    def check_response(op: Operation, status: int, body: Any) -> None:
+        import jsonschema
+
+        schema = op.responses.get(status)
+        if schema is None:
+            return
+        try:
+            jsonschema.Draft4Validator(schema).validate(body)
+        except jsonschema.ValidationError as exc:  # the stand-in's own answer broke the spec
+            raise Refused(f"stand-in bug: response breaks the spec: {exc.message}", 500) from None
+
+
 class Vmm:
+    """The microVM's state machine (one per process, like Firecracker)."""
+
     def __init__(self, instance_id: str) -> None:
         self.id = instance_id
-        self.state = "Not started"
-        self.config: dict[str, Any] = {"machine-config": {"vcpu_count": 1, "mem_size_mib": 128}, "drives": {}}
-        self.configured = False  # any pre-boot configuration call made
+        self.state = NOT_STARTED
+        self.machine: dict[str, Any] = {"vcpu_count": 1, "mem_size_mib": 128, "smt": False, "track_dirty_pages": False}
+        self.boot_source: dict[str, Any] | None = None
+        self.drives: dict[str, dict[str, Any]] = {}
+        self.nets: dict[str, dict[str, Any]] = {}
+        self.other: dict[str, Any] = {}
+        self.metrics_set = False
+        self.configured = False  # a configuration call other than logger/metrics was made
         self.loaded = False
+        self.exit_after_reply: int | None = None
         self.ticks = 0
         self.lock = threading.Lock()
         threading.Thread(target=self._clock, daemon=True).start()
+
+    # ---- the fake guest -------------------------------------------------------------------------
+
+    def _console(self) -> bool:
+        return "console=ttyS0" in str((self.boot_source or {}).get("boot_args", ""))
 
     def _clock(self) -> None:
         while True:
             time.sleep(0.2)
             with self.lock:
-                if self.state == "Running":
+                if self.state == RUNNING and self._console():
                     self.ticks += 1
                     print(f"tick {self.ticks}", flush=True)
 
-    def handle(self, method: str, path: str, body: Any) -> tuple[int, Any]:
-        with self.lock:
-            return self._handle(method, path, body)
+    # ---- requests -------------------------------------------------------------------------------
 
-    def _handle(self, method: str, path: str, body: Any) -> tuple[int, Any]:
-        started = self.state != "Not started"
-        if method == "GET" and path == "/":
-            return 200, {"app_name": "Firecracker", "id": self.id, "state": self.state, "vmm_version": "1.12.1"}
-        if method == "GET" and path == "/machine-config":
-            return 200, self.config["machine-config"]
-        if method == "GET" and path == "/vm/config":
-            return 200, self.config
-        if method == "PUT" and path.startswith(PRE_BOOT):
-            if started or self.loaded:
+    @property
+    def started(self) -> bool:
+        return self.state != NOT_STARTED
+
+    def handle(self, op: Operation, path: str, body: Any) -> tuple[int, Any]:
+        with self.lock:
+            if op.pre_boot and op.template != "/snapshot/load" and (self.started or self.loaded):
                 raise Refused("The requested operation is not supported after starting the microVM.")
-            self.configured = True
-            if path == "/boot-source":
-                if not Path(body["kernel_image_path"]).is_file():
-                    raise Refused(f"Cannot open kernel image: {body['kernel_image_path']}")
-                self.config["boot-source"] = body
-            elif path == "/machine-config":
-                self.config["machine-config"] = body
-            elif path.startswith("/drives/"):
-                if path.rsplit("/", 1)[1] != body["drive_id"]:
-                    raise Refused("The id from the path does not match the id from the body!")
-                if not Path(body.get("path_on_host", "")).is_file():
-                    raise Refused(f"Unable to open drive: {body.get('path_on_host')}")
-                self.config["drives"][body["drive_id"]] = body
-            return 204, None
-        if method == "PUT" and path in ("/logger", "/metrics"):
-            return 204, None
-        if method == "PUT" and path == "/actions":
-            action = body["action_type"]
-            if action == "InstanceStart":
-                if started or self.loaded:
-                    raise Refused("The requested operation is not supported after starting the microVM.")
-                if "boot-source" not in self.config:
-                    raise Refused("Cannot start microvm without kernel configuration.")
-                self.state = "Running"
-                print(READY_LINE, flush=True)
-                return 204, None
-            if action == "SendCtrlAltDel":
-                if self.state != "Running":
-                    raise Refused("The microVM is not running.")
-                return 204, None
-            return 204, None
-        if method == "PATCH" and path == "/vm":
-            if not started:
+            if op.post_boot and op.template != "/snapshot/create" and not (self.started or self.loaded):
                 raise Refused("The requested operation is not supported before starting the microVM.")
-            self.state = "Paused" if body["state"] == "Paused" else "Running"
-            return 204, None
-        if method == "PATCH" and path.startswith("/drives/"):
-            if not started:
-                raise Refused("The requested operation is not supported before starting the microVM.")
-            drive = self.config["drives"].get(body["drive_id"])
-            if drive is None:
-                raise Refused(f"Invalid block device ID: {body['drive_id']}")
-            if "path_on_host" in body:
-                if not Path(body["path_on_host"]).is_file():
-                    raise Refused(f"Unable to open drive: {body['path_on_host']}")
-                drive["path_on_host"] = body["path_on_host"]
-            return 204, None
-        if method == "PUT" and path == "/snapshot/create":
-            if self.state != "Paused":
-                raise Refused("Cannot save snapshot: the microVM is not paused.")
-            state = {"config": self.config, "ticks": self.ticks}
-            Path(body["snapshot_path"]).write_text(json.dumps(state))
-            Path(body["mem_file_path"]).write_bytes(b"\0" * (self.config["machine-config"]["mem_size_mib"] * 1024))
-            return 204, None
-        if method == "PUT" and path == "/snapshot/load":
-            if started or self.configured or self.loaded:
-                raise Refused("Loading a microVM snapshot not allowed after configuring boot-specific resources.")
-            mem = body.get("mem_file_path") or (body.get("mem_backend") or {}).get("backend_path")
-            try:
-                state = json.loads(Path(body["snapshot_path"]).read_text())
-                if not mem or not Path(mem).is_file():
-                    raise OSError(f"memory file {mem} missing")
-            except (OSError, ValueError) as exc:
-                _die_after(f"Load snapshot error: {exc}")
-                raise Refused(f"Load snapshot error: {exc}") from exc
-            self.config = state["config"]
-            self.ticks = state["ticks"]
-            self.loaded = True
-            self.state = "Running" if body.get("resume_vm") else "Paused"
-            return 204, None
-        if method == "GET":
-            return 200, {}
+            handler = getattr(self, "op_" + op.method.lower() + re.sub(r"\W+", "_", op.template).rstrip("_"), None)
+            if handler is None:
+                if op.pre_boot:  # other devices (vsock, balloon, entropy ...): recorded, not modelled
+                    self.configured = True
+                    self.other[path] = body
+                    return 204, None
+                raise Refused(f"{op.method} {op.template} is not modelled by the stand-in")
+            result: tuple[int, Any] = handler(path, body)
+            return result
+
+    def op_get(self, path: str, body: Any) -> tuple[int, Any]:
+        return 200, {"app_name": "Firecracker", "id": self.id, "state": self.state, "vmm_version": VERSION}
+
+    def op_get_version(self, path: str, body: Any) -> tuple[int, Any]:
+        return 200, {"firecracker_version": VERSION}
+
+    def op_get_machine_config(self, path: str, body: Any) -> tuple[int, Any]:
+        return 200, self.machine
+
+    def op_get_vm_config(self, path: str, body: Any) -> tuple[int, Any]:
+        out: dict[str, Any] = {"machine-config": self.machine, "drives": list(self.drives.values()),
+                               "network-interfaces": list(self.nets.values())}
+        if self.boot_source is not None and not self.loaded:
+            out["boot-source"] = self.boot_source
+        return 200, out
+
+    def op_put_machine_config(self, path: str, body: Any) -> tuple[int, Any]:
+        if body.get("smt") and body["vcpu_count"] > 1 and body["vcpu_count"] % 2:
+            raise Refused("The vCPU number is invalid! The vCPU number can only be 1 or an even number when SMT is enabled.")
+        self.configured = True
+        self.machine = {"smt": False, "track_dirty_pages": False, **body}
         return 204, None
 
+    def op_patch_machine_config(self, path: str, body: Any) -> tuple[int, Any]:
+        self.configured = True
+        self.machine = {**self.machine, **body}
+        return 204, None
 
-def _die_after(message: str) -> None:
-    """A failed snapshot load leaves Firecracker unusable: it exits right after answering."""
-    def later() -> None:
-        time.sleep(0.2)
-        print(message, file=sys.stderr, flush=True)
-        os._exit(1)
+    def op_put_boot_source(self, path: str, body: Any) -> tuple[int, Any]:
+        for key in ("kernel_image_path", "initrd_path"):
+            if key in body and not Path(body[key]).is_file():
+                raise Refused(f"The {key.split('_')[0]} file cannot be opened: No such file or directory (os error 2)")
+        self.configured = True
+        self.boot_source = body
+        return 204, None
 
-    threading.Thread(target=later, daemon=True).start()
+    def op_put_drives_drive_id(self, path: str, body: Any) -> tuple[int, Any]:
+        drive_id = path.rsplit("/", 1)[1]
+        if drive_id != body["drive_id"]:
+            raise Refused("The id from the path does not match the id from the body!")
+        if "socket" in body:
+            raise Refused("vhost-user-block drives are not modelled by the stand-in")
+        if "path_on_host" not in body or "is_read_only" not in body:
+            raise Refused("path_on_host and is_read_only are required for a virtio-block drive")
+        if not Path(body["path_on_host"]).is_file():
+            raise Refused(f"Unable to open drive file {body['path_on_host']}: No such file or directory (os error 2)")
+        if body["is_root_device"] and any(d["is_root_device"] for k, d in self.drives.items() if k != drive_id):
+            raise Refused("A root block device already exists!")
+        self.configured = True
+        self.drives[drive_id] = body
+        return 204, None
+
+    def op_patch_drives_drive_id(self, path: str, body: Any) -> tuple[int, Any]:
+        drive_id = path.rsplit("/", 1)[1]
+        if drive_id != body["drive_id"]:
+            raise Refused("The id from the path does not match the id from the body!")
+        drive = self.drives.get(drive_id)
+        if drive is None:
+            raise Refused(f"Invalid block device ID: {drive_id}")
+        if "path_on_host" in body:
+            if not Path(body["path_on_host"]).is_file():
+                raise Refused(f"Unable to patch the block device: cannot open {body['path_on_host']}")
+            drive["path_on_host"] = body["path_on_host"]
+        return 204, None
+
+    def op_put_network_interfaces_iface_id(self, path: str, body: Any) -> tuple[int, Any]:
+        if path.rsplit("/", 1)[1] != body["iface_id"]:
+            raise Refused("The id from the path does not match the id from the body!")
+        self.configured = True
+        self.nets[body["iface_id"]] = body
+        return 204, None
+
+    def op_put_logger(self, path: str, body: Any) -> tuple[int, Any]:
+        if "log_path" in body and not Path(body["log_path"]).exists():
+            raise Refused(f"Failed to open target file: {body['log_path']}")
+        return 204, None
+
+    def op_put_metrics(self, path: str, body: Any) -> tuple[int, Any]:
+        if self.metrics_set:
+            raise Refused("Reinitialization of metrics not allowed.")
+        if not Path(body["metrics_path"]).exists():
+            raise Refused(f"Failed to open target file: {body['metrics_path']}")
+        self.metrics_set = True
+        return 204, None
+
+    def op_put_actions(self, path: str, body: Any) -> tuple[int, Any]:
+        action = body["action_type"]
+        if action == "InstanceStart":
+            if self.started or self.loaded:
+                raise Refused("The requested operation is not supported after starting the microVM.")
+            if self.boot_source is None:
+                raise Refused("Cannot start microvm without kernel configuration.")
+            self.state = RUNNING
+            if self._console():
+                print("[    0.000000] Linux version 6.1.0-fake (stand-in guest)", flush=True)
+                print(READY_LINE, flush=True)
+            return 204, None
+        if action == "SendCtrlAltDel":
+            if self.state != RUNNING:
+                raise Refused("The requested operation is not supported before starting the microVM.")
+            self.exit_after_reply = 0  # the guest reboots; with reboot=k Firecracker exits
+            return 204, None
+        if not self.metrics_set:  # FlushMetrics
+            raise Refused("The metrics system is not initialized.")
+        return 204, None
+
+    def op_patch_vm(self, path: str, body: Any) -> tuple[int, Any]:
+        if not (self.started or self.loaded):
+            raise Refused("The requested operation is not supported before starting the microVM.")
+        self.state = PAUSED if body["state"] == "Paused" else RUNNING
+        return 204, None
+
+    def op_put_snapshot_create(self, path: str, body: Any) -> tuple[int, Any]:
+        if self.state != PAUSED:
+            raise Refused("Cannot save the microVM state: the microVM is not paused.")
+        if body.get("snapshot_type") == "Diff" and not self.machine.get("track_dirty_pages"):
+            raise Refused("Diff snapshots are not allowed on uVMs with dirty page tracking disabled.")
+        state = {
+            "format": STATE_FORMAT, "id": self.id, "ticks": self.ticks, "machine-config": self.machine,
+            "boot-source": self.boot_source, "drives": self.drives, "network-interfaces": self.nets,
+        }
+        try:
+            Path(body["snapshot_path"]).write_text(json.dumps(state))
+            Path(body["mem_file_path"]).write_bytes(MEM_HEADER.ljust(self.machine["mem_size_mib"] * 1024, b"\0"))
+        except OSError as exc:
+            raise Refused(f"Cannot create snapshot file: {exc}") from exc
+        return 204, None
+
+    def op_put_snapshot_load(self, path: str, body: Any) -> tuple[int, Any]:
+        if self.started or self.configured or self.loaded:
+            raise Refused("Loading a microVM snapshot not allowed after configuring boot-specific resources.")
+        if ("mem_file_path" in body) == ("mem_backend" in body):
+            raise Refused("Exactly one of mem_file_path or mem_backend must be given.")
+        backend = body.get("mem_backend") or {"backend_type": "File", "backend_path": body["mem_file_path"]}
+        try:
+            if backend["backend_type"] != "File":
+                raise ValueError("the stand-in only loads File memory backends")
+            state = json.loads(Path(body["snapshot_path"]).read_text())
+            if state.get("format") != STATE_FORMAT:
+                raise ValueError("not a snapshot state file")
+            mem = Path(backend["backend_path"]).read_bytes()
+            if not mem.startswith(MEM_HEADER) or len(mem) != state["machine-config"]["mem_size_mib"] * 1024:
+                raise ValueError("the memory file does not match the snapshot")
+            for drive in state["drives"].values():  # restoring opens every block device it names
+                if not Path(drive["path_on_host"]).is_file():
+                    raise ValueError(f"Block device error: cannot open {drive['path_on_host']}")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self.exit_after_reply = 1  # a failed load leaves Firecracker unusable: it exits
+            raise Refused(f"Load snapshot error: Failed to restore from snapshot: {exc}") from exc
+        self.machine, self.boot_source = state["machine-config"], state["boot-source"]
+        self.drives, self.nets, self.ticks = state["drives"], state["network-interfaces"], state["ticks"]
+        self.loaded = True
+        self.state = RUNNING if body.get("resume_vm") else PAUSED
+        return 204, None
 
 
 def serve(sock_path: str, spec: Spec, vmm: Vmm) -> None:
@@ -216,10 +369,10 @@ def serve(sock_path: str, spec: Spec, vmm: Vmm) -> None:
         protocol_version = "HTTP/1.1"
 
         def address_string(self) -> str:
-            return "uds"
+            return "api-sock"
 
         def log_message(self, fmt: str, *args: Any) -> None:
-            print("api: " + fmt % args, file=sys.stderr, flush=True)
+            print(f"[{vmm.id}:fc_api] " + fmt % args, file=sys.stderr, flush=True)
 
         def _reply(self, status: int, body: Any) -> None:
             data = b"" if body is None else json.dumps(body).encode()
@@ -229,6 +382,7 @@ def serve(sock_path: str, spec: Spec, vmm: Vmm) -> None:
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+            self.wfile.flush()
 
         def _any(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
@@ -241,42 +395,48 @@ def serve(sock_path: str, spec: Spec, vmm: Vmm) -> None:
             try:
                 body = json.loads(raw) if raw else None
             except ValueError as exc:
-                self._reply(400, {"fault_message": f"An error occurred when deserializing the json body: {exc}"})
+                self._reply(400, {"fault_message": f"An error occurred when deserializing the json body of a request: {exc}"})
                 return
             try:
-                spec.validate(op, body)
-                status, out = vmm.handle(self.command, path, body)
-            except jsonschema.ValidationError as exc:
-                self._reply(400, {"fault_message": f"invalid body: {exc.message}"})
-                return
+                spec.check_body(op, body, bool(raw))
+                status, out = vmm.handle(op, path, body)
+                spec.check_response(op, status, out)
             except Refused as exc:
                 self._reply(exc.status, {"fault_message": str(exc)})
-                return
-            self._reply(status, out)
+            else:
+                self._reply(status, out)
+            if vmm.exit_after_reply is not None:
+                print(f"[{vmm.id}:main] exiting (status {vmm.exit_after_reply})", file=sys.stderr, flush=True)
+                os._exit(vmm.exit_after_reply)
 
         do_GET = do_PUT = do_PATCH = do_POST = do_DELETE = _any
 
     class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         daemon_threads = True
 
-    if os.path.exists(sock_path):
-        os.unlink(sock_path)
     with Server(sock_path, Handler) as server:
         server.serve_forever()
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(prog="firecracker")
     parser.add_argument("--api-sock", required=True)
     parser.add_argument("--id", default="anonymous-instance")
-    parser.add_argument("--spec", default=None)
-    parser.add_argument("--no-api", action="store_true")
-    parser.add_argument("--never-listen", action="store_true", help="test hook: never create the socket")
+    parser.add_argument("--fake-spec", default=None, help="stand-in: the firecracker.yaml to check against")
+    parser.add_argument("--fake-never-listen", action="store_true", help="stand-in: never create the socket")
     args = parser.parse_args()
-    if args.never_listen:
+    if not ID_RULE.match(args.id):
+        print(f"Invalid instance ID: {args.id}", file=sys.stderr, flush=True)
+        return 1
+    print(f"Running Firecracker v{VERSION} (stand-in, pid {os.getpid()})", flush=True)
+    if args.fake_never_listen:
+        print("stand-in: never listening on the API socket", flush=True)
         while True:
-            time.sleep(1)
-    spec = Spec(Path(args.spec) if args.spec else default_spec())
+            signal.pause()
+    spec = Spec(Path(args.fake_spec) if args.fake_spec else default_spec())
+    if os.path.exists(args.api_sock):
+        print(f"Failed to open the API socket: {args.api_sock} already exists", file=sys.stderr, flush=True)
+        return 1
     serve(args.api_sock, spec, Vmm(args.id))
     return 0
 

@@ -1,28 +1,66 @@
-"""FirecrackerDriver against the spec-checking stand-in (no Firecracker binary can run here)."""
+"""FirecrackerDriver against the spec-checking stand-in (no Firecracker binary can run here).
+
+The stand-in refuses, as Firecracker does, every request that breaks the spec or its state rules
+(snapshot only while paused, load first on a fresh process, no configuration after start ...), so a
+lifecycle that completes here sent only requests Firecracker would accept."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
 import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from microvm_blueprint.runtime.adapters.firecracker import FirecrackerSettings, map_http_error
-from microvm_blueprint.runtime.errors import ImageError, InvalidInput, VmmApiError, VmmError, VmmTimeout
+from microvm_blueprint.runtime.adapters.firecracker import (
+    FirecrackerApi,
+    FirecrackerDriver,
+    FirecrackerSettings,
+    api_refusal,
+    map_api_error,
+)
+from microvm_blueprint.runtime.errors import (
+    ImageError,
+    InvalidInput,
+    VmError,
+    VmmApiError,
+    VmmError,
+    VmmTimeout,
+)
 from microvm_blueprint.runtime.lifecycle import Lifecycle
-from microvm_blueprint.runtime.model import Origin, VmStatus
+from microvm_blueprint.runtime.model import Origin, SnapshotRecord, VmRecord, VmSpec, VmStatus, fs_name
 from microvm_blueprint.runtime.store import Store
 
-from ..fakes.firecracker_support import stand_in_driver
+from ..fakes.firecracker_support import kill_stand_ins, stand_in_driver, stand_ins
+
+ANON = Origin()
 
 
-def _life(tmp: Path, *extra: str, **kw: object) -> Lifecycle:
-    return Lifecycle(stand_in_driver(tmp / "fc", *extra, **kw), Store(tmp / "s.sqlite3"), state_dir=tmp / "state")
+@pytest.fixture
+def make(tmp_path: Path, shared: Path) -> Iterator[Callable[..., FirecrackerDriver]]:
+    """Builds drivers over the stand-in; afterwards asserts that no stand-in process is left."""
+    made: list[FirecrackerDriver] = []
+
+    def factory(*extra: str, sub: str = "fc", **overrides: object) -> FirecrackerDriver:
+        driver = stand_in_driver(tmp_path / sub, *extra, **overrides)
+        made.append(driver)
+        return driver
+
+    yield factory
+    leftovers = [pid for d in made for pid in kill_stand_ins(d.settings.socket_dir)]
+    assert leftovers == [], f"stand-in processes left running: {leftovers}"
+
+
+def life_over(driver: FirecrackerDriver, tmp: Path) -> Lifecycle:
+    return Lifecycle(driver, Store(tmp / "state.sqlite3"), state_dir=tmp / "state")
 
 
 def ticks(text: str) -> int:
@@ -30,121 +68,450 @@ def ticks(text: str) -> int:
     return int(found[-1]) if found else 0
 
 
-async def wait_for(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+async def until(pred: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not await pred():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.05)
 
 
-async def test_full_lifecycle_and_restores(tmp_path: Path, shared: Path) -> None:
-    life = _life(tmp_path)
-    o = Origin()
-    await life.create_vm("a", None, o)
-    await life.start_vm("a", o)
+async def vm_api(driver: FirecrackerDriver, life: Lifecycle, vm_id: str, method: str, path: str,
+                 body: dict[str, Any] | None = None) -> Any:
+    """A request to a VM's own API socket, the way an operator would poke it."""
+    vm = life.store.get_vm(vm_id)
+    assert vm is not None and vm.handle is not None and vm.handle.control
+    api = FirecrackerApi(vm.handle.control, 5000)
+    try:
+        return await api.call(method, path, body)
+    finally:
+        await api.aclose()
+
+
+def record(tmp: Path, vm_id: str, status: VmStatus = VmStatus.CREATED, spec: VmSpec | None = None) -> VmRecord:
+    workdir = tmp / "vms" / fs_name(vm_id)
+    workdir.mkdir(parents=True, exist_ok=True)
+    return VmRecord(vm_id=vm_id, status=status, spec=spec or VmSpec(), workdir=str(workdir))
+
+
+# ---- the lifecycle ------------------------------------------------------------------------------
+
+
+async def test_full_lifecycle_snapshots_and_restores(make: Callable[..., FirecrackerDriver], tmp_path: Path) -> None:
+    driver = make()
+    life = life_over(driver, tmp_path)
+    await life.create_vm("a", VmSpec(vcpus=2, mem_mib=256), ANON)
+    assert (await vm_api(driver, life, "a", "GET", "/"))["state"] == "Not started"  # created = configured only
+    cfg = await vm_api(driver, life, "a", "GET", "/vm/config")
+    assert cfg["machine-config"]["vcpu_count"] == 2 and cfg["machine-config"]["mem_size_mib"] == 256
+    a_dir = Path(life.store.get_vm("a").workdir)  # type: ignore[union-attr]
+    assert cfg["drives"][0]["path_on_host"] == str(a_dir / "rootfs.ext4")  # its own copy (rootfs_ro off)
+
+    await life.start_vm("a", ANON)
     assert "MICROVM-READY" in await life.console("a")
 
-    async def ticked() -> bool:
-        return ticks(await life.console("a")) > 2
+    async def a_ticks() -> bool:
+        return ticks(await life.console("a")) >= 2
 
-    await wait_for(ticked, 10, "ticks")
-    await life.stop_vm("a", o)
-    await life.start_vm("a", o)
-    await life.snapshot_vm("a", "hot", o)  # running: the driver pauses first (the stand-in refuses otherwise)
+    await until(a_ticks, 10, "ticks of a")
+    await life.stop_vm("a", ANON)
+    assert (await vm_api(driver, life, "a", "GET", "/"))["state"] == "Paused"
+    await life.start_vm("a", ANON)
+    assert (await vm_api(driver, life, "a", "GET", "/"))["state"] == "Running"
+
+    await life.snapshot_vm("a", "hot", ANON)  # running: paused for the save (the stand-in refuses otherwise), resumed
     assert (await life.get_vm("a")).status is VmStatus.RUNNING
-    await life.stop_vm("a", o)
-    await life.snapshot_vm("a", "cold", o)
+    assert (await vm_api(driver, life, "a", "GET", "/"))["state"] == "Running"
+    cfg = await vm_api(driver, life, "a", "GET", "/vm/config")
+    assert cfg["drives"][0]["path_on_host"] == str(a_dir / "rootfs.ext4")  # switched back to its own disk
+    await life.stop_vm("a", ANON)
+    await life.snapshot_vm("a", "cold", ANON)
+    assert (await vm_api(driver, life, "a", "GET", "/"))["state"] == "Paused"  # a stopped VM stays paused
     at = ticks(await life.console("a"))
-    hot = await life.restore_vm("a", "hot", "b", o)
-    cold = await life.restore_vm("a", "cold", "c", o)
-    assert (hot.status, cold.status) == (VmStatus.RUNNING, VmStatus.STOPPED)
 
-    async def restored_ticks() -> bool:
+    await life.create_vm("fresh", None, ANON)
+    await life.snapshot_vm("fresh", "config-only", ANON)  # created: configuration + disk only
+    snap_dir = Path(life.store.get_snapshot("fresh", "config-only").path)  # type: ignore[union-attr]
+    assert sorted(p.name for p in snap_dir.iterdir()) == ["manifest.json", "rootfs.ext4"]
+
+    # Snapshots outlive their VM: restore after the source is destroyed (its disk is gone).
+    await life.destroy_vm("a", ANON)
+    await life.destroy_vm("fresh", ANON)
+    hot = await life.restore_vm("a", "hot", "b", ANON)
+    cold = await life.restore_vm("a", "cold", "c", ANON)
+    created = await life.restore_vm("fresh", "config-only", "d", ANON)
+    assert (hot.status, cold.status, created.status) == (VmStatus.RUNNING, VmStatus.STOPPED, VmStatus.CREATED)
+    for vm_id, state in (("b", "Running"), ("c", "Paused"), ("d", "Not started")):
+        assert (await vm_api(driver, life, vm_id, "GET", "/"))["state"] == state
+        own = Path(life.store.get_vm(vm_id).workdir) / "rootfs.ext4"  # type: ignore[union-attr]
+        cfg = await vm_api(driver, life, vm_id, "GET", "/vm/config")
+        assert cfg["drives"][0]["path_on_host"] == str(own), vm_id  # each restored VM has its own disk
+
+    async def b_ticks() -> bool:
         return ticks(await life.console("b")) > 0
 
-    await wait_for(restored_ticks, 10, "restored ticks")
-    assert ticks(await life.console("b")) >= at - 10  # carries on from the snapshot's count
-    await life.create_vm("fresh", None, o)
-    await life.snapshot_vm("fresh", "config-only", o)
-    d = await life.restore_vm("fresh", "config-only", "d", o)
-    assert d.status is VmStatus.CREATED
-    await life.start_vm("d", o)
-    for vm in ("a", "b", "c", "d", "fresh"):
-        await life.destroy_vm(vm, o)
+    await until(b_ticks, 10, "ticks of the restored vm")
+    assert ticks(await life.console("b")) >= 2  # it carries on from the snapshot's count
+    assert ticks(await life.console("c")) == 0  # restored paused: no tick yet
+    await life.start_vm("c", ANON)
+
+    async def c_ticks() -> bool:
+        return ticks(await life.console("c")) > at
+
+    await until(c_ticks, 10, "ticks of the resumed restored vm")
+    await life.start_vm("d", ANON)
+    assert "MICROVM-READY" in await life.console("d")
+    for vm_id in ("b", "c", "d"):
+        await life.destroy_vm(vm_id, ANON)
     await life.close(stop_vms=True)
     assert list((tmp_path / "state" / "vms").iterdir()) == []
+    assert list(Path(driver.settings.socket_dir).iterdir()) == []
 
 
-async def test_unknown_field_surfaces_as_api_error(tmp_path: Path, shared: Path) -> None:
-    life = _life(tmp_path)
-    await life.create_vm("a", None, Origin())
-    driver = life.driver
-    vm = driver._vms["a"]  # type: ignore[attr-defined]
-    with pytest.raises(VmmApiError, match="invalid body") as err:
-        await driver._api(vm, "PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128, "bogus": 1})  # type: ignore[attr-defined]
-    assert err.value.status == 400
-    await life.destroy_vm("a", Origin())
+async def test_read_only_rootfs_is_shared_not_copied(make: Callable[..., FirecrackerDriver], tmp_path: Path) -> None:
+    driver = make(rootfs_ro=True)
+    life = life_over(driver, tmp_path)
+    await life.create_vm("a", None, ANON)
+    cfg = await vm_api(driver, life, "a", "GET", "/vm/config")
+    assert cfg["drives"][0] == {"drive_id": "rootfs", "path_on_host": str(Path(driver.settings.rootfs).resolve()),
+                                "is_root_device": True, "is_read_only": True}
+    assert not (Path(life.store.get_vm("a").workdir) / "rootfs.ext4").exists()  # type: ignore[union-attr]
+    await life.start_vm("a", ANON)
+    await life.snapshot_vm("a", "s", ANON)
+    await life.destroy_vm("a", ANON)
+    view = await life.restore_vm("a", "s", "b", ANON)
+    assert view.status is VmStatus.RUNNING
+    cfg = await vm_api(driver, life, "b", "GET", "/vm/config")
+    assert cfg["drives"][0]["is_read_only"] is True
+    await life.destroy_vm("b", ANON)
     await life.close(stop_vms=True)
 
 
-async def test_killed_process_is_failed_and_destroy_cleans_up(tmp_path: Path, shared: Path) -> None:
-    life = _life(tmp_path)
-    await life.create_vm("a", None, Origin())
-    await life.start_vm("a", Origin())
-    pid = life.store.get_vm("a").handle.pid  # type: ignore[union-attr]
-    os.kill(pid, signal.SIGKILL)
+async def test_boot_waits_for_the_ready_line_with_a_deadline(make: Callable[..., FirecrackerDriver],
+                                                              tmp_path: Path) -> None:
+    silent = make(sub="silent", boot_args="quiet", boot_timeout_ms=600)  # no console=ttyS0: no serial output
+    vm = record(tmp_path / "silent", "a")
+    await silent.create(vm)
+    try:
+        with pytest.raises(VmmTimeout, match="ready line 'MICROVM-READY'") as err:
+            await silent.boot(vm)
+        assert "Running Firecracker" in err.value.log_tail
+    finally:
+        await silent.destroy(vm)
+    no_line = make(sub="noline", boot_args="quiet", ready_line="")  # ready = GET / says Running
+    vm = record(tmp_path / "noline", "a")
+    await no_line.create(vm)
+    await no_line.boot(vm)
+    await no_line.boot(vm)  # a replayed start of a VM already running is answered, not refused
+    await no_line.destroy(vm)
+    assert not Path(vm.workdir).exists()
+
+
+async def test_unknown_field_surfaces_as_vmm_api_error(make: Callable[..., FirecrackerDriver], tmp_path: Path) -> None:
+    driver = make()
+    life = life_over(driver, tmp_path)
+    await life.create_vm("a", None, ANON)
+    with pytest.raises(VmmApiError, match=r"refused PUT /machine-config \(HTTP 400\).*bogus") as err:
+        await vm_api(driver, life, "a", "PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128, "bogus": 1})
+    assert err.value.status == 400 and "bogus" in err.value.body
+    await life.start_vm("a", ANON)
+    with pytest.raises(VmmApiError, match="not supported after starting"):
+        await vm_api(driver, life, "a", "PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128})
+    await life.destroy_vm("a", ANON)
+    await life.close(stop_vms=True)
+
+
+async def test_vcpu_and_image_checked_before_spawning(make: Callable[..., FirecrackerDriver], tmp_path: Path) -> None:
+    driver = make()
+    with pytest.raises(ImageError, match="image 'other' is not available"):
+        await driver.create(record(tmp_path, "a", spec=VmSpec(image="other")))
+    with pytest.raises(InvalidInput, match="vcpus must be between 1 and 32"):
+        await driver.create(record(tmp_path, "b", spec=VmSpec(vcpus=33)))
+    assert stand_ins(driver.settings.socket_dir) == []
+
+
+# ---- failures -----------------------------------------------------------------------------------
+
+
+async def test_killed_behind_the_drivers_back(make: Callable[..., FirecrackerDriver], tmp_path: Path) -> None:
+    driver = make()
+    life = life_over(driver, tmp_path)
+    heard: list[tuple[str, str]] = []
+    core_listener = driver._listener
+    assert core_listener is not None
+
+    def listener(vm_id: str, reason: str) -> None:
+        heard.append((vm_id, reason))
+        core_listener(vm_id, reason)
+
+    driver.set_exit_listener(listener)
+    await life.create_vm("a", None, ANON)
+    await life.start_vm("a", ANON)
+    vm = life.store.get_vm("a")
+    assert vm is not None and vm.handle is not None and vm.handle.pid
+    os.kill(vm.handle.pid, signal.SIGKILL)
 
     async def failed() -> bool:
         return (await life.get_vm("a")).status is VmStatus.FAILED
 
-    await wait_for(failed, 10, "failed status")
-    await life.destroy_vm("a", Origin())
+    await until(failed, 10, "the failed status")
+    assert heard and heard[0][0] == "a" and "exit code -9" in heard[0][1]
+    assert not await driver.alive(life._record(vm))
+    await life.destroy_vm("a", ANON)
     assert (await life.get_vm("a")).status is VmStatus.DESTROYED
     assert list((tmp_path / "state" / "vms").iterdir()) == []
+    assert list(Path(driver.settings.socket_dir).iterdir()) == []
+    assert len(heard) == 1  # destroy is asked for: no second report
+    await life.close(stop_vms=True)
 
 
-async def test_socket_never_appears_is_a_timeout_with_log_tail(tmp_path: Path, shared: Path) -> None:
-    life = _life(tmp_path, "--never-listen", socket_ready_timeout_ms=300)
-    with pytest.raises(VmmTimeout, match="did not appear"):
-        await life.create_vm("a", None, Origin())
+async def test_socket_never_appears_is_a_timeout_with_log_tail(make: Callable[..., FirecrackerDriver],
+                                                                tmp_path: Path) -> None:
+    driver = make("--fake-never-listen", socket_ready_timeout_ms=1500)
+    life = life_over(driver, tmp_path)
+    with pytest.raises(VmmTimeout, match="did not appear within 1500 ms") as err:
+        await life.create_vm("a", None, ANON)
+    assert "never listening" in err.value.log_tail
     assert await life.list_vms() == []
     assert list((tmp_path / "state" / "vms").iterdir()) == []
-
-
-async def test_missing_binary_or_kernel_before_spawning(tmp_path: Path, shared: Path) -> None:
-    life = _life(tmp_path, bin="/nonexistent/firecracker")
-    with pytest.raises(ImageError, match="MICROVM_FIRECRACKER_BIN"):
-        await life.create_vm("a", None, Origin())
-    life = _life(tmp_path / "2", kernel="/nonexistent/vmlinux")
-    with pytest.raises(ImageError, match="MICROVM_FIRECRACKER_KERNEL"):
-        await life.create_vm("a", None, Origin())
-    assert await life.list_vms() == []
-
-
-def test_settings_from_env_name_the_bad_variable() -> None:
-    s = FirecrackerSettings.from_env({"MICROVM_FIRECRACKER_BIN": "/x/fc", "MICROVM_FIRECRACKER_VCPU_COUNT": "4",
-                                      "MICROVM_FIRECRACKER_ROOTFS_RO": "false"})
-    assert (s.bin, s.vcpu_count, s.rootfs_ro, s.mem_mib, s.api_timeout_ms) == ("/x/fc", 4, False, 1024, 5000)
-    with pytest.raises(InvalidInput, match="MICROVM_FIRECRACKER_MEM_MIB"):
-        FirecrackerSettings.from_env({"MICROVM_FIRECRACKER_MEM_MIB": "lots"})
-    with pytest.raises(InvalidInput, match="MICROVM_FIRECRACKER_ROOTFS_RO"):
-        FirecrackerSettings.from_env({"MICROVM_FIRECRACKER_ROOTFS_RO": "maybe"})
+    assert stand_ins(driver.settings.socket_dir) == []  # killed and reaped
 
 
 @pytest.mark.parametrize(
-    ("exc", "expected"),
+    ("override", "message"),
     [
-        (httpx.ConnectError("refused"), VmmError),
-        (httpx.ReadTimeout("slow"), VmmTimeout),
-        (httpx.ConnectTimeout("slow"), VmmTimeout),
-        (httpx.RemoteProtocolError("garbage"), VmmError),
-        (httpx.ReadError("reset"), VmmError),
-        (FileNotFoundError("no socket"), VmmError),
-        (ConnectionRefusedError("refused"), VmmError),
-        (ValueError("Expecting value"), VmmApiError),
+        ({"bin": "/nonexistent/firecracker"}, "firecracker binary not found: .*MICROVM_FIRECRACKER_BIN"),
+        ({"bin": "no-such-firecracker-on-path"}, "binary not found.*MICROVM_FIRECRACKER_BIN"),
+        ({"kernel": "/nonexistent/vmlinux"}, "kernel not found: /nonexistent/vmlinux.*MICROVM_FIRECRACKER_KERNEL"),
+        ({"kernel": ""}, "kernel is not set.*MICROVM_FIRECRACKER_KERNEL"),
+        ({"rootfs": "/nonexistent/rootfs"}, "rootfs not found.*MICROVM_FIRECRACKER_ROOTFS"),
+        ({"initrd": "/nonexistent/initrd"}, "initrd not found.*MICROVM_FIRECRACKER_INITRD"),
     ],
 )
-def test_every_foreign_error_is_mapped(exc: Exception, expected: type[Exception]) -> None:
-    mapped = map_http_error(exc, "PUT /x")
+async def test_missing_files_are_reported_before_spawning(make: Callable[..., FirecrackerDriver], tmp_path: Path,
+                                                           override: dict[str, str], message: str) -> None:
+    driver = make(**override)
+    vm = record(tmp_path, "a")
+    with pytest.raises(ImageError, match=message):
+        await driver.create(vm)
+    assert list(Path(vm.workdir).iterdir()) == []  # nothing spawned, nothing copied
+    assert stand_ins(driver.settings.socket_dir) == []
+
+
+async def test_binary_that_is_not_executable(make: Callable[..., FirecrackerDriver], tmp_path: Path) -> None:
+    plain = tmp_path / "not-exec"
+    plain.write_text("#!/bin/sh\n")
+    driver = make(bin=str(plain))
+    with pytest.raises(ImageError, match="not executable"):
+        await driver.create(record(tmp_path, "a"))
+
+
+async def test_a_failed_load_leaves_nothing_behind(make: Callable[..., FirecrackerDriver], tmp_path: Path) -> None:
+    driver = make()
+    life = life_over(driver, tmp_path)
+    await life.create_vm("a", None, ANON)
+    await life.start_vm("a", ANON)
+    await life.snapshot_vm("a", "s", ANON)
+    snap = life.store.get_snapshot("a", "s")
+    assert snap is not None
+    (Path(snap.path) / "memory.bin").write_bytes(b"garbage")  # the stand-in's load fails and it exits
+    with pytest.raises(VmmError, match="Load snapshot error") as err:
+        await life.restore_vm("a", "s", "b", ANON)
+    assert "Running Firecracker" in err.value.log_tail  # the new VMM's log comes with the error
+    assert [v.vm_id for v in await life.list_vms()] == ["a"]
+    assert sorted(p.name for p in (tmp_path / "state" / "vms").iterdir()) == [fs_name("a")]
+    (Path(snap.path) / "vmstate.bin").unlink()
+    with pytest.raises(VmmError, match=r"missing vmstate\.bin"):
+        await life.restore_vm("a", "s", "c", ANON)
+    await life.destroy_vm("a", ANON)
+    await life.close(stop_vms=True)
+
+
+async def test_adopt_after_an_operator_restart(make: Callable[..., FirecrackerDriver], tmp_path: Path) -> None:
+    first = make()
+    vm = record(tmp_path, "a")
+    handle = await first.create(vm)
+    await first.boot(vm)
+    await first.close(stop_vms=False)  # the operator exits and leaves its VMs running
+    running = replace(vm, status=VmStatus.RUNNING, handle=handle)
+
+    second = FirecrackerDriver(first.settings)  # the next operator process
+    heard: list[str] = []
+    second.set_exit_listener(lambda vm_id, reason: heard.append(reason))
+    assert await second.alive(running)  # pid + GET / probe, before adopting
+    assert await second.adopt(running)
+    await second.pause(running)
+    await second.resume(running)
+    size = await second.snapshot(running, str(_snapdir(tmp_path)))
+    assert size > 0
+    assert handle is not None and handle.pid
+    os.kill(handle.pid, signal.SIGKILL)
+
+    async def reported() -> bool:
+        return bool(heard)
+
+    await until(reported, 10, "the exit report of an adopted vmm")
+    assert not await second.alive(running)
+    assert not await second.adopt(running)
+    await second.destroy(running)
+    assert not Path(vm.workdir).exists()
+
+
+async def test_destroy_without_adopting_kills_by_pid_file(make: Callable[..., FirecrackerDriver],
+                                                           tmp_path: Path) -> None:
+    first = make()
+    vm = record(tmp_path, "a")
+    handle = await first.create(vm)
+    await first.close(stop_vms=False)
+    assert handle is not None and handle.pid
+    assert stand_ins(first.settings.socket_dir) != []
+    other = FirecrackerDriver(first.settings)
+    await other.destroy(replace(vm, handle=None))  # reconciliation of an undone create: no handle
+    assert stand_ins(first.settings.socket_dir) == []
+    assert not Path(vm.workdir).exists()
+    await other.destroy(replace(vm, handle=None))  # idempotent
+
+
+def _snapdir(tmp: Path) -> Path:
+    path = tmp / "snap"
+    path.mkdir()
+    return path
+
+
+async def test_snapshot_record_of_a_running_vm_restores_in_a_new_driver(make: Callable[..., FirecrackerDriver],
+                                                                         tmp_path: Path) -> None:
+    """restore() only needs the snapshot folder and its record (what the lifecycle core keeps)."""
+    driver = make()
+    vm = record(tmp_path, "a")
+    await driver.create(vm)
+    await driver.boot(vm)
+    out = _snapdir(tmp_path)
+    size = await driver.snapshot(replace(vm, status=VmStatus.RUNNING), str(out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["vm_status"] == "running" and manifest["memory"] == "memory.bin"
+    await driver.destroy(vm)
+    snap = SnapshotRecord("a", "s", str(out), VmStatus.RUNNING, VmSpec(), time.time(), size)
+    other = make(sub="other")
+    new = record(tmp_path, "b", VmStatus.RUNNING)
+    await other.restore(new, snap)
+    assert await other.alive(new)
+    await other.destroy(new)
+
+
+# ---- settings -----------------------------------------------------------------------------------
+
+
+def test_settings_from_env_parse_and_name_the_bad_variable(tmp_path: Path) -> None:
+    s = FirecrackerSettings.from_env({
+        "MICROVM_FIRECRACKER_BIN": "/x/fc", "MICROVM_FIRECRACKER_VCPU_COUNT": "4",
+        "MICROVM_FIRECRACKER_ROOTFS_RO": "false", "MICROVM_FIRECRACKER_KERNEL": "/k",
+        "MICROVM_FIRECRACKER_ROOTFS": "/r", "MICROVM_FIRECRACKER_BOOT_ARGS": "console=ttyS0",
+        "MICROVM_FIRECRACKER_SOCKET_DIR": "/run/fc", "MICROVM_FIRECRACKER_STATE_DIR": "/var/lib/fc",
+        "MICROVM_FIRECRACKER_API_TIMEOUT_MS": "250", "MICROVM_FIRECRACKER_SOCKET_READY_TIMEOUT_MS": "900",
+        "MICROVM_FIRECRACKER_LOG_LEVEL": "debug",
+    })
+    assert (s.bin, s.kernel, s.rootfs, s.boot_args, s.socket_dir, s.state_dir) == (
+        "/x/fc", "/k", "/r", "console=ttyS0", "/run/fc", "/var/lib/fc")
+    assert (s.vcpu_count, s.mem_mib, s.rootfs_ro, s.api_timeout_ms, s.socket_ready_timeout_ms, s.log_level) == (
+        4, 1024, False, 250, 900, "Debug")
+    assert s.default_spec() == VmSpec(vcpus=4, mem_mib=1024)
+    d = FirecrackerSettings.from_env({})
+    assert (d.bin, d.vcpu_count, d.mem_mib, d.rootfs_ro, d.api_timeout_ms, d.socket_ready_timeout_ms) == (
+        "firecracker", 2, 1024, True, 5000, 5000)
+    for name, value in [("MEM_MIB", "lots"), ("MEM_MIB", "64"), ("VCPU_COUNT", "0"), ("VCPU_COUNT", "33"),
+                        ("API_TIMEOUT_MS", "-5"), ("SOCKET_READY_TIMEOUT_MS", "1.5"), ("ROOTFS_RO", "maybe"),
+                        ("LOG_LEVEL", "loud"), ("SOCKET_DIR", "/" + "d" * 90)]:
+        with pytest.raises(InvalidInput, match=f"MICROVM_FIRECRACKER_{name}="):
+            FirecrackerSettings.from_env({f"MICROVM_FIRECRACKER_{name}": value})
+    with pytest.raises(InvalidInput, match="107-byte limit"):
+        FirecrackerSettings(socket_dir="/" + "x" * 80)
+
+
+# ---- every foreign error lands in the runtime error tree ------------------------------------------
+
+REQUEST = httpx.Request("PUT", "http://localhost/x")
+
+FOREIGN: list[tuple[BaseException, type[VmError], str]] = [
+    (httpx.ConnectError("refused", request=REQUEST), VmmError, "socket unreachable"),
+    (httpx.ConnectTimeout("slow", request=REQUEST), VmmTimeout, "did not answer"),
+    (httpx.ReadTimeout("slow", request=REQUEST), VmmTimeout, "did not answer"),
+    (httpx.WriteTimeout("slow", request=REQUEST), VmmTimeout, "did not answer"),
+    (httpx.PoolTimeout("slow", request=REQUEST), VmmTimeout, "did not answer"),
+    (httpx.RemoteProtocolError("garbage", request=REQUEST), VmmError, "broke the HTTP protocol"),
+    (httpx.LocalProtocolError("bad", request=REQUEST), VmmError, "broke the HTTP protocol"),
+    (httpx.ReadError("reset", request=REQUEST), VmmError, "failed"),
+    (httpx.WriteError("pipe", request=REQUEST), VmmError, "failed"),
+    (httpx.UnsupportedProtocol("x", request=REQUEST), VmmError, "failed"),
+    (httpx.DecodingError("gzip", request=REQUEST), VmmError, "failed"),
+    (httpx.InvalidURL("bad url"), VmmError, "failed"),
+    (FileNotFoundError(2, "No such file or directory"), VmmError, "socket unreachable"),
+    (ConnectionRefusedError(111, "Connection refused"), VmmError, "socket unreachable"),
+    (ConnectionResetError(104, "reset"), VmmError, "failed"),
+    (PermissionError(13, "denied"), VmmError, "failed"),
+    (OSError(5, "I/O error"), VmmError, "failed"),
+    (TimeoutError(), VmmTimeout, "did not answer"),
+    (json.JSONDecodeError("Expecting value", "<html>", 0), VmmApiError, "malformed JSON"),
+    (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), VmmApiError, "malformed JSON"),
+    (RuntimeError("anything else"), VmmError, "failed"),
+]
+
+
+@pytest.mark.parametrize(("exc", "expected", "text"), FOREIGN, ids=[type(e[0]).__name__ for e in FOREIGN])
+def test_map_api_error(exc: BaseException, expected: type[VmError], text: str) -> None:
+    mapped = map_api_error(exc, "PUT /x", 5000)
     assert type(mapped) is expected
-    assert "PUT /x" in str(mapped)
+    assert "PUT /x" in str(mapped) and text in str(mapped)
+
+
+@pytest.mark.parametrize(("exc", "expected", "text"), [f for f in FOREIGN if not isinstance(f[0], RuntimeError)],
+                         ids=[type(e[0]).__name__ for e in FOREIGN if not isinstance(e[0], RuntimeError)])
+async def test_api_client_maps_what_the_transport_raises(exc: BaseException, expected: type[VmError],
+                                                         text: str) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if isinstance(exc, json.JSONDecodeError | UnicodeDecodeError):
+            return httpx.Response(200, content=b"\xff<html>not json")
+        raise exc
+
+    api = FirecrackerApi("/nonexistent.sock", 5000, transport=httpx.MockTransport(handler))
+    try:
+        with pytest.raises(expected, match=re.escape("PUT /x")) as err:
+            await api.call("PUT", "/x", {"a": 1})
+        assert type(err.value) is expected and err.value.__cause__ is not None
+    finally:
+        await api.aclose()
+
+
+@pytest.mark.parametrize(
+    ("status", "content", "fault"),
+    [
+        (400, b'{"fault_message": "The requested operation is not supported after starting the microVM."}',
+         "The requested operation is not supported after starting the microVM."),
+        (500, b'{"fault_message": "internal"}', "internal"),
+        (404, b"plain text", "plain text"),
+        (400, b"", ""),
+        (400, b'{"other": 1}', '{"other": 1}'),
+        (503, b"\xff\xfe", "\ufffd\ufffd"),
+        (301, b"", ""),
+    ],
+)
+async def test_non_2xx_answers_are_vmm_api_errors(status: int, content: bytes, fault: str) -> None:
+    direct = api_refusal(status, content, "PUT /x")
+    api = FirecrackerApi("/nonexistent.sock", 5000,
+                         transport=httpx.MockTransport(lambda request: httpx.Response(status, content=content)))
+    try:
+        with pytest.raises(VmmApiError) as err:
+            await api.call("PUT", "/x", {})
+    finally:
+        await api.aclose()
+    for e in (direct, err.value):
+        assert (e.status, e.body) == (status, fault)
+        assert f"HTTP {status}" in str(e) and "PUT /x" in str(e)
+
+
+async def test_a_real_unreachable_socket_is_a_vmm_error(tmp_path: Path) -> None:
+    api = FirecrackerApi(str(tmp_path / "missing.sock"), 500)
+    try:
+        with pytest.raises(VmmError, match="socket unreachable for GET /") as err:
+            await api.call("GET", "/")
+        assert not isinstance(err.value, VmmApiError | VmmTimeout)
+    finally:
+        await api.aclose()

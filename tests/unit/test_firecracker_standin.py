@@ -2,91 +2,281 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from ..fakes.firecracker_support import STAND_IN
+from ..fakes.firecracker_support import STAND_IN, kill_stand_ins, short_socket_dir, stand_ins
+
+
+@dataclass
+class Api:
+    c: httpx.Client
+    tmp: Path
+    proc: subprocess.Popen[bytes]
+    out: Path
+
+    def fault(self, r: httpx.Response, status: int = 400) -> str:
+        assert r.status_code == status, (r.status_code, r.text)
+        return str(r.json()["fault_message"])
+
+    def state(self) -> str:
+        return str(self.c.get("/").json()["state"])
+
+    def boot(self, boot_args: str = "console=ttyS0") -> None:
+        ok(self.c.put("/boot-source", json={"kernel_image_path": str(self.tmp / "k"), "boot_args": boot_args}))
+        ok(self.c.put("/machine-config", json={"vcpu_count": 1, "mem_size_mib": 128}))
+        ok(self.c.put("/drives/rootfs", json={"drive_id": "rootfs", "path_on_host": str(self.tmp / "d"),
+                                               "is_root_device": True, "is_read_only": False}))
+        ok(self.c.put("/actions", json={"action_type": "InstanceStart"}))
+
+    def snap(self) -> dict[str, str]:
+        return {"snapshot_path": str(self.tmp / "state"), "mem_file_path": str(self.tmp / "mem")}
+
+
+def ok(r: httpx.Response) -> None:
+    assert r.status_code == 204, (r.status_code, r.text)
+
+
+def wait_exit(proc: subprocess.Popen[bytes], timeout: float = 10) -> int:
+    return proc.wait(timeout)
+
+
+def start(tmp: Path, name: str = "fc") -> Api:
+    sock = Path(short_socket_dir(tmp)) / f"{name}.sock"
+    sock.parent.mkdir(parents=True, exist_ok=True)
+    out = tmp / f"{name}.log"
+    with open(out, "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(STAND_IN), "--api-sock", str(sock), "--id", "test-vm"],
+                                stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 15
+    while not sock.exists():
+        assert proc.poll() is None, out.read_text()
+        assert time.monotonic() < deadline, "stand-in did not start"
+        time.sleep(0.02)
+    (tmp / "k").write_bytes(b"k")
+    (tmp / "d").write_bytes(b"d")
+    client = httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://localhost", timeout=5)
+    return Api(client, tmp, proc, out)
 
 
 @pytest.fixture
-def api(tmp_path: Path, shared: Path) -> Iterator[tuple[httpx.Client, Path, subprocess.Popen[bytes]]]:
-    sock = tmp_path / "fc.sock"
-    proc = subprocess.Popen([sys.executable, str(STAND_IN), "--api-sock", str(sock)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 15
-    while not sock.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "stand-in did not start"
-        time.sleep(0.02)
-    (tmp_path / "k").write_bytes(b"k")
-    (tmp_path / "d").write_bytes(b"d")
-    client = httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://localhost", timeout=5)
-    yield client, tmp_path, proc
-    client.close()
-    proc.kill()
-    proc.wait()
+def api(tmp_path: Path, shared: Path) -> Iterator[Api]:
+    a = start(tmp_path)
+    yield a
+    a.c.close()
+    if a.proc.poll() is None:
+        a.proc.kill()
+    a.proc.wait()
+    assert kill_stand_ins(str(tmp_path)) == [], "a stand-in process was left running"
 
 
-def fault(r: httpx.Response) -> str:
-    assert r.status_code == 400, (r.status_code, r.text)
-    return str(r.json()["fault_message"])
+def test_routes_come_from_the_shared_spec(api: Api, shared: Path) -> None:
+    """The spec is read from ../shared at run time; a path it lacks is refused."""
+    import yaml
+
+    spec = yaml.safe_load((shared / "firecracker" / "firecracker.yaml").read_text())
+    assert {"/", "/actions", "/snapshot/load", "/vm"} <= set(spec["paths"])
+    assert "Invalid request method and/or path" in api.fault(api.c.get("/not-in-the-spec"))
 
 
-def boot(c: httpx.Client, tmp: Path) -> None:
-    assert c.put("/boot-source", json={"kernel_image_path": str(tmp / "k")}).status_code == 204
-    assert c.put("/machine-config", json={"vcpu_count": 1, "mem_size_mib": 128}).status_code == 204
-    assert c.put("/drives/rootfs", json={"drive_id": "rootfs", "path_on_host": str(tmp / "d"),
-                                          "is_root_device": True}).status_code == 204
-    assert c.put("/actions", json={"action_type": "InstanceStart"}).status_code == 204
+def test_unknown_path_or_method(api: Api) -> None:
+    assert "Invalid request method and/or path: PUT /nowhere" in api.fault(api.c.put("/nowhere", json={}))
+    assert "Invalid request method and/or path: DELETE /vm" in api.fault(api.c.delete("/vm"))
+    assert "Invalid request method and/or path" in api.fault(api.c.get("/vm"))  # /vm has only PATCH
+    assert "Invalid request method and/or path" in api.fault(api.c.put("/drives", json={}))
 
 
-def test_schema_is_enforced(api) -> None:  # type: ignore[no-untyped-def]
-    c, _tmp, _ = api
-    assert "Invalid request method and/or path" in fault(c.put("/nowhere", json={}))
-    assert "Invalid request method and/or path" in fault(c.delete("/vm"))
-    assert "invalid body" in fault(c.put("/machine-config", json={"vcpu_count": 1, "mem_size_mib": 128, "x": 1}))
-    assert "invalid body" in fault(c.put("/machine-config", json={"vcpu_count": "two", "mem_size_mib": 128}))
-    assert "invalid body" in fault(c.put("/machine-config", json={"vcpu_count": 1}))
-    assert "invalid body" in fault(c.put("/actions", json={"action_type": "Explode"}))
-    assert "invalid body" in fault(c.patch("/vm", json={"state": "Sleeping"}))
-    assert "deserializing" in fault(c.put("/logger", content=b"{not json", headers={"content-type": "application/json"}))
-    assert c.get("/").json()["state"] == "Not started"
+def test_unknown_fields_are_refused(api: Api) -> None:
+    f = api.fault(api.c.put("/machine-config", json={"vcpu_count": 1, "mem_size_mib": 128, "bogus": 1}))
+    assert "bogus" in f and "Additional properties" in f
+    f = api.fault(api.c.put("/snapshot/load", json={"snapshot_path": "s", "mem_backend": {
+        "backend_type": "File", "backend_path": "m", "extra": True}}))
+    assert "mem_backend" in f and "extra" in f  # nested objects are closed too
+    assert api.state() == "Not started"
 
 
-def test_state_rules(api) -> None:  # type: ignore[no-untyped-def]
-    c, tmp, _ = api
-    assert "before starting" in fault(c.patch("/vm", json={"state": "Paused"}))
-    assert "without kernel" in fault(c.put("/actions", json={"action_type": "InstanceStart"}))
-    boot(c, tmp)
-    assert c.get("/").json()["state"] == "Running"
-    assert "after starting" in fault(c.put("/machine-config", json={"vcpu_count": 2, "mem_size_mib": 256}))
-    assert "after starting" in fault(c.put("/actions", json={"action_type": "InstanceStart"}))
-    snap = {"snapshot_path": str(tmp / "s"), "mem_file_path": str(tmp / "m")}
-    assert "not paused" in fault(c.put("/snapshot/create", json=snap))
-    assert c.patch("/vm", json={"state": "Paused"}).status_code == 204
-    assert c.put("/snapshot/create", json=snap).status_code == 204
-    assert "not allowed" in fault(c.put("/snapshot/load", json={"snapshot_path": str(tmp / "s")}))
+def test_wrong_types_and_enums_are_refused(api: Api) -> None:
+    assert "'two' is not of type 'integer'" in api.fault(
+        api.c.put("/machine-config", json={"vcpu_count": "two", "mem_size_mib": 128}))
+    assert "is not of type 'boolean'" in api.fault(api.c.put("/drives/rootfs", json={
+        "drive_id": "rootfs", "is_root_device": "yes"}))
+    assert "is greater than the maximum" in api.fault(
+        api.c.put("/machine-config", json={"vcpu_count": 33, "mem_size_mib": 128}))
+    assert "'Explode' is not one of" in api.fault(api.c.put("/actions", json={"action_type": "Explode"}))
+    assert "'Sleeping' is not one of" in api.fault(api.c.patch("/vm", json={"state": "Sleeping"}))
+    assert "is not of type 'object'" in api.fault(api.c.put("/actions", json=["InstanceStart"]))
 
 
-def test_load_only_on_a_fresh_process_and_a_failed_load_kills_it(api) -> None:  # type: ignore[no-untyped-def]
-    c, tmp, proc = api
-    assert c.put("/logger", json={"log_path": str(tmp / "log")}).status_code == 204  # allowed before a load
-    assert "Load snapshot error" in fault(c.put("/snapshot/load", json={"snapshot_path": str(tmp / "missing")}))
-    deadline = time.monotonic() + 10
-    while proc.poll() is None:
-        assert time.monotonic() < deadline, "a failed load must end the process"
-        time.sleep(0.05)
-    assert proc.returncode != 0
+def test_missing_required_fields_and_bodies_are_refused(api: Api) -> None:
+    assert "'mem_size_mib' is a required property" in api.fault(api.c.put("/machine-config", json={"vcpu_count": 1}))
+    assert "'kernel_image_path' is a required property" in api.fault(api.c.put("/boot-source", json={}))
+    assert "'action_type' is a required property" in api.fault(api.c.put("/actions", json={}))
+    assert "body is missing" in api.fault(api.c.put("/actions"))
+    assert "takes no body" in api.fault(api.c.request("GET", "/", json={"x": 1}))
+    assert "deserializing" in api.fault(
+        api.c.put("/logger", content=b"{not json", headers={"content-type": "application/json"}))
 
 
-def test_config_before_load_is_refused(api) -> None:  # type: ignore[no-untyped-def]
-    c, tmp, _ = api
-    assert c.put("/machine-config", json={"vcpu_count": 1, "mem_size_mib": 128}).status_code == 204
-    assert "not allowed" in fault(c.put("/snapshot/load", json={"snapshot_path": str(tmp / "s")}))
+def test_instance_info_and_vm_config_follow_the_spec(api: Api) -> None:
+    info = api.c.get("/").json()
+    assert set(info) == {"app_name", "id", "state", "vmm_version"}
+    assert (info["id"], info["state"]) == ("test-vm", "Not started")
+    api.boot()
+    cfg = api.c.get("/vm/config").json()
+    assert cfg["drives"][0]["drive_id"] == "rootfs" and cfg["machine-config"]["mem_size_mib"] == 128
+    assert api.c.get("/version").json() == {"firecracker_version": "1.12.1"}
 
 
+def test_configuration_only_before_start_and_start_only_once(api: Api) -> None:
+    assert "without kernel configuration" in api.fault(api.c.put("/actions", json={"action_type": "InstanceStart"}))
+    api.boot()
+    assert api.state() == "Running"
+    after = "not supported after starting"
+    assert after in api.fault(api.c.put("/machine-config", json={"vcpu_count": 2, "mem_size_mib": 256}))
+    assert after in api.fault(api.c.put("/boot-source", json={"kernel_image_path": str(api.tmp / "k")}))
+    assert after in api.fault(api.c.put("/drives/data", json={"drive_id": "data", "path_on_host": str(api.tmp / "d"),
+                                                                "is_root_device": False, "is_read_only": True}))
+    assert after in api.fault(api.c.put("/network-interfaces/eth0", json={"iface_id": "eth0", "host_dev_name": "t"}))
+    assert after in api.fault(api.c.put("/actions", json={"action_type": "InstanceStart"}))
+
+
+def test_drive_rules(api: Api) -> None:
+    d = {"drive_id": "rootfs", "path_on_host": str(api.tmp / "d"), "is_root_device": True, "is_read_only": False}
+    assert "does not match" in api.fault(api.c.put("/drives/other", json=d))
+    assert "Unable to open drive file" in api.fault(api.c.put("/drives/rootfs", json={**d, "path_on_host": "/nope"}))
+    ok(api.c.put("/drives/rootfs", json=d))
+    assert "root block device already exists" in api.fault(api.c.put("/drives/b", json={**d, "drive_id": "b"}))
+    assert "before starting" in api.fault(api.c.patch("/drives/rootfs", json={"drive_id": "rootfs"}))
+
+
+def test_pause_resume_only_after_boot(api: Api) -> None:
+    before = "not supported before starting"
+    assert before in api.fault(api.c.patch("/vm", json={"state": "Paused"}))
+    assert before in api.fault(api.c.patch("/vm", json={"state": "Resumed"}))
+    api.boot()
+    ok(api.c.patch("/vm", json={"state": "Paused"}))
+    assert api.state() == "Paused"
+    ok(api.c.patch("/vm", json={"state": "Resumed"}))
+    assert api.state() == "Running"
+
+
+def test_snapshot_create_only_while_paused(api: Api) -> None:
+    assert "not paused" in api.fault(api.c.put("/snapshot/create", json=api.snap()))  # not started
+    api.boot()
+    assert "not paused" in api.fault(api.c.put("/snapshot/create", json=api.snap()))  # running
+    ok(api.c.patch("/vm", json={"state": "Paused"}))
+    assert "dirty page tracking" in api.fault(api.c.put("/snapshot/create", json={**api.snap(), "snapshot_type": "Diff"}))
+    ok(api.c.put("/snapshot/create", json={**api.snap(), "snapshot_type": "Full"}))
+    state = json.loads((api.tmp / "state").read_text())
+    assert state["machine-config"]["mem_size_mib"] == 128 and "rootfs" in state["drives"]
+    assert (api.tmp / "mem").stat().st_size == 128 * 1024
+
+
+def test_load_refused_after_configuration_and_after_start(api: Api, tmp_path: Path) -> None:
+    api.boot()
+    ok(api.c.patch("/vm", json={"state": "Paused"}))
+    ok(api.c.put("/snapshot/create", json=api.snap()))
+    load = {"snapshot_path": str(tmp_path / "state"), "mem_backend": {"backend_type": "File",
+                                                                       "backend_path": str(tmp_path / "mem")}}
+    assert "not allowed after configuring" in api.fault(api.c.put("/snapshot/load", json=load))  # started
+    fresh = start(tmp_path / "b", "b")
+    try:
+        ok(fresh.c.put("/machine-config", json={"vcpu_count": 1, "mem_size_mib": 128}))
+        assert "not allowed after configuring" in fresh.fault(fresh.c.put("/snapshot/load", json=load))
+        assert fresh.proc.poll() is None  # a refused (not attempted) load leaves the process alone
+    finally:
+        fresh.c.close()
+        fresh.proc.kill()
+        fresh.proc.wait()
+
+
+def test_load_on_a_fresh_process_then_rules_of_a_loaded_vm(api: Api, tmp_path: Path) -> None:
+    api.boot()
+    ok(api.c.patch("/vm", json={"state": "Paused"}))
+    ok(api.c.put("/snapshot/create", json=api.snap()))
+    fresh = start(tmp_path / "b", "b")
+    try:
+        (tmp_path / "log").write_text("")
+        ok(fresh.c.put("/logger", json={"log_path": str(tmp_path / "log"), "level": "Info"}))  # allowed first
+        both = {"snapshot_path": str(tmp_path / "state"), "mem_file_path": str(tmp_path / "mem"),
+                "mem_backend": {"backend_type": "File", "backend_path": str(tmp_path / "mem")}}
+        assert "Exactly one" in fresh.fault(fresh.c.put("/snapshot/load", json=both))
+        del both["mem_file_path"]
+        ok(fresh.c.put("/snapshot/load", json={**both, "resume_vm": False}))
+        assert fresh.state() == "Paused"
+        assert "not supported after starting" in fresh.fault(fresh.c.put("/actions", json={"action_type": "InstanceStart"}))
+        assert "not supported after starting" in fresh.fault(
+            fresh.c.put("/machine-config", json={"vcpu_count": 1, "mem_size_mib": 128}))
+        assert "not allowed after" in fresh.fault(fresh.c.put("/snapshot/load", json=both))
+        (tmp_path / "d2").write_bytes(b"d")
+        ok(fresh.c.patch("/drives/rootfs", json={"drive_id": "rootfs", "path_on_host": str(tmp_path / "d2")}))
+        assert "Invalid block device ID" in fresh.fault(fresh.c.patch("/drives/x", json={"drive_id": "x"}))
+        ok(fresh.c.patch("/vm", json={"state": "Resumed"}))
+        assert fresh.state() == "Running"
+    finally:
+        fresh.c.close()
+        fresh.proc.kill()
+        fresh.proc.wait()
+
+
+@pytest.mark.parametrize("broken", ["missing state", "missing memory", "missing disk", "wrong memory"])
+def test_a_failed_load_kills_the_process(api: Api, tmp_path: Path, broken: str) -> None:
+    api.boot()
+    ok(api.c.patch("/vm", json={"state": "Paused"}))
+    ok(api.c.put("/snapshot/create", json=api.snap()))
+    api.c.close()
+    api.proc.kill()
+    api.proc.wait()
+    if broken == "wrong memory":
+        (tmp_path / "mem").write_bytes(b"short")
+    else:
+        (tmp_path / {"missing state": "state", "missing memory": "mem", "missing disk": "d"}[broken]).unlink()
+    fresh = start(tmp_path / "b", "b")
+    try:
+        load = {"snapshot_path": str(tmp_path / "state"),
+                "mem_backend": {"backend_type": "File", "backend_path": str(tmp_path / "mem")}}
+        assert "Load snapshot error" in fresh.fault(fresh.c.put("/snapshot/load", json=load))
+        assert wait_exit(fresh.proc) == 1  # a failed load ends the process
+    finally:
+        fresh.c.close()
+        if fresh.proc.poll() is None:
+            fresh.proc.kill()
+        fresh.proc.wait()
+
+
+def test_console_output_needs_console_on_ttys0(tmp_path: Path, shared: Path) -> None:
+    with_console, without = start(tmp_path, "a"), start(tmp_path, "b")
+    try:
+        with_console.boot("console=ttyS0 quiet")
+        without.boot("quiet")
+        deadline = time.monotonic() + 10
+        while "tick 2" not in with_console.out.read_text():
+            assert time.monotonic() < deadline, with_console.out.read_text()
+            time.sleep(0.05)
+        assert "MICROVM-READY" in with_console.out.read_text()
+        assert "MICROVM-READY" not in without.out.read_text() and "tick" not in without.out.read_text()
+    finally:
+        for a in (with_console, without):
+            a.c.close()
+            a.proc.kill()
+            a.proc.wait()
+    assert stand_ins(str(tmp_path)) == []
+
+
+def test_bad_instance_id_is_refused_at_start(tmp_path: Path) -> None:
+    sock = Path(short_socket_dir(tmp_path)) / "x.sock"
+    sock.parent.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([sys.executable, str(STAND_IN), "--api-sock", str(sock), "--id", "bad id!"],
+                          capture_output=True, timeout=30)
+    assert done.returncode == 1 and b"Invalid instance ID" in done.stderr
+    done = subprocess.run([sys.executable, str(STAND_IN), "--api-sock", str(sock), "--no-such-flag"],
+                          capture_output=True, timeout=30)
+    assert done.returncode == 2  # unknown flags are refused, as Firecracker refuses them
