@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,3 +172,120 @@ async def life(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[
     await lc.close(stop_vms=True)
     assert qemu_pids(tmp_path) == set(), "a QEMU process was left behind"
     assert list((tmp_path / "state" / "vms").iterdir()) == [], "a VM folder was left behind"
+
+
+# ---- the real Tangle contracts on one anvil per session (tangle layer tests) ----------------------
+
+
+@dataclass(frozen=True)
+class RealTangleChain:
+    """An anvil seeded with the real tnt-core deployment (../shared/tangle/README.md for the values)."""
+
+    rpc_url: str
+    log_path: Path
+    tangle: str = "0x0165878A594ca255338adfa4d48449f69242Eb8F"
+    staking: str = "0xDc64a140Aa3E981100a9becA4E685f962f0cF6C9"
+    status_registry: str = "0x2bdCC0de6bE1f7D2ee689a0342D76F52E8EFABa3"
+    blueprint_id: int = 0
+    service_id: int = 0
+    customer: str = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"
+    customer_key: str = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
+    operator: str = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
+    operator_key: str = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d"
+    #: anvil key #3: funded, but no operator of the service
+    stranger: str = "0x90F79bf6EB2c4f870365E785982E1f101E93b906"
+    stranger_key: str = "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6"
+
+    def rpc(self, method: str, params: list[Any]) -> Any:
+        """A synchronous JSON-RPC call (fixtures; tests use the async client)."""
+        return _rpc_sync(self.rpc_url, method, params)
+
+
+def _rpc_sync(url: str, method: str, params: list[Any], timeout: float = 10.0) -> Any:
+    import json
+    import urllib.request
+
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode()
+    req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        answer = json.loads(resp.read())
+    if answer.get("error"):
+        raise RuntimeError(f"{method}: {answer['error']}")
+    return answer.get("result")
+
+
+def _find_anvil_binary() -> Path | None:
+    import shutil
+
+    local = Path(__file__).resolve().parents[2] / "node_modules" / ".bin" / "anvil"
+    if local.exists():
+        return local
+    found = shutil.which("anvil")
+    return Path(found) if found else None
+
+
+@pytest.fixture(scope="session")
+def real_tangle_chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealTangleChain]:
+    """One anvil for the session with the real Tangle deployment replayed onto it (~2 s).
+
+    Skips with the reason when anvil (npm ci) or ../shared/tangle (MICROVM_SHARED_DIR) is absent.
+    Use ``real_tangle`` in tests: it reverts the chain to this state after each test.
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from ..conftest import shared_dir
+
+    fixture = shared_dir() / "tangle"
+    if not (fixture / "replay.py").is_file() or not (fixture / "localtestnet-broadcast.json").is_file():
+        pytest.skip(f"the real Tangle fixture is not available at {fixture} (set MICROVM_SHARED_DIR)")
+    anvil = _find_anvil_binary()
+    if anvil is None:
+        pytest.skip("anvil not found: run `npm ci` in the repository root (package @foundry-rs/anvil)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    folder = tmp_path_factory.mktemp("real-tangle")
+    log_path = folder / "anvil.log"
+    argv = [str(anvil), "--host", "127.0.0.1", "--port", str(port), "--base-fee", "0", "--gas-price", "0",
+            "--gas-limit", "100000000", "--code-size-limit", "100000"]
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    chain = RealTangleChain(rpc_url=f"http://127.0.0.1:{port}", log_path=log_path)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"anvil exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                chain.rpc("eth_chainId", [])
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"anvil not ready after 30 s: {log_path.read_text()[-2000:]}")
+                time.sleep(0.05)
+        replay = subprocess.run(
+            [sys.executable, str(fixture / "replay.py"), "--rpc", chain.rpc_url,
+             "--broadcast", str(fixture / "localtestnet-broadcast.json")],
+            capture_output=True, text=True, timeout=300, check=False,
+        )
+        if replay.returncode != 0:
+            pytest.fail(f"replay.py failed: {replay.stderr[-2000:] or replay.stdout[-2000:]}")
+        yield chain
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+@pytest.fixture
+def real_tangle(real_tangle_chain: RealTangleChain) -> Iterator[RealTangleChain]:
+    """The session's real-Tangle chain, reverted to its seeded state after the test (evm_snapshot)."""
+    snapshot = real_tangle_chain.rpc("evm_snapshot", [])
+    yield real_tangle_chain
+    assert real_tangle_chain.rpc("evm_revert", [snapshot]) is True

@@ -76,3 +76,33 @@ def test_committed_artifact_matches_a_fresh_compile() -> None:
     proc = subprocess.run([sys.executable, "-m", "microvm_blueprint.tangle.devnet.build", "--check"],
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_topics_and_selectors_equal_those_of_the_real_abi(real_abi: list[dict]) -> None:  # type: ignore[type-arg]
+    """Every topic0 and selector we use, recomputed from the real ABI's own fragments."""
+    from eth_utils import event_abi_to_log_topic, function_abi_to_4byte_selector, keccak
+
+    real = _index(real_abi)
+    ours = {(i["type"], _sig(i)): i for i in contracts.TANGLE_ABI}
+    for key, item in ours.items():
+        theirs = real[key]
+        if key[0] == "event":
+            assert contracts.topic(item) == "0x" + event_abi_to_log_topic(theirs).hex()
+        elif key[0] == "function":
+            assert contracts.selector(item) == "0x" + function_abi_to_4byte_selector(theirs).hex()
+        else:
+            assert contracts.selector(item) == "0x" + keccak(text=_sig(theirs))[:4].hex()
+    by_name = {i["name"]: i for i in real_abi if i["type"] == "event"}
+    for name, constant in [("JobSubmitted", contracts.TOPIC_JOB_SUBMITTED),
+                           ("JobSubmittedFromQuote", contracts.TOPIC_JOB_SUBMITTED_FROM_QUOTE),
+                           ("JobResultSubmitted", contracts.TOPIC_JOB_RESULT_SUBMITTED),
+                           ("JobCompleted", contracts.TOPIC_JOB_COMPLETED),
+                           ("ServiceActivated", contracts.TOPIC_SERVICE_ACTIVATED)]:
+        assert constant == "0x" + event_abi_to_log_topic(by_name[name]).hex()
+    # every custom error the real contract declares is classified by name
+    real_errors = {_sig(i) for i in real_abi if i["type"] == "error"}
+    assert {_sig(e) for e in {**contracts.ERRORS, **contracts.OTHER_ERRORS}.values()} == real_errors
+    assert set(contracts.ERROR_BY_SELECTOR.values()) == {i["name"] for i in real_abi if i["type"] == "error"}
+    assert contracts.ALREADY_DONE <= set(contracts.ERROR_BY_SELECTOR.values())
+    assert contracts.PERMANENT <= set(contracts.ERROR_BY_SELECTOR.values())
+    assert not contracts.ALREADY_DONE & contracts.PERMANENT

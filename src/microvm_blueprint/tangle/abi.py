@@ -2,9 +2,12 @@
 
 Arguments are a tuple. Input of at least 64 bytes whose first word is ``0x20`` is tried in the
 *wrapped* form ``abi.decode(x, ((T1,...)))`` first, then the *flat* form ``abi.decode(x, (T1,...))``;
-anything else only flat. A result is one value ABI-encoded on its own.
+anything else only flat. Decoding is strict (canonical padding, in-bounds offsets), input larger
+than a cap (default 64 KiB) is refused before decoding, and strings must be valid UTF-8.
+A result is one value ABI-encoded on its own.
 
 Only :class:`AbiDecodeError` ever escapes :func:`decode_args` (fuzzed in the tests).
+(blueprint-sdk's compact TLV form for schema-validated jobs is not implemented: no job here uses it.)
 """
 
 from __future__ import annotations
@@ -13,55 +16,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from eth_abi import decode, encode
-from eth_abi.exceptions import DecodingError, EncodingError
+from eth_abi.exceptions import EncodingError
 
-from .errors import AbiDecodeError
+from .errors import AbiDecodeError, TangleError
 
+#: Default cap on a job's input size.
 MAX_INPUT_BYTES = 64 * 1024
 _WORD_0X20 = (0x20).to_bytes(32, "big")
 
 
-def _decode(types: list[str], data: bytes) -> tuple[Any, ...]:
-    values = decode(types, data, strict=True)
-    return tuple(values)
-
-
-def _check_strings(values: Sequence[Any]) -> None:
-    for v in values:
-        if isinstance(v, str):
-            # eth-abi decodes invalid UTF-8 with surrogateescape-like replacement on some versions
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise AbiDecodeError("string argument is not valid UTF-8") from exc
-        elif isinstance(v, tuple | list):
-            _check_strings(v)
-
-
-def decode_args(types: Sequence[str], data: bytes, *, max_bytes: int = MAX_INPUT_BYTES) -> tuple[Any, ...]:
-    """Decode job inputs as the tuple ``types`` (wrapped form first when it may apply)."""
-    if not isinstance(data, bytes | bytearray):
-        raise AbiDecodeError("inputs must be bytes")
-    if len(data) > max_bytes:
-        raise AbiDecodeError(f"inputs of {len(data)} bytes exceed the limit of {max_bytes} bytes")
-    data = bytes(data)
-    flat = list(types)
-    errors: list[str] = []
-    if len(data) >= 64 and data[:32] == _WORD_0X20:
-        try:
-            (inner,) = _decode([f"({','.join(flat)})"], data)
-            _check_strings(inner)
-            return tuple(inner)
-        except (DecodingError, EncodingError, ValueError, TypeError, OverflowError, UnicodeError) as exc:
-            errors.append(str(exc))
-        except AbiDecodeError as exc:
-            errors.append(str(exc))
-    try:
-        values = _decode(flat, data)
-    except (DecodingError, EncodingError, ValueError, TypeError, OverflowError, UnicodeError) as exc:
-        raise AbiDecodeError(f"malformed inputs: expected ({','.join(flat)}): {_short(exc)}") from exc
-    _check_strings(values)
-    return values
+def _signature(types: Sequence[str]) -> str:
+    return f"({','.join(types)})"
 
 
 def _short(exc: BaseException) -> str:
@@ -69,22 +34,79 @@ def _short(exc: BaseException) -> str:
     return text[:200]
 
 
+def _decode(types: list[str], data: bytes) -> tuple[Any, ...]:
+    """eth-abi's strict decode with every failure as AbiDecodeError (never any other type)."""
+    try:
+        return tuple(decode(types, data, strict=True))
+    except UnicodeDecodeError as exc:
+        raise AbiDecodeError(f"a string argument is not valid UTF-8 (byte {exc.start} of that string)") from exc
+    except RecursionError as exc:
+        raise AbiDecodeError("inputs nest too deeply") from exc
+    except Exception as exc:  # DecodingError, NonEmptyPaddingBytes, InvalidPointer, ValueError, ...
+        raise AbiDecodeError(_short(exc)) from exc
+
+
+def _check_strings(values: Sequence[Any]) -> None:
+    """Defence in depth: no decoded string may hold lone surrogates (not representable as UTF-8)."""
+    for v in values:
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise AbiDecodeError("a string argument is not valid UTF-8") from exc
+        elif isinstance(v, tuple | list):
+            _check_strings(v)
+
+
+def decode_args(types: Sequence[str], data: bytes, *, max_bytes: int = MAX_INPUT_BYTES) -> tuple[Any, ...]:
+    """Decode job inputs as the tuple ``types`` (the wrapped form first when it may apply).
+
+    Raises :class:`AbiDecodeError` (and nothing else) with a one-line reason on any malformed input.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise AbiDecodeError(f"inputs must be bytes, not {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise AbiDecodeError(f"inputs of {len(data)} bytes exceed the limit of {max_bytes} bytes")
+    data = bytes(data)
+    flat = [str(t) for t in types]
+    expected = _signature(flat)
+    if len(data) >= 64 and data[:32] == _WORD_0X20:
+        try:
+            (inner,) = _decode([expected], data)
+            _check_strings(inner)
+            return tuple(inner)
+        except AbiDecodeError:
+            pass  # not the wrapped form after all: the flat form decides
+    try:
+        values = _decode(flat, data)
+        _check_strings(values)
+    except AbiDecodeError as exc:
+        raise AbiDecodeError(f"malformed inputs: expected {expected}: {exc}") from exc.__cause__
+    return values
+
+
 def encode_args(types: Sequence[str], values: Sequence[Any]) -> bytes:
     """Flat ABI encoding of a job's argument tuple (what a customer sends)."""
     try:
         return encode(list(types), list(values))
     except (EncodingError, TypeError, ValueError, OverflowError) as exc:
-        raise AbiDecodeError(f"cannot encode ({','.join(types)}): {_short(exc)}") from exc
+        raise AbiDecodeError(f"cannot encode {_signature(types)}: {_short(exc)}") from exc
 
 
 def encode_result(typ: str, value: Any) -> bytes:
-    """One value ABI-encoded on its own (TangleResult)."""
-    return encode([typ], [value])
+    """One value ABI-encoded on its own (TangleResult): ``encode_result("bool", True)``."""
+    try:
+        return encode([typ], [value])
+    except (EncodingError, TypeError, ValueError, OverflowError) as exc:
+        raise TangleError(f"cannot encode a {typ} result: {_short(exc)}") from exc
 
 
 def decode_result(typ: str, data: bytes) -> Any:
+    """The inverse of :func:`encode_result` (what a customer reads from ``JobResultSubmitted``)."""
+    if not isinstance(data, bytes | bytearray):
+        raise AbiDecodeError(f"a result must be bytes, not {type(data).__name__}")
     try:
-        (value,) = decode([typ], data)
-    except (DecodingError, ValueError, TypeError, OverflowError, UnicodeError) as exc:
-        raise AbiDecodeError(f"malformed result: expected {typ}: {_short(exc)}") from exc
+        (value,) = _decode([typ], bytes(data))
+    except AbiDecodeError as exc:
+        raise AbiDecodeError(f"malformed result: expected {typ}: {exc}") from exc.__cause__
     return value

@@ -1,10 +1,15 @@
 """TangleConsumer: the durable outbox of results -> ``submitResult(s)`` transactions (DESIGN.md §7 "Results").
 
-For each batch of pending results: ask ``getJobCall`` first (completed = success, no transaction;
-a call that does not exist is dropped), simulate the transaction (``eth_estimateGas``), split a
-reverting batch and classify each revert (already done = success; permanent = logged and dropped),
-then sign with the operator key and send. Nonces are managed locally so transactions pipeline;
-receipts are collected as they come. Transport errors back off and retry. Nothing here can take the
+Results wait in the outbox (``state.py``; the runner queues a job's result in the same transaction
+that records the job as handled). For each batch of pending results the sender simulates the
+transaction (``eth_estimateGas``); only when that reverts does it look at each call (``getJobCall``:
+completed = success with no transaction, unknown = dropped) and classify each call's own revert
+(already done = success; permanent = logged and dropped; anything else held back with a growing
+delay and dropped after :data:`MAX_UNKNOWN_REVERTS`). It then signs with the operator key and sends.
+Nonces are managed locally so transactions pipeline; receipts are collected as they come; a result
+whose transaction was sent before a restart is watched again rather than sent twice. Gas is the
+estimate x 1.3; the fixed :data:`GAS_FALLBACK` is used only when the node refuses to estimate (not a
+revert) for a call known to be open. Transport errors back off and retry. Nothing here can take the
 service down: every failure ends in a log line and a retry or a drop.
 """
 
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,7 +27,7 @@ from eth_account import Account
 
 from ..crashpoints import crash_point
 from .contracts import ALREADY_DONE, GET_JOB_CALL, PERMANENT, SUBMIT_RESULT, SUBMIT_RESULTS, selector
-from .errors import RpcError, TangleError
+from .errors import RpcError, RpcUnavailable, TangleError
 from .keystore import OperatorKey
 from .producer import Backoff
 from .rpc import ContractRevert, JsonRpc
@@ -32,8 +38,17 @@ log = logging.getLogger(__name__)
 SEL_SUBMIT_RESULT = bytes.fromhex(selector(SUBMIT_RESULT)[2:])
 SEL_SUBMIT_RESULTS = bytes.fromhex(selector(SUBMIT_RESULTS)[2:])
 SEL_GET_JOB_CALL = bytes.fromhex(selector(GET_JOB_CALL)[2:])
-GAS_FALLBACK = 8_000_000
+#: Gas multiplier over the node's estimate.
+GAS_MULTIPLIER = 1.3
+#: Gas limit used only when the node refuses ``eth_estimateGas`` without a revert (one result per tx).
+GAS_FALLBACK = 1_000_000
+#: A transaction without a receipt after this long is given up and its calls looked at again.
 RECEIPT_TIMEOUT = 120.0
+#: Mined-but-failed transactions for one result before it is dropped.
+MAX_SEND_ATTEMPTS = 5
+#: Simulations of one result reverting with an error we cannot classify before it is dropped.
+MAX_UNKNOWN_REVERTS = 12
+HOLD_CAP = 60.0
 
 
 @dataclass(frozen=True)
@@ -49,7 +64,7 @@ class _InFlight:
     service_id: int
     call_ids: list[int]
     sent_at: float
-    nonce: int
+    nonce: int  # -1: sent by an earlier run, watched again
 
 
 def submit_result_data(service_id: int, call_id: int, output: bytes) -> bytes:
@@ -60,7 +75,17 @@ def submit_results_data(service_id: int, call_ids: Sequence[int], outputs: Seque
     return SEL_SUBMIT_RESULTS + encode(["uint64", "uint64[]", "bytes[]"], [service_id, list(call_ids), list(outputs)])
 
 
+def _batch_data(service_id: int, rows: Sequence[OutboxRow]) -> bytes:
+    if len(rows) == 1:
+        return submit_result_data(service_id, rows[0].call_id, rows[0].output)
+    return submit_results_data(service_id, [r.call_id for r in rows], [r.output for r in rows])
+
+
 Callback = Callable[[int, str], None]
+
+
+def _ignore(call_id: int, text: str) -> None:
+    return None
 
 
 class TangleConsumer:
@@ -76,6 +101,8 @@ class TangleConsumer:
         max_in_flight: int = 8,
         on_submitted: Callback | None = None,
         on_dropped: Callback | None = None,
+        drain_timeout: float = 10.0,
+        backoff_cap: float = 10.0,
     ) -> None:
         if key is None and not dry_run:
             raise TangleError("an operator key is required unless --dry-run")
@@ -86,14 +113,23 @@ class TangleConsumer:
         self.dry_run = dry_run
         self.batch_max = max(1, batch_max)
         self.max_in_flight = max(1, max_in_flight)
-        self.on_submitted = on_submitted or (lambda call_id, tx: None)
-        self.on_dropped = on_dropped or (lambda call_id, why: None)
+        self.on_submitted: Callback = on_submitted or _ignore
+        self.on_dropped: Callback = on_dropped or _ignore
+        self.drain_timeout = drain_timeout
+        self.backoff_cap = backoff_cap
         self._wake = asyncio.Event()
         self._in_flight: dict[str, _InFlight] = {}
+        self._holds: dict[tuple[int, int], tuple[float, int]] = {}  # (service, call) -> (not before, reverts)
         self._nonce: int | None = None
         self._chain_id: int | None = None
         self._gas_price: int | None = None
         self.sent_tx = 0
+
+    def enqueue(self, result: JobResult) -> bool:
+        """Queue a result durably and wake the sender. False if this call's result is already queued."""
+        fresh = self.state.enqueue(result.service_id, result.call_id, result.output)
+        self.wake()
+        return fresh
 
     def wake(self) -> None:
         """Tell the sender new results are in the outbox."""
@@ -102,6 +138,41 @@ class TangleConsumer:
     @property
     def idle(self) -> bool:
         return not self._in_flight and not self.state.pending(1)
+
+    # ---- callbacks never break the sender ----
+
+    def _notify(self, fn: Callback, call_id: int, text: str) -> None:
+        try:
+            fn(call_id, text)
+        except Exception:
+            log.exception("result callback failed for call %d", call_id, extra={"call_id": call_id})
+
+    def _drop(self, service_id: int, call_id: int, why: str) -> None:
+        log.error("dropping result for call %d: %s (permanent)", call_id, why, extra={"call_id": call_id})
+        self.state.mark(service_id, [call_id], "dropped", reason=why)
+        self._holds.pop((service_id, call_id), None)
+        self._notify(self.on_dropped, call_id, why)
+
+    def _already_done(self, service_id: int, call_id: int, why: str) -> None:
+        log.info("result for call %d already on-chain (%s); nothing to send", call_id, why, extra={"call_id": call_id})
+        self.state.mark(service_id, [call_id], "done", reason=why)
+        self._holds.pop((service_id, call_id), None)
+
+    def _hold(self, service_id: int, call_id: int, why: str) -> None:
+        """An unclassified revert: try again later (growing delay), drop after MAX_UNKNOWN_REVERTS."""
+        _, reverts = self._holds.get((service_id, call_id), (0.0, 0))
+        reverts += 1
+        if reverts >= MAX_UNKNOWN_REVERTS:
+            self._drop(service_id, call_id, f"{why} (after {reverts} attempts)")
+            return
+        delay = min(HOLD_CAP, 0.5 * 2**reverts)
+        self._holds[(service_id, call_id)] = (time.monotonic() + delay, reverts)
+        log.warning("result for call %d would revert (%s); retrying in %.1fs", call_id, why, delay,
+                    extra={"call_id": call_id})
+
+    def _held(self, row: OutboxRow, now: float) -> bool:
+        hold = self._holds.get((row.service_id, row.call_id))
+        return hold is not None and hold[0] > now
 
     # ---- chain helpers ----
 
@@ -120,25 +191,17 @@ class TangleConsumer:
         return exists, bool(completed)
 
     async def _classify(self, service_id: int, rows: list[OutboxRow]) -> list[OutboxRow]:
-        """Drop rows already on-chain or impossible; return those still worth sending."""
+        """Settle rows already on-chain or impossible; return those still worth sending."""
         keep: list[OutboxRow] = []
         for row in rows:
             exists, completed = await self._job_call(service_id, row.call_id)
             if completed:
-                log.info("result for call %d already on-chain; nothing to send", row.call_id,
-                         extra={"call_id": row.call_id})
-                self.state.mark(service_id, [row.call_id], "done", reason="already completed")
-                continue
-            if not exists:
+                self._already_done(service_id, row.call_id, "already completed")
+            elif not exists:
                 self._drop(service_id, row.call_id, "JobCallNotFound")
-                continue
-            keep.append(row)
+            else:
+                keep.append(row)
         return keep
-
-    def _drop(self, service_id: int, call_id: int, why: str) -> None:
-        log.error("dropping result for call %d: %s (permanent)", call_id, why, extra={"call_id": call_id})
-        self.state.mark(service_id, [call_id], "dropped", reason=why)
-        self.on_dropped(call_id, why)
 
     def _operator(self) -> OperatorKey:
         if self.key is None:
@@ -149,14 +212,10 @@ class TangleConsumer:
         return await self.rpc.estimate_gas(self.contract, data, self._operator().address)
 
     async def _simulate(self, service_id: int, rows: list[OutboxRow]) -> tuple[list[OutboxRow], bytes, int]:
-        """Find the largest sendable set: try the batch, else each alone; classify reverts."""
-        if len(rows) > 1:
-            data = submit_results_data(service_id, [r.call_id for r in rows], [r.output for r in rows])
-            try:
-                return rows, data, await self._estimate(data)
-            except ContractRevert as exc:
-                log.info("batch of %d would revert (%s); checking each call", len(rows), exc.name or exc)
+        """The largest sendable set of open calls, its calldata and gas limit: each call alone first
+        (classifying its revert), then the survivors together. ``([], b"", 0)``: nothing to send now."""
         ok: list[OutboxRow] = []
+        refused: list[OutboxRow] = []
         gas_one = 0
         for row in rows:
             data = submit_result_data(service_id, row.call_id, row.output)
@@ -165,54 +224,81 @@ class TangleConsumer:
                 ok.append(row)
             except ContractRevert as exc:
                 if exc.name in ALREADY_DONE:
-                    self.state.mark(service_id, [row.call_id], "done", reason=exc.name)
+                    self._already_done(service_id, row.call_id, exc.name or "")
                 elif exc.name in PERMANENT:
                     self._drop(service_id, row.call_id, exc.name or str(exc))
                 else:
-                    log.warning("result for call %d would revert (%s); will retry", row.call_id, exc)
+                    self._hold(service_id, row.call_id, exc.name or str(exc))
+            except RpcUnavailable:
+                raise
+            except RpcError as exc:  # the node refuses to estimate, without a revert: the call is open
+                log.warning("gas estimate refused for call %d (%s)", row.call_id, exc, extra={"call_id": row.call_id})
+                refused.append(row)
         if not ok:
+            if refused:
+                row = refused[0]
+                return [row], submit_result_data(service_id, row.call_id, row.output), GAS_FALLBACK
             return [], b"", 0
         if len(ok) == 1:
-            return ok, submit_result_data(service_id, ok[0].call_id, ok[0].output), gas_one
-        data = submit_results_data(service_id, [r.call_id for r in ok], [r.output for r in ok])
+            return ok, _batch_data(service_id, ok), _gas_limit(gas_one)
+        data = _batch_data(service_id, ok)
         try:
-            return ok, data, await self._estimate(data)
+            return ok, data, _gas_limit(await self._estimate(data))
         except ContractRevert:
             first = ok[:1]
-            return first, submit_result_data(service_id, first[0].call_id, first[0].output), gas_one
+            return first, _batch_data(service_id, first), _gas_limit(gas_one)
 
-    async def _send(self, service_id: int, rows: list[OutboxRow], data: bytes, gas: int) -> None:
+    async def _send(self, service_id: int, rows: list[OutboxRow], data: bytes, gas_limit: int) -> None:
         key = self._operator()
-        if self._chain_id is None:
-            self._chain_id = await self.rpc.chain_id()
-        if self._nonce is None:
-            self._nonce = await self.rpc.nonce(key.address)
-        if self._gas_price is None:
-            self._gas_price = await self.rpc.gas_price()
-        tx = {
-            "to": self.contract,
-            "data": data,
-            "gas": int(gas * 1.3) + 10_000 if gas else GAS_FALLBACK,
-            "gasPrice": self._gas_price,
-            "nonce": self._nonce,
-            "chainId": self._chain_id,
-            "value": 0,
-        }
-        signed = Account.sign_transaction(tx, key.secret.reveal())
         try:
+            if self._chain_id is None:
+                self._chain_id = await self.rpc.chain_id()
+            if self._nonce is None:
+                self._nonce = await self.rpc.nonce(key.address)
+            if self._gas_price is None:
+                self._gas_price = await self.rpc.gas_price()
+            tx = {
+                "to": self.contract,
+                "data": data,
+                "gas": gas_limit,
+                "gasPrice": self._gas_price,
+                "nonce": self._nonce,
+                "chainId": self._chain_id,
+                "value": 0,
+            }
+            signed = Account.sign_transaction(tx, key.secret.reveal())
             tx_hash = await self.rpc.send_raw(bytes(signed.raw_transaction))
-        except RpcError as exc:
-            # nonce drift, underpriced, ... : resync the local view and retry on the next round
+        except BaseException:
+            # nonce drift, underpriced, a dropped connection ...: resync the local view next time
             self._nonce = None
             self._gas_price = None
-            raise exc
+            raise
         crash_point("consumer.after_send")
         ids = [r.call_id for r in rows]
         self.state.mark(service_id, ids, "sent", tx_hash=tx_hash)
         self._in_flight[tx_hash] = _InFlight(tx_hash, service_id, ids, time.monotonic(), self._nonce)
         self._nonce += 1
         self.sent_tx += 1
-        log.info("sent %d result(s) in %s", len(ids), tx_hash, extra={"call_ids": ",".join(map(str, ids))})
+        log.info("sent %d result(s) in %s (gas limit %d)", len(ids), tx_hash, gas_limit,
+                 extra={"call_ids": ",".join(map(str, ids))})
+
+    def _adopt(self, rows: Sequence[OutboxRow]) -> int:
+        """Results sent by an earlier run whose receipt was never seen: watch those transactions again."""
+        adopted = 0
+        for row in rows:
+            if row.status != "sent" or not row.tx_hash:
+                continue
+            fl = self._in_flight.get(row.tx_hash)
+            if fl is None:
+                log.info("watching result transaction %s from an earlier run", row.tx_hash,
+                         extra={"call_id": row.call_id})
+                self._in_flight[row.tx_hash] = _InFlight(row.tx_hash, row.service_id, [row.call_id],
+                                                         time.monotonic(), -1)
+                adopted += 1
+            elif row.call_id not in fl.call_ids and fl.nonce == -1:
+                fl.call_ids.append(row.call_id)
+                adopted += 1
+        return adopted
 
     async def _collect(self) -> None:
         for tx_hash, fl in list(self._in_flight.items()):
@@ -225,11 +311,11 @@ class TangleConsumer:
                     self.state.mark(fl.service_id, fl.call_ids, "pending")
                 continue
             del self._in_flight[tx_hash]
-            if int(str(receipt.get("status", "0x0")), 16) == 1:
+            if _receipt_ok(receipt):
                 crash_point("consumer.after_receipt")
                 self.state.mark(fl.service_id, fl.call_ids, "done", tx_hash=tx_hash)
                 for call_id in fl.call_ids:
-                    self.on_submitted(call_id, tx_hash)
+                    self._notify(self.on_submitted, call_id, tx_hash)
             else:
                 log.warning("result transaction %s failed on-chain; re-checking its calls", tx_hash)
                 self.state.mark(fl.service_id, fl.call_ids, "pending")
@@ -238,13 +324,23 @@ class TangleConsumer:
         """One send/collect round. Returns True if there may be more work right away."""
         if self._in_flight:
             await self._collect()
-        flying = {c for fl in self._in_flight.values() for c in fl.call_ids}
-        rows = [r for r in self.state.pending(self.batch_max * 4) if r.call_id not in flying]
+        rows = self.state.pending(self.batch_max * 4)
+        if not self.dry_run:
+            if self._adopt(rows):
+                await self._collect()
+                rows = self.state.pending(self.batch_max * 4)
+        flying = {(fl.service_id, c) for fl in self._in_flight.values() for c in fl.call_ids}
+        now = time.monotonic()
+        rows = [r for r in rows if (r.service_id, r.call_id) not in flying and not self._held(r, now)]
         if self.dry_run:
             for row in rows:
-                log.info("dry run: result for call %d not sent", row.call_id, extra={"call_id": row.call_id})
+                log.info("dry run: result for call %d not sent (0x%s)", row.call_id, row.output.hex()[:64],
+                         extra={"call_id": row.call_id})
                 self.state.mark(row.service_id, [row.call_id], "done", reason="dry run")
             return False
+        for row in [r for r in rows if r.attempts >= MAX_SEND_ATTEMPTS]:
+            self._drop(row.service_id, row.call_id, f"{row.attempts} result transactions failed on-chain")
+            rows.remove(row)
         if not rows or len(self._in_flight) >= self.max_in_flight:
             return bool(self._in_flight)
         if self._in_flight and len(rows) < self.batch_max:
@@ -258,53 +354,82 @@ class TangleConsumer:
             group = group[: self.batch_max]
             # fast path: one simulation of the whole batch; it reverts if any call is completed,
             # unknown or not ours, and only then is each call looked at (getJobCall) and classified
-            data = (
-                submit_results_data(service_id, [r.call_id for r in group], [r.output for r in group])
-                if len(group) > 1
-                else submit_result_data(service_id, group[0].call_id, group[0].output)
-            )
+            data = _batch_data(service_id, group)
             try:
                 gas = await self._estimate(data)
-            except ContractRevert as exc:
-                log.info("batch of %d would revert (%s); checking each call", len(group), exc.name or exc)
+            except RpcUnavailable:
+                raise
+            except (ContractRevert, RpcError) as exc:
+                name = exc.name if isinstance(exc, ContractRevert) else None
+                log.info("%d result(s) would not go through as one transaction (%s); checking each call",
+                         len(group), name or exc)
                 group = await self._classify(service_id, group)
                 if not group:
                     continue
-                chosen, data, gas = await self._simulate(service_id, group)
+                chosen, data, gas_limit = await self._simulate(service_id, group)
                 if chosen:
-                    await self._send(service_id, chosen, data, gas)
+                    await self._send(service_id, chosen, data, gas_limit)
                 continue
-            await self._send(service_id, group, data, gas)
+            await self._send(service_id, group, data, _gas_limit(gas))
         return True
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Send until ``stop`` is set and nothing is in flight (or the drain deadline passes)."""
-        backoff = Backoff()
+        """Send until ``stop`` is set, then flush best-effort: until nothing is pending or in flight, or
+        ``drain_timeout`` passes (what is left stays in the outbox for the next start)."""
+        backoff = Backoff(cap=self.backoff_cap)
         drain_deadline: float | None = None
         while True:
             if stop.is_set():
                 if drain_deadline is None:
-                    drain_deadline = time.monotonic() + 10
-                if (not self._in_flight and not self.state.pending(1)) or time.monotonic() > drain_deadline:
+                    drain_deadline = time.monotonic() + self.drain_timeout
+                if self.idle or time.monotonic() > drain_deadline:
+                    if not self.idle:
+                        log.warning("shutting down with results still in the outbox; they are sent at the next start")
                     return
             try:
                 busy = await self._round()
                 backoff.reset()
-            except (RpcError, ContractRevert) as exc:
+            except TangleError as exc:  # RpcError, ContractRevert, a database hiccup
                 delay = backoff.next()
                 log.warning("result sender: %s; retrying in %.1fs", exc, delay)
-                await _wait(stop if drain_deadline is None else None, delay)
+                await _wait(stop if drain_deadline is None else None, _clip(delay, drain_deadline))
                 continue
-            except TangleError as exc:
+            except Exception:
                 delay = backoff.next()
-                log.error("result sender: %s; retrying in %.1fs", exc, delay)
-                await _wait(None, delay)
+                log.exception("result sender: unexpected error; retrying in %.1fs", delay)
+                await _wait(stop if drain_deadline is None else None, _clip(delay, drain_deadline))
                 continue
-            if busy:
+            if stop.is_set():
                 await _wait(self._wake, 0.05)
             else:
-                await _wait(self._wake, 0.5)
+                await _wait_any((self._wake, stop), 0.05 if busy else 0.5)
             self._wake.clear()
+
+
+def _receipt_ok(receipt: dict[str, object]) -> bool:
+    try:
+        return int(str(receipt.get("status", "0x0")), 16) == 1
+    except ValueError:
+        return False
+
+
+def _gas_limit(estimate: int) -> int:
+    return math.ceil(estimate * GAS_MULTIPLIER)
+
+
+def _clip(delay: float, deadline: float | None) -> float:
+    if deadline is None:
+        return delay
+    return max(0.0, min(delay, deadline - time.monotonic()))
+
+
+async def _wait_any(events: Sequence[asyncio.Event], timeout: float) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
 
 
 async def _wait(event: asyncio.Event | None, timeout: float) -> None:
@@ -315,5 +440,3 @@ async def _wait(event: asyncio.Event | None, timeout: float) -> None:
         await asyncio.wait_for(event.wait(), timeout)
     except TimeoutError:
         pass
-
-

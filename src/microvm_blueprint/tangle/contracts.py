@@ -127,6 +127,15 @@ ERRORS = {
     "OperatorNotRegistered": _err("OperatorNotRegistered", "uint64", "address"),
     "OperatorAlreadyRegistered": _err("OperatorAlreadyRegistered", "uint64", "address"),
 }
+#: Further reverts of the real contract a result submission can meet (the dev contract need not raise them).
+OTHER_ERRORS = {
+    "OperatorNotActive": _err("OperatorNotActive", "address"),
+    "ServiceExpired": _err("ServiceExpired", "uint64"),
+    "AggregationRequired": _err("AggregationRequired", "uint64", "uint8"),
+    "NotQuotedOperator": _err("NotQuotedOperator", "uint64", "uint64"),
+    "LengthMismatch": _err("LengthMismatch"),
+    "Unauthorized": _err("Unauthorized"),
+}
 
 TANGLE_ABI: list[dict[str, Any]] = [
     SUBMIT_JOB,
@@ -142,6 +151,7 @@ TANGLE_ABI: list[dict[str, Any]] = [
     JOB_COMPLETED,
     SERVICE_ACTIVATED,
     *ERRORS.values(),
+    *OTHER_ERRORS.values(),
 ]
 
 
@@ -162,11 +172,14 @@ TOPIC_JOB_RESULT_SUBMITTED = topic(JOB_RESULT_SUBMITTED)
 TOPIC_JOB_COMPLETED = topic(JOB_COMPLETED)
 TOPIC_SERVICE_ACTIVATED = topic(SERVICE_ACTIVATED)
 
-ERROR_BY_SELECTOR: dict[str, str] = {selector(e): name for name, e in ERRORS.items()}
+ERROR_BY_SELECTOR: dict[str, str] = {selector(e): name for name, e in {**ERRORS, **OTHER_ERRORS}.items()}
 
 #: Reverts that mean "the chain already has a result for this call": success for an operator.
 ALREADY_DONE = frozenset({"JobAlreadyCompleted", "ResultAlreadySubmitted"})
 #: Reverts that will never succeed on retry: log and drop.
 PERMANENT = frozenset(
-    {"OperatorNotInService", "JobCallNotFound", "NotPermittedCaller", "InvalidJobIndex", "ServiceNotFound"}
+    {
+        "OperatorNotInService", "JobCallNotFound", "NotPermittedCaller", "InvalidJobIndex", "ServiceNotFound",
+        "ServiceExpired", "AggregationRequired", "NotQuotedOperator",
+    }
 )

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlparse
 
-from eth_utils import is_address, to_checksum_address
+from eth_utils import is_address, is_checksum_address, to_checksum_address
 
 from .errors import ConfigError
 
@@ -43,15 +43,21 @@ class Secret(Generic[T]):
 
 
 def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
-    parsed = urlparse(raw)
-    if parsed.scheme not in schemes or not parsed.netloc:
+    try:
+        parsed = urlparse(raw.strip())
+        port_ok = parsed.port is None or parsed.port > 0  # .port raises on a malformed port
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a {'/'.join(schemes)} URL") from None
+    if parsed.scheme not in schemes or not parsed.hostname or not port_ok:
         raise ConfigError(f"{name}={raw!r} is not a {'/'.join(schemes)} URL")
-    return raw
+    return raw.strip()
 
 
 def _uint(name: str, raw: str, bits: int = 64) -> int:
     text = raw.strip()
     try:
+        if not text.isascii():  # int() would read other scripts' digits
+            raise ValueError(text)
         value = int(text, 0)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not an unsigned integer") from None
@@ -61,9 +67,37 @@ def _uint(name: str, raw: str, bits: int = 64) -> int:
 
 
 def _address(name: str, raw: str) -> str:
-    if not is_address(raw.strip()):
-        raise ConfigError(f"{name}={raw!r} is not an EVM address")
+    text = raw.strip()
+    if not is_address(text) or not text.startswith("0x"):
+        raise ConfigError(f"{name}={raw!r} is not an EVM address (0x + 40 hex digits)")
+    digits = text[2:]
+    if digits != digits.lower() and digits != digits.upper() and not is_checksum_address(text):
+        raise ConfigError(f"{name}={raw!r} is not an EVM address: its mixed-case checksum is wrong (a typo?)")
+    if int(text, 16) == 0:
+        raise ConfigError(f"{name}={raw!r} is the zero address")
     return to_checksum_address(raw.strip())
+
+
+def _path(name: str, raw: str) -> Path:
+    """A filesystem path; ``file://`` URIs (as blueprint-sdk writes KEYSTORE_URI) are accepted."""
+    text = raw.strip()
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    elif "://" in text:
+        raise ConfigError(f"{name}={raw!r}: only filesystem paths and file:// URIs are supported")
+    if not text or "\x00" in text:
+        raise ConfigError(f"{name}={raw!r} is not a usable path")
+    return Path(text)
+
+
+#: ``load``'s keyword overrides (the ``run`` flags), by the attribute they set.
+FLAG_NAMES = frozenset(
+    {
+        "http_rpc_url", "ws_rpc_url", "keystore_uri", "data_dir", "chain", "protocol", "test_mode", "dry_run",
+        "blueprint_id", "service_id", "tangle_contract", "staking_contract", "status_registry_contract",
+        "from_block", "max_getlogs_range", "poll_interval", "confirmations",
+    }
+)
 
 
 def _bool(name: str, raw: str) -> bool:
@@ -99,7 +133,14 @@ class BlueprintEnvironment:
     def load(
         cls, env: Mapping[str, str], *, require_service: bool = True, **flags: Any
     ) -> BlueprintEnvironment:
-        """Build from ``env`` with ``flags`` (CLI values, ``None`` = not given) taking precedence."""
+        """Build from ``env`` with ``flags`` (CLI values, ``None`` = not given) taking precedence.
+
+        ``require_service=False`` is for commands other than ``run`` (SERVICE_ID may then be absent).
+        Raises :class:`ConfigError` with one line naming the offending variable.
+        """
+        unknown = set(flags) - FLAG_NAMES
+        if unknown:
+            raise TypeError(f"unknown BlueprintEnvironment setting(s): {', '.join(sorted(unknown))}")
 
         def get(name: str, flag: str | None = None) -> str | None:
             if flag is not None and flags.get(flag) is not None:
@@ -111,12 +152,12 @@ class BlueprintEnvironment:
         ws_raw = get("WS_RPC_URL", "ws_rpc_url")
         ws = _url("WS_RPC_URL", ws_raw, ("ws", "wss")) if ws_raw else None
         data_dir = get("DATA_DIR", "data_dir")
-        if not data_dir:
+        if not data_dir or not data_dir.strip():
             raise ConfigError("DATA_DIR is required (env DATA_DIR or --data-dir)")
         protocol = (get("PROTOCOL", "protocol") or "tangle").lower()
         if protocol != "tangle":
             raise ConfigError(f"PROTOCOL={protocol!r} is not supported (only 'tangle')")
-        blueprint = get("BLUEPRINT_ID")
+        blueprint = get("BLUEPRINT_ID", "blueprint_id")
         if blueprint is None:
             raise ConfigError("BLUEPRINT_ID is required")
         service_raw = get("SERVICE_ID", "service_id")
@@ -125,25 +166,27 @@ class BlueprintEnvironment:
         tangle = get("TANGLE_CONTRACT", "tangle_contract")
         if tangle is None:
             raise ConfigError("TANGLE_CONTRACT is required")
-        staking = get("STAKING_CONTRACT")
-        registry = get("STATUS_REGISTRY_CONTRACT")
+        staking = get("STAKING_CONTRACT", "staking_contract")
+        registry = get("STATUS_REGISTRY_CONTRACT", "status_registry_contract")
         from_block = get("FROM_BLOCK", "from_block")
-        max_range = _uint("MAX_GETLOGS_RANGE", get("MAX_GETLOGS_RANGE") or "1000", 32)
+        max_range = _uint("MAX_GETLOGS_RANGE", get("MAX_GETLOGS_RANGE", "max_getlogs_range") or "1000", 32)
         if max_range < 1:
             raise ConfigError("MAX_GETLOGS_RANGE must be at least 1")
-        poll_raw = get("POLL_INTERVAL") or "1.0"
+        poll_raw = get("POLL_INTERVAL", "poll_interval") or "1.0"
         try:
+            if not poll_raw.strip().isascii():
+                raise ValueError(poll_raw)
             poll = float(poll_raw)
         except ValueError:
             raise ConfigError(f"POLL_INTERVAL={poll_raw!r} is not a number of seconds") from None
         if not 0.01 <= poll <= 3600:
-            raise ConfigError("POLL_INTERVAL must be between 0.01 and 3600 seconds")
+            raise ConfigError(f"POLL_INTERVAL={poll_raw!r} must be between 0.01 and 3600 seconds")
         flag_bool = {k: flags.get(k) for k in ("test_mode", "dry_run")}
         return cls(
             http_rpc_url=http,
             ws_rpc_url=ws,
-            data_dir=Path(data_dir),
-            keystore_uri=Path(get("KEYSTORE_URI", "keystore_uri") or "./keystore"),
+            data_dir=_path("DATA_DIR", data_dir),
+            keystore_uri=_path("KEYSTORE_URI", get("KEYSTORE_URI", "keystore_uri") or "./keystore"),
             blueprint_id=_uint("BLUEPRINT_ID", blueprint),
             service_id=_uint("SERVICE_ID", service_raw) if service_raw is not None else None,
             tangle_contract=_address("TANGLE_CONTRACT", tangle),
@@ -156,5 +199,5 @@ class BlueprintEnvironment:
             from_block=_uint("FROM_BLOCK", from_block) if from_block is not None else None,
             max_getlogs_range=max_range,
             poll_interval=poll,
-            confirmations=_uint("CONFIRMATIONS", get("CONFIRMATIONS") or "0", 16),
+            confirmations=_uint("CONFIRMATIONS", get("CONFIRMATIONS", "confirmations") or "0", 16),
         )

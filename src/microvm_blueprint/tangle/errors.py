@@ -7,7 +7,8 @@
         ├── ConfigError              a missing or malformed setting; the message names it
         ├── KeystoreError            keystore missing, unreadable or malformed
         ├── AbiDecodeError           calldata that does not decode as the job's argument tuple
-        ├── RpcError                 the chain could not be reached / answered garbage (retried)
+        ├── RpcError                 the chain answered an error or garbage (retried)
+        │   └── RpcUnavailable       the chain could not be reached at all (connection, timeout, HTTP 5xx)
         └── JobError                 a handler refused a call; the text is recorded, never sent
 
 web3/eth-abi/OSError exceptions are translated at the boundary with ``raise ... from exc``.
@@ -36,6 +37,10 @@ class AbiDecodeError(TangleError):
 
 class RpcError(TangleError):
     """The chain's RPC failed (transport or protocol)."""
+
+
+class RpcUnavailable(RpcError):
+    """The chain's RPC could not be reached (connection refused or reset, timeout, HTTP 5xx)."""
 
 
 class JobError(TangleError):

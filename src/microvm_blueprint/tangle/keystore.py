@@ -7,7 +7,9 @@ operator. Files are written 0600 through a temporary file and a rename.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import secrets
 import tempfile
@@ -20,6 +22,8 @@ from eth_utils import keccak, to_checksum_address
 
 from .environment import Secret
 from .errors import KeystoreError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -55,26 +59,35 @@ def key_file_name(compressed_pubkey: bytes) -> str:
 def _write(root: Path, key: OperatorKey) -> Path:
     folder = _dir(root)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = folder / key_file_name(key.compressed)
         content = json.dumps([list(key.compressed), list(key.secret.reveal())])
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(content)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")  # created 0600
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(content)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
     except OSError as exc:
         raise KeystoreError(f"cannot write keystore at {folder}: {exc.strerror or exc}") from exc
     return path
 
 
 def generate_key(root: Path | str) -> OperatorKey:
+    """A fresh random key written to the keystore (its ``address`` is what to register and fund)."""
     key = _from_secret(secrets.token_bytes(32))
     _write(Path(root), key)
     return key
 
 
 def import_key(root: Path | str, secret_hex: str) -> OperatorKey:
+    """Write the key of a hex secret (``0x`` optional) to the keystore; the secret is never echoed."""
     text = secret_hex.strip().removeprefix("0x")
     try:
         secret = bytes.fromhex(text)
@@ -91,21 +104,36 @@ def _read(path: Path) -> OperatorKey:
     try:
         data = json.loads(path.read_text())
         pub, sec = bytes(data[0]), bytes(data[1])
-    except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
-        raise KeystoreError(f"malformed keystore entry {path.name}") from exc
+    except OSError as exc:
+        raise KeystoreError(f"cannot read keystore entry {path}: {exc.strerror or exc}") from exc
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
+        raise KeystoreError(f"malformed keystore entry {path} (expected JSON [[33 ints], [32 ints]])") from exc
     if len(pub) != 33 or len(sec) != 32:
         raise KeystoreError(f"malformed keystore entry {path.name}: wrong key lengths")
     key = _from_secret(sec)
     if key.compressed != pub:
         raise KeystoreError(f"keystore entry {path.name}: public key does not match the secret")
+    if path.name != key_file_name(pub):
+        log.warning("keystore entry %s is not named after its public key (expected %s)", path.name,
+                    key_file_name(pub))
+    try:
+        if path.stat().st_mode & 0o077:
+            log.warning("keystore entry %s is readable by other users; chmod 600 it", path)
+    except OSError:
+        pass
     return key
 
 
 def list_keys(root: Path | str) -> list[OperatorKey]:
+    """Every ECDSA key of the keystore, by file name (temporary ``.tmp-*`` files skipped)."""
     folder = _dir(Path(root))
     if not folder.is_dir():
         return []
-    return [_read(p) for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    try:
+        entries = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    except OSError as exc:
+        raise KeystoreError(f"cannot list keystore {folder}: {exc.strerror or exc}") from exc
+    return [_read(p) for p in entries]
 
 
 def load_operator_key(root: Path | str) -> OperatorKey:

@@ -1,11 +1,22 @@
 """TangleProducer: ``JobSubmitted`` / ``JobSubmittedFromQuote`` logs -> :class:`JobCall` (DESIGN.md §3, §7).
 
-Polls ``eth_getLogs`` on the Tangle address for our service only. Start: the persisted cursor;
-else ``--from-block``; else the block where the service was activated; else the head minus a
-small look-back. Reads wide windows (``MAX_GETLOGS_RANGE``) while behind, narrow ones once caught
-up. Each window's calls and the cursor move are one SQLite transaction (see ``state.py``), so no
-call is missed or handed out twice across restarts. A changed block hash rewinds (reorg). RPC
-errors are retried with capped exponential backoff and jitter; an undecodable log is skipped.
+Polls ``eth_getLogs`` on the Tangle address, topic0 in {JobSubmitted, JobSubmittedFromQuote} and
+topic1 = our service id; both JobSubmitted layouts (3 topics: the deployed contract; 4 topics: the
+published interface) and JobSubmittedFromQuote are decoded, and a log that does not decode is logged
+and skipped.
+
+Start: the persisted cursor; else ``--from-block``/``FROM_BLOCK``; else the block where the service
+was activated (``ServiceActivated``: one wide query, else windows backwards from the head); else the
+head minus a small look-back. Reads wide windows (``MAX_GETLOGS_RANGE``) while behind, narrow ones
+once caught up; a window the RPC refuses is halved and grows back after. The cursor carries the hash
+of its last block; a changed hash at start rewinds :data:`REORG_REWIND` blocks (reorg).
+
+Durability ("never lose or repeat a call"): each window's calls are written to the inbox in the same
+SQLite transaction that moves the cursor, *before* they are handed over; a call stays ``new`` until
+the runner records its outcome (``TangleState.finish``, the durable acknowledgement) and ``new`` calls
+are handed over again at the next start. So the cursor may run ahead of the acknowledgements without
+losing anything, and the inbox's primary key means no call is handed over twice in a run.
+RPC errors are retried with capped exponential backoff and jitter.
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ from eth_utils import to_checksum_address
 
 from ..crashpoints import crash_point
 from .contracts import TOPIC_JOB_SUBMITTED, TOPIC_JOB_SUBMITTED_FROM_QUOTE, TOPIC_SERVICE_ACTIVATED
-from .errors import RpcError, TangleError
+from .errors import TangleError
 from .rpc import JsonRpc
 from .state import Cursor, InboxRow, TangleState
 
@@ -31,6 +42,8 @@ log = logging.getLogger(__name__)
 
 REORG_REWIND = 64
 FRESH_LOOKBACK = 9
+#: How far back from the head a first start looks for ServiceActivated when the RPC refuses one wide query.
+ACTIVATION_SCAN_LIMIT = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -63,7 +76,9 @@ def decode_job_log(entry: dict[str, Any]) -> JobCall:
     try:
         topics = [str(t) for t in entry["topics"]]
         data = bytes.fromhex(str(entry["data"])[2:])
-        t0 = topics[0].lower()
+        t0 = topics[0].lower() if topics else ""
+        if t0 not in (TOPIC_JOB_SUBMITTED, TOPIC_JOB_SUBMITTED_FROM_QUOTE) or len(topics) not in (3, 4):
+            raise TangleError(f"unexpected log layout: topic0 {t0[:10]}.. with {len(topics)} topics")
         service_id, call_id = _word(topics[1]), _word(topics[2])
         from_quote = False
         if t0 == TOPIC_JOB_SUBMITTED and len(topics) == 3:
@@ -103,6 +118,8 @@ class _Stopped(Exception):
 
 
 class Backoff:
+    """Capped exponential backoff with jitter (delays in [d/2, d])."""
+
     def __init__(self, base: float = 0.25, cap: float = 10.0) -> None:
         self.base, self.cap, self.failures = base, cap, 0
 
@@ -115,8 +132,16 @@ class Backoff:
         return float(delay * (0.5 + random.random() / 2))
 
 
+def _log_position(entry: dict[str, Any]) -> tuple[int, int]:
+    try:
+        return int(str(entry["blockNumber"]), 16), int(str(entry["logIndex"]), 16)
+    except (KeyError, TypeError, ValueError):
+        return (-1, -1)  # decoding rejects it below
+
+
 class TangleProducer:
-    """Feeds new job calls to ``deliver`` (the runner's bounded queue put) in chain order."""
+    """Feeds new job calls to ``deliver`` (e.g. a bounded ``asyncio.Queue``'s ``put``) in chain order;
+    ``deliver`` blocking is the back-pressure. See the module doc for durability."""
 
     def __init__(
         self,
@@ -129,6 +154,7 @@ class TangleProducer:
         max_range: int = 1000,
         poll_interval: float = 1.0,
         confirmations: int = 0,
+        backoff_cap: float = 10.0,
     ) -> None:
         self.rpc = rpc
         self.state = state
@@ -138,33 +164,46 @@ class TangleProducer:
         self.max_range = max(1, max_range)
         self.poll_interval = poll_interval
         self.confirmations = confirmations
+        self.backoff_cap = backoff_cap
         self.key = f"jobs:{contract.lower()}:{service_id}"
         self.caught_up = asyncio.Event()
         self.head_seen = -1
+        self._window = self.max_range
+        self._topics: list[Any] = [
+            [TOPIC_JOB_SUBMITTED, TOPIC_JOB_SUBMITTED_FROM_QUOTE],
+            "0x" + service_id.to_bytes(32, "big").hex(),
+        ]
 
     async def _retry(self, what: str, fn: Callable[[], Awaitable[Any]], stop: asyncio.Event) -> Any:
-        backoff = Backoff()
+        backoff = Backoff(cap=self.backoff_cap)
         while True:
             try:
                 return await fn()
-            except RpcError as exc:
-                delay = backoff.next()
-                log.warning("%s failed (%s); retrying in %.1fs", what, exc, delay)
-                try:
-                    await asyncio.wait_for(stop.wait(), delay)
-                except TimeoutError:
-                    continue
-                raise _Stopped from None
+            except TangleError as exc:  # RpcError, a revert-shaped answer, a database hiccup
+                await self._pause(backoff, what, exc, stop)
+
+    async def _pause(self, backoff: Backoff, what: str, exc: BaseException, stop: asyncio.Event) -> None:
+        delay = backoff.next()
+        log.warning("%s failed (%s); retrying in %.1fs", what, exc, delay)
+        try:
+            await asyncio.wait_for(stop.wait(), delay)
+        except TimeoutError:
+            return
+        raise _Stopped from None
 
     async def _start_block(self, head: int, stop: asyncio.Event) -> Cursor:
         saved = self.state.cursor(self.key)
         if saved is not None:
             if saved.last_hash and saved.next_block > 0:
-                block = await self._retry("eth_getBlockByNumber", lambda: self.rpc.get_block(saved.next_block - 1), stop)
+                block = await self._retry(
+                    "eth_getBlockByNumber", functools.partial(self.rpc.get_block, saved.next_block - 1), stop
+                )
                 if block is None or block.get("hash") != saved.last_hash:
                     rewind = max(0, saved.next_block - REORG_REWIND)
-                    log.warning("block %d changed since the last run (reorg): rewinding to %d",
-                                saved.next_block - 1, rewind)
+                    forgotten = self.state.rewind(self.key, self.service_id, rewind)
+                    log.warning("block %d changed since the last run (reorg): rewinding to %d "
+                                "(%d unhandled call(s) from there on are read again)",
+                                saved.next_block - 1, rewind, forgotten)
                     return Cursor(rewind, None)
             log.info("resuming from persisted cursor at block %d", saved.next_block)
             return saved
@@ -176,23 +215,32 @@ class TangleProducer:
             log.info("first start: scanning from block %d where service %d was activated", activated, self.service_id)
             return Cursor(activated, None)
         start = max(0, head - FRESH_LOOKBACK)
-        log.info("first start: no activation log found for service %d; scanning from block %d",
-                 self.service_id, start)
+        log.warning("first start: no ServiceActivated log found for service %d; scanning from block %d "
+                    "(set FROM_BLOCK to scan from further back)", self.service_id, start)
         return Cursor(start, None)
 
     async def _find_activation(self, head: int, stop: asyncio.Event) -> int | None:
+        """The block of our service's ``ServiceActivated`` log: one wide query, else chunks backwards."""
         topics = [TOPIC_SERVICE_ACTIVATED, "0x" + self.service_id.to_bytes(32, "big").hex()]
-        step = max(self.max_range, 10_000)
+        try:
+            logs = await self.rpc.get_logs(address=self.contract, topics=topics, from_block=0, to_block=head)
+            found = [b for b, _ in map(_log_position, logs) if b >= 0]
+            return min(found) if found else None
+        except TangleError as exc:
+            log.info("wide ServiceActivated query refused (%s); searching in windows of %d blocks",
+                     exc, self.max_range)
         hi = head
-        while hi >= 0:
-            lo = max(0, hi - step + 1)
+        floor = max(0, head - ACTIVATION_SCAN_LIMIT)
+        while hi >= floor:
+            lo = max(floor, hi - self.max_range + 1)
             logs = await self._retry(
                 "eth_getLogs(ServiceActivated)",
                 functools.partial(self.rpc.get_logs, address=self.contract, topics=topics, from_block=lo, to_block=hi),
                 stop,
             )
-            if logs:
-                return min(int(str(e["blockNumber"]), 16) for e in logs)
+            found = [b for b, _ in map(_log_position, logs) if b >= 0]
+            if found:
+                return min(found)
             hi = lo - 1
         return None
 
@@ -203,52 +251,87 @@ class TangleProducer:
         except _Stopped:
             return
 
-    async def _run(self, deliver: Callable[[JobCall], Awaitable[None]], stop: asyncio.Event) -> None:
-        for row in self.state.unfinished():
-            await deliver(JobCall.from_row(row))
-        head = await self._retry("eth_blockNumber", self.rpc.block_number, stop)
-        cursor = await self._start_block(head, stop)
-        topics = [
-            [TOPIC_JOB_SUBMITTED, TOPIC_JOB_SUBMITTED_FROM_QUOTE],
-            "0x" + self.service_id.to_bytes(32, "big").hex(),
-        ]
-        while not stop.is_set():
-            head = await self._retry("eth_blockNumber", self.rpc.block_number, stop)
-            self.head_seen = head
-            safe_head = head - self.confirmations
-            if cursor.next_block > safe_head:
-                self.caught_up.set()
-                try:
-                    await asyncio.wait_for(stop.wait(), self.poll_interval)
-                except TimeoutError:
-                    pass
+    async def _get_logs(
+        self, lo: int, hi: int, stop: asyncio.Event
+    ) -> tuple[int, dict[str, Any] | None, list[dict[str, Any]]]:
+        """``(to_block, block to_block, logs of [lo, to_block])`` with ``to_block <= hi``.
+
+        The block is read *before* its logs: a reorg in between leaves a stale hash in the cursor and the
+        next start rewinds (the safe side), never the other way round. A refused window is halved
+        (provider range or result limits) and retried with backoff; a good answer lets it grow back.
+        """
+        backoff = Backoff(cap=self.backoff_cap)
+        while True:
+            to_block = min(hi, lo + self._window - 1)
+            try:
+                block = await self.rpc.get_block(to_block)
+                logs = await self.rpc.get_logs(
+                    address=self.contract, topics=self._topics, from_block=lo, to_block=to_block
+                )
+            except TangleError as exc:
+                if self._window > 1:
+                    self._window = max(1, self._window // 2)
+                await self._pause(backoff, f"eth_getLogs [{lo}, {to_block}]", exc, stop)
                 continue
-            to_block = min(safe_head, cursor.next_block + self.max_range - 1)
-            lo = cursor.next_block
-            logs = await self._retry(
-                "eth_getLogs",
-                functools.partial(
-                    self.rpc.get_logs, address=self.contract, topics=topics, from_block=lo, to_block=to_block
-                ),
-                stop,
-            )
-            last = await self._retry("eth_getBlockByNumber", functools.partial(self.rpc.get_block, to_block), stop)
-            calls: list[JobCall] = []
-            for entry in sorted(logs, key=lambda e: (int(str(e["blockNumber"]), 16), int(str(e["logIndex"]), 16))):
-                if entry.get("removed"):
-                    continue
-                try:
-                    call = decode_job_log(entry)
-                except TangleError as exc:
-                    log.warning("skipping a log: %s", exc)
-                    continue
-                if call.service_id == self.service_id:
-                    calls.append(call)
-            cursor = Cursor(to_block + 1, str(last.get("hash")) if last else None)
-            fresh = self.state.advance(self.key, cursor, [c.to_row() for c in calls])
-            if fresh:
-                crash_point("producer.after_advance")
-            for row in fresh:
-                await deliver(JobCall.from_row(row))
-            if to_block >= safe_head:
-                self.caught_up.set()
+            self._window = min(self.max_range, self._window * 2)
+            return to_block, block, logs
+
+    def _decode_window(self, logs: list[dict[str, Any]]) -> list[JobCall]:
+        calls: list[JobCall] = []
+        for entry in sorted(logs, key=_log_position):
+            if entry.get("removed"):
+                continue
+            if str(entry.get("address", self.contract)).lower() != self.contract.lower():
+                continue
+            try:
+                call = decode_job_log(entry)
+            except TangleError as exc:
+                log.warning("skipping a log at block %s index %s (tx %s): %s", entry.get("blockNumber"),
+                            entry.get("logIndex"), entry.get("transactionHash"), exc)
+                continue
+            if call.service_id == self.service_id:
+                calls.append(call)
+        return calls
+
+    async def _run(self, deliver: Callable[[JobCall], Awaitable[None]], stop: asyncio.Event) -> None:
+        head = await self._retry("eth_blockNumber", self.rpc.block_number, stop)
+        cursor = await self._start_block(head, stop)  # first: a reorg forgets unhandled orphaned calls
+        for row in self.state.unfinished():  # recorded earlier but never acknowledged: hand over again
+            if stop.is_set():
+                return
+            await deliver(JobCall.from_row(row))
+        backoff = Backoff(cap=self.backoff_cap)
+        while not stop.is_set():
+            try:
+                cursor = await self._step(cursor, deliver, stop)
+                backoff.reset()
+            except _Stopped:
+                raise
+            except Exception as exc:  # a bug or a surprise must not take the service down: log, back off
+                log.exception("job producer: unexpected error at block %d", cursor.next_block)
+                await self._pause(backoff, "job producer", exc, stop)
+
+    async def _step(
+        self, cursor: Cursor, deliver: Callable[[JobCall], Awaitable[None]], stop: asyncio.Event
+    ) -> Cursor:
+        head = await self._retry("eth_blockNumber", self.rpc.block_number, stop)
+        self.head_seen = head
+        safe_head = head - self.confirmations
+        if cursor.next_block > safe_head:
+            self.caught_up.set()
+            try:
+                await asyncio.wait_for(stop.wait(), self.poll_interval)
+            except TimeoutError:
+                pass
+            return cursor
+        to_block, last, logs = await self._get_logs(cursor.next_block, safe_head, stop)
+        calls = self._decode_window(logs)
+        cursor = Cursor(to_block + 1, str(last.get("hash")) if last else None)
+        fresh = self.state.advance(self.key, cursor, [c.to_row() for c in calls])
+        if fresh:
+            crash_point("producer.after_advance")
+        for row in fresh:
+            await deliver(JobCall.from_row(row))
+        if to_block >= safe_head:
+            self.caught_up.set()
+        return cursor

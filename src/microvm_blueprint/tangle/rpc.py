@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from .contracts import ERROR_BY_SELECTOR
-from .errors import RpcError, TangleError
+from .errors import RpcError, RpcUnavailable, TangleError
 
 
 class ContractRevert(TangleError):
@@ -45,8 +45,10 @@ class JsonRpc:
         payload = {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params}
         try:
             response = await self._client.post(self.url, json=payload)
-        except httpx.HTTPError as exc:
-            raise RpcError(f"{method}: chain RPC unreachable at {self.url}: {type(exc).__name__}") from exc
+        except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
+            raise RpcUnavailable(f"{method}: chain RPC unreachable at {self.url}: {type(exc).__name__}") from exc
+        if response.status_code >= 500 or response.status_code == 429:
+            raise RpcUnavailable(f"{method}: chain RPC answered HTTP {response.status_code}")
         if response.status_code != 200:
             raise RpcError(f"{method}: chain RPC answered HTTP {response.status_code}")
         try:
@@ -66,25 +68,27 @@ class JsonRpc:
             raise RpcError(f"{method}: {message[:300]}")
         return body.get("result")
 
-    # ---- typed helpers ----
+    # ---- typed helpers (a malformed answer is an RpcError, never a bare ValueError) ----
 
     async def chain_id(self) -> int:
-        return int(await self.call("eth_chainId", []), 16)
+        return _quantity("eth_chainId", await self.call("eth_chainId", []))
 
     async def block_number(self) -> int:
-        return int(await self.call("eth_blockNumber", []), 16)
+        return _quantity("eth_blockNumber", await self.call("eth_blockNumber", []))
 
     async def get_block(self, number: int | str) -> dict[str, Any] | None:
         tag = _hex(number) if isinstance(number, int) else number
         result = await self.call("eth_getBlockByNumber", [tag, False])
-        return result if isinstance(result, dict) else None
+        if result is not None and not isinstance(result, dict):
+            raise RpcError("eth_getBlockByNumber: unexpected result")
+        return result
 
     async def get_logs(self, *, address: str, topics: list[Any], from_block: int, to_block: int) -> list[dict[str, Any]]:
         result = await self.call(
             "eth_getLogs",
             [{"address": address, "topics": topics, "fromBlock": _hex(from_block), "toBlock": _hex(to_block)}],
         )
-        if not isinstance(result, list):
+        if not isinstance(result, list) or not all(isinstance(e, dict) for e in result):
             raise RpcError("eth_getLogs: unexpected result")
         return result
 
@@ -92,22 +96,45 @@ class JsonRpc:
         tx: dict[str, Any] = {"to": to, "data": "0x" + data.hex()}
         if sender:
             tx["from"] = sender
-        result = await self.call("eth_call", [tx, block])
-        return bytes.fromhex(str(result)[2:])
+        return _data("eth_call", await self.call("eth_call", [tx, block]))
 
     async def estimate_gas(self, to: str, data: bytes, sender: str) -> int:
         result = await self.call("eth_estimateGas", [{"to": to, "data": "0x" + data.hex(), "from": sender}])
-        return int(result, 16)
+        return _quantity("eth_estimateGas", result)
 
     async def gas_price(self) -> int:
-        return int(await self.call("eth_gasPrice", []), 16)
+        return _quantity("eth_gasPrice", await self.call("eth_gasPrice", []))
 
     async def nonce(self, address: str, block: str = "pending") -> int:
-        return int(await self.call("eth_getTransactionCount", [address, block]), 16)
+        return _quantity("eth_getTransactionCount", await self.call("eth_getTransactionCount", [address, block]))
 
     async def send_raw(self, raw: bytes) -> str:
-        return str(await self.call("eth_sendRawTransaction", ["0x" + raw.hex()]))
+        result = await self.call("eth_sendRawTransaction", ["0x" + raw.hex()])
+        if not isinstance(result, str) or not result.startswith("0x"):
+            raise RpcError("eth_sendRawTransaction: unexpected result")
+        return result
 
     async def receipt(self, tx_hash: str) -> dict[str, Any] | None:
         result = await self.call("eth_getTransactionReceipt", [tx_hash])
-        return result if isinstance(result, dict) else None
+        if result is not None and not isinstance(result, dict):
+            raise RpcError("eth_getTransactionReceipt: unexpected result")
+        return result
+
+
+def _quantity(method: str, value: Any) -> int:
+    """A JSON-RPC QUANTITY (``0x``-prefixed hex) as an int."""
+    if isinstance(value, str) and value[:2] in ("0x", "0X"):
+        try:
+            return int(value, 16)
+        except ValueError:
+            pass
+    raise RpcError(f"{method}: expected a hex quantity, got {str(value)[:40]!r}")
+
+
+def _data(method: str, value: Any) -> bytes:
+    if isinstance(value, str) and value[:2] in ("0x", "0X"):
+        try:
+            return bytes.fromhex(value[2:])
+        except ValueError:
+            pass
+    raise RpcError(f"{method}: expected hex data, got {str(value)[:40]!r}")

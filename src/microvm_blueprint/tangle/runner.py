@@ -73,6 +73,7 @@ class BlueprintRunner:
         queue_size: int = 256,
         ready_timeout: float = 30.0,
         drain_timeout: float = 30.0,
+        producer_grace: float = 1.0,
     ) -> None:
         self.router = router
         self.producer = producer
@@ -83,6 +84,7 @@ class BlueprintRunner:
         self.queue: asyncio.Queue[JobCall] = asyncio.Queue(maxsize=queue_size)
         self.ready_timeout = ready_timeout
         self.drain_timeout = drain_timeout
+        self.producer_grace = producer_grace
         self._sem = asyncio.Semaphore(max_concurrency)
         self._stop = asyncio.Event()
         self._tails: dict[str, asyncio.Task[None]] = {}
@@ -97,10 +99,22 @@ class BlueprintRunner:
         self._stop.set()
 
     async def run(self) -> None:
+        """Run until :meth:`stop` (then shut down gracefully) or until cancelled (then at once)."""
         try:
             await self._run()
         except* MicrovmBlueprintError as group:
             raise group.exceptions[0] from None
+        finally:
+            await self._cancel_handlers()
+
+    async def _cancel_handlers(self) -> None:
+        """Handler tasks live outside the task group (they outlive the dispatcher during a drain): make
+        sure none survives the runner, whatever way it ends."""
+        left = [t for t in self._handlers if not t.done()]
+        for task in left:
+            task.cancel()
+        if left:
+            await asyncio.gather(*left, return_exceptions=True)
 
     async def _run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -122,7 +136,12 @@ class BlueprintRunner:
             dispatcher = tg.create_task(self._dispatch(), name="dispatcher")
             self.ready.set()
             await self._stop.wait()
-            await producer_task
+            # the producer's state is durable at every await point: give it a moment, then cancel it
+            await asyncio.wait({producer_task}, timeout=self.producer_grace)
+            if not producer_task.done():
+                producer_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await producer_task
             dispatcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await dispatcher
@@ -132,11 +151,24 @@ class BlueprintRunner:
                 task.cancel()
 
     async def _deliver(self, call: JobCall) -> None:
-        await self.queue.put(call)
+        """The producer's hand-over: waits for room in the bounded queue, gives up once stopping (the
+        call stays ``new`` in the inbox and runs at the next start)."""
+        if self._stop.is_set():
+            return
+        put = asyncio.ensure_future(self.queue.put(call))
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({put, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (put, stopped):
+                if not task.done():
+                    task.cancel()
 
     async def _dispatch(self) -> None:
         while True:
             call = await self.queue.get()
+            if self._stop.is_set():
+                continue  # not started: stays ``new`` in the inbox for the next start
             key = self.router.ordering_key(call)
             prev = self._tails.get(key)
             task = asyncio.create_task(self._after(prev, call, key), name=f"job:{call.call_id}")
@@ -165,14 +197,32 @@ class BlueprintRunner:
         if prev is not None:
             await asyncio.wait([prev])
         async with self._sem:
+            if self._stop.is_set():
+                return  # its turn came after stop(): not started, stays ``new`` for the next start
             await self._handle(call, key)
 
+    def _observe(self, what: str, *args: object) -> None:
+        """Call the observer; its failure is logged, never the job's or the service's."""
+        try:
+            getattr(self.observer, what)(*args)
+        except Exception:
+            log.exception("job observer %s failed", what)
+
     async def _handle(self, call: JobCall, key: str) -> None:
+        try:
+            await self._handle_inner(call, key)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the inbox or outbox failed us: the call stays ``new`` and runs again next start
+            log.exception("could not record the outcome of call %d", call.call_id, extra={"call_id": call.call_id})
+        self.handled += 1
+
+    async def _handle_inner(self, call: JobCall, key: str) -> None:
         route = self.router.lookup(call.job_index)
         job = self.router.name_of(call.job_index)
         started = time.perf_counter()
         extra = {"call_id": call.call_id, "job": job, "key": key.removeprefix("key:"), "caller": call.caller}
-        self.observer.on_received(call, job)
+        self._observe("on_received", call, job)
         if self.state.call_status(call.service_id, call.call_id) == "done":
             return  # handled before a restart; nothing to do twice
         error: str | None = None
@@ -184,23 +234,28 @@ class BlueprintRunner:
             try:
                 output = await route.handler(call)
             except JobError as exc:
-                error = str(exc)
+                error = str(exc) or type(exc).__name__
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("job %s (call %d) crashed", job, call.call_id, extra=extra)
                 error = "internal error while running the job"
+            else:
+                if not isinstance(output, bytes | bytearray):
+                    log.error("job %s (call %d) returned %s, not bytes", job, call.call_id,
+                              type(output).__name__, extra=extra)
+                    error, output = "internal error while running the job", None
         crash_point("runner.after_handler")
         ms = (time.perf_counter() - started) * 1000
+        # the observer hears first: a crash before ``finish`` reruns the call (and tells it again)
         if error is None and output is not None:
-            self.observer.on_done(call, output)
-            self.state.finish(call.service_id, call.call_id, output)
+            self._observe("on_done", call, bytes(output))
+            self.state.finish(call.service_id, call.call_id, bytes(output))
             crash_point("runner.after_finish")
             self.consumer.wake()
             log.info("job %s call %d done in %.1f ms", job, call.call_id, ms, extra=extra)
         else:
-            self.observer.on_failed(call, error or "handler returned no result")
+            self._observe("on_failed", call, error or "handler returned no result")
             self.state.finish(call.service_id, call.call_id, None)
             if route is not None:
                 log.info("job %s call %d failed in %.1f ms: %s", job, call.call_id, ms, error, extra=extra)
-        self.handled += 1

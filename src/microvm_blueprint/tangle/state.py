@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -20,6 +21,8 @@ from pathlib import Path
 
 from ..sqlitedb import Database
 from .errors import TangleError
+
+log = logging.getLogger(__name__)
 
 
 def i64(value: int) -> int:
@@ -124,11 +127,35 @@ class TangleState:
                 )
                 if cur.rowcount:
                     fresh.append(c)
+                    continue
+                seen = db.execute(
+                    "SELECT tx_hash, inputs, job_index, status FROM inbox WHERE service_id=? AND call_id=?",
+                    (i64(c.service_id), i64(c.call_id)),
+                ).fetchone()
+                if seen is not None and (seen[0] != c.tx_hash or bytes(seen[1]) != c.inputs or seen[2] != c.job_index):
+                    # only a reorg deeper than the rewind re-numbers calls; the first version was handled
+                    log.error(
+                        "call %d seen again with different content (tx %s, was %s; reorg?): keeping the first "
+                        "(status %s)", c.call_id, c.tx_hash, seen[0], seen[3], extra={"call_id": c.call_id},
+                    )
             db.execute(
                 "INSERT OR REPLACE INTO cursor (key, next_block, last_hash) VALUES (?,?,?)",
                 (key, cursor.next_block, cursor.last_hash),
             )
         return fresh
+
+    def rewind(self, key: str, service_id: int, to_block: int) -> int:
+        """After a reorg: scan again from ``to_block`` and forget the calls from there on that were not
+        handled yet (the canonical chain decides whether they exist). Returns how many were forgotten."""
+        with self._tx() as db:
+            cur = db.execute(
+                "DELETE FROM inbox WHERE service_id=? AND status='new' AND block_number>=?",
+                (i64(service_id), to_block),
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO cursor (key, next_block, last_hash) VALUES (?,?,?)", (key, to_block, None)
+            )
+            return int(cur.rowcount)
 
     def unfinished(self) -> list[InboxRow]:
         """Calls recorded but not yet handled (a crash or shutdown interrupted them), in chain order."""
@@ -164,6 +191,15 @@ class TangleState:
                     (i64(call_id), i64(service_id), output, "pending", time.time()),
                 )
 
+    def enqueue(self, service_id: int, call_id: int, output: bytes) -> bool:
+        """Queue a result on its own (no inbox row). False if one for this call is already queued."""
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO outbox (call_id, service_id, output, status, at) VALUES (?,?,?,?,?)",
+                (i64(call_id), i64(service_id), output, "pending", time.time()),
+            )
+            return bool(cur.rowcount)
+
     def call_status(self, service_id: int, call_id: int) -> str | None:
         rows = self._rows(
             "SELECT status FROM inbox WHERE service_id=? AND call_id=?", (i64(service_id), i64(call_id))
@@ -195,6 +231,10 @@ class TangleState:
             "SELECT status, tx_hash FROM outbox WHERE service_id=? AND call_id=?", (i64(service_id), i64(call_id))
         )
         return (str(rows[0][0]), str(rows[0][1]) if rows[0][1] else None) if rows else None
+
+    def outbox_reason(self, service_id: int, call_id: int) -> str | None:
+        rows = self._rows("SELECT reason FROM outbox WHERE service_id=? AND call_id=?", (i64(service_id), i64(call_id)))
+        return str(rows[0][0]) if rows and rows[0][0] is not None else None
 
     def mark(self, service_id: int, call_ids: Sequence[int], status: str, *, tx_hash: str | None = None,
              reason: str | None = None) -> None:

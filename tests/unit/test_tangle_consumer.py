@@ -1,0 +1,131 @@
+"""Consumer paths a local chain cannot easily produce: an unclassified revert (held back with a growing
+delay, dropped in the end), results whose transactions keep failing, a refused gas estimate, and
+callbacks that raise. The real-chain paths are in tests/integration/test_tangle_real.py."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import rlp
+from eth_abi import encode
+from eth_utils import keccak
+
+from microvm_blueprint.tangle import consumer as consumer_mod
+from microvm_blueprint.tangle.consumer import GAS_FALLBACK, JobResult, TangleConsumer
+from microvm_blueprint.tangle.errors import RpcError
+from microvm_blueprint.tangle.keystore import import_key
+from microvm_blueprint.tangle.rpc import ContractRevert
+from microvm_blueprint.tangle.state import TangleState
+
+CONTRACT = "0x0165878A594ca255338adfa4d48449f69242Eb8F"
+SERVICE_NOT_ACTIVE = "0x" + keccak(text="ServiceNotActive(uint64)")[:4].hex()
+
+
+class FakeChain:
+    def __init__(self, *, estimate: Any = 100_000, receipt_status: str = "0x1") -> None:
+        self.estimate = estimate  # an int, or an exception to raise
+        self.receipt_status = receipt_status
+        self.sent: list[dict[str, Any]] = []
+        self.nonce_value = 0
+
+    async def eth_call(self, to: str, data: bytes, sender: str | None = None, block: str = "latest") -> bytes:
+        # getJobCall: the call exists and is open
+        return encode(["(uint8,address,uint64,uint32,bool,bool,uint256)"], [(0, "0x" + "11" * 20, 5, 0, False, False, 0)])
+
+    async def estimate_gas(self, to: str, data: bytes, sender: str) -> int:
+        if isinstance(self.estimate, BaseException):
+            raise self.estimate
+        return int(self.estimate)
+
+    async def chain_id(self) -> int:
+        return 31337
+
+    async def nonce(self, address: str, block: str = "pending") -> int:
+        return self.nonce_value
+
+    async def gas_price(self) -> int:
+        return 0
+
+    async def send_raw(self, raw: bytes) -> str:
+        from eth_account import Account
+
+        tx = Account.recover_transaction(raw)
+        self.sent.append({"raw": raw, "from": tx})
+        return "0x" + f"{len(self.sent):064x}"
+
+    async def receipt(self, tx_hash: str) -> dict[str, Any] | None:
+        return {"status": self.receipt_status, "transactionHash": tx_hash}
+
+
+def make(tmp: Path, chain: FakeChain, **kw: Any) -> tuple[TangleConsumer, TangleState]:
+    state = TangleState(tmp / "t.sqlite3")
+    key = import_key(tmp / "keystore", "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d")
+    return TangleConsumer(chain, state, key, contract=CONTRACT, backoff_cap=0.01, **kw), state  # type: ignore[arg-type]
+
+
+async def run_until(consumer: TangleConsumer, cond: Any, timeout: float = 10) -> None:
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    deadline = asyncio.get_running_loop().time() + timeout
+    try:
+        while not cond():
+            assert asyncio.get_running_loop().time() < deadline, "timed out"
+            assert not task.done(), task
+            await asyncio.sleep(0.005)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_an_unclassified_revert_is_held_back_then_dropped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(consumer_mod, "MAX_UNKNOWN_REVERTS", 3)
+    monkeypatch.setattr(consumer_mod, "HOLD_CAP", 0.02)
+    chain = FakeChain(estimate=ContractRevert("execution reverted", SERVICE_NOT_ACTIVE + "00" * 32))
+    dropped: dict[int, str] = {}
+    consumer, state = make(tmp_path, chain, on_dropped=lambda c, why: dropped.__setitem__(c, why))
+    consumer.enqueue(JobResult(0, 7, b"\x01"))
+    await run_until(consumer, lambda: 7 in dropped)
+    assert dropped[7] == "ServiceNotActive (after 3 attempts)"
+    assert chain.sent == [] and state.outbox_status(0, 7) == ("dropped", None)
+
+
+async def test_a_result_whose_transactions_keep_failing_is_dropped(tmp_path: Path) -> None:
+    chain = FakeChain(receipt_status="0x0")
+    dropped: dict[int, str] = {}
+    consumer, _ = make(tmp_path, chain, on_dropped=lambda c, why: dropped.__setitem__(c, why))
+    consumer.enqueue(JobResult(0, 1, b"\x01"))
+    await run_until(consumer, lambda: 1 in dropped)
+    assert len(chain.sent) == consumer_mod.MAX_SEND_ATTEMPTS
+    assert "failed on-chain" in dropped[1]
+
+
+async def test_a_refused_estimate_falls_back_to_a_fixed_limit_for_an_open_call(tmp_path: Path) -> None:
+    from eth_account import Account
+
+    chain = FakeChain(estimate=RpcError("eth_estimateGas: method not supported"))
+    submitted: dict[int, str] = {}
+    consumer, _ = make(tmp_path, chain, on_submitted=lambda c, tx: submitted.__setitem__(c, tx))
+    consumer.enqueue(JobResult(0, 3, b"\x01"))
+    await run_until(consumer, lambda: 3 in submitted)
+    fields = rlp.decode(chain.sent[0]["raw"])
+    assert int.from_bytes(fields[2], "big") == GAS_FALLBACK  # [nonce, gasPrice, gas, to, value, data, v, r, s]
+    assert chain.sent[0]["from"] == Account.from_key(
+        "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d").address
+
+
+async def test_callbacks_that_raise_do_not_stop_the_sender(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    chain = FakeChain()
+
+    def explode(call_id: int, tx: str) -> None:
+        raise RuntimeError("journal is gone")
+
+    consumer, state = make(tmp_path, chain, on_submitted=explode)
+    consumer.enqueue(JobResult(0, 1, b"\x01"))
+    await run_until(consumer, lambda: state.outbox_status(0, 1) is not None and state.outbox_status(0, 1)[0] == "done")
+    consumer.enqueue(JobResult(0, 2, b"\x01"))
+    await run_until(consumer, lambda: state.outbox_status(0, 2) is not None and state.outbox_status(0, 2)[0] == "done")
+    assert "result callback failed" in caplog.text
+    assert [int.from_bytes(rlp.decode(s["raw"])[0], "big") for s in chain.sent] == [0, 1]  # local nonces
