@@ -201,6 +201,16 @@ async def test_replayed_call_answers_the_recorded_outcome(provider: Lifecycle) -
         await provider.stop_vm("vm-r", bad)
 
 
+async def test_a_replayed_snapshot_succeeds_after_the_snapshot_is_deleted(provider: Lifecycle) -> None:
+    await provider.create_vm("vm-d", None, Origin(call_id=60))
+    taken = await provider.snapshot_vm("vm-d", "s1", Origin(call_id=61, caller="0xc"))
+    await provider.delete_snapshot("vm-d", "s1", Origin(call_id=62))
+    again = await provider.snapshot_vm("vm-d", "s1", Origin(call_id=61, caller="0xc"))  # replay: still a success
+    assert (again.snapshot_id, again.vm_status) == ("s1", taken.vm_status)
+    assert again.created_at == pytest.approx(taken.created_at, abs=5)
+    assert await provider.list_snapshots("vm-d") == []  # and nothing was taken again
+
+
 async def test_spec_rules(provider: Lifecycle) -> None:
     with pytest.raises(InvalidInput, match="mem_mib must be at least 128"):
         await provider.create_vm("m", VmSpec(vcpus=1, mem_mib=64, image=""), o())

@@ -82,3 +82,17 @@ def test_secret_never_shows() -> None:
     s = Secret("0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80")
     assert "ac09" not in repr(s) and "ac09" not in str(s) and "ac09" not in f"{s}"
     assert s.reveal().startswith("0xac09")
+
+
+async def test_firecracker_default_spec_comes_from_its_settings(tmp_path: Path) -> None:
+    from microvm_blueprint.blueprint.operator import build_provider
+
+    env = {"MICROVM_PROVIDER": "firecracker", "MICROVM_FIRECRACKER_VCPU_COUNT": "3",
+           "MICROVM_FIRECRACKER_MEM_MIB": "512"}
+    life = build_provider(OperatorSettings.from_env(env, tmp_path), InMemoryDriver())
+    view = await life.create_vm("fc-default", None, Origin(call_id=1))
+    assert (view.spec.vcpus, view.spec.mem_mib) == (3, 512)
+    explicit = await life.create_vm("fc-explicit", VmSpec(vcpus=1, mem_mib=128), Origin(call_id=2))
+    assert (explicit.spec.vcpus, explicit.spec.mem_mib) == (1, 128)
+    other = build_provider(OperatorSettings.from_env({}, tmp_path / "b"), InMemoryDriver())
+    assert (await other.create_vm("plain", None, Origin(call_id=1))).spec == VmSpec()

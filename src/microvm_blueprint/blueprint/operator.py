@@ -13,6 +13,7 @@ from pathlib import Path
 from ..runtime.driver import VmmDriver
 from ..runtime.errors import ImageError
 from ..runtime.lifecycle import Lifecycle
+from ..runtime.model import VmSpec
 from ..runtime.store import Store
 from ..tangle.consumer import TangleConsumer
 from ..tangle.environment import BlueprintEnvironment
@@ -58,9 +59,20 @@ def make_driver(settings: OperatorSettings) -> VmmDriver:
     return FirecrackerDriver(FirecrackerSettings.from_env(settings.env, image_dir=settings.image_dir))
 
 
+def default_spec(settings: OperatorSettings) -> VmSpec | None:
+    """The spec of ``create_vm`` (no spec given): Firecracker's ``MICROVM_FIRECRACKER_VCPU_COUNT`` /
+    ``_MEM_MIB``; the built-in default (1 vCPU, 256 MiB) for the others."""
+    if settings.provider is not ProviderKind.FIRECRACKER:
+        return None
+    from ..runtime.adapters.firecracker import FirecrackerSettings
+
+    return FirecrackerSettings.from_env(settings.env, image_dir=settings.image_dir).default_spec()
+
+
 def build_provider(settings: OperatorSettings, driver: VmmDriver | None = None) -> Lifecycle:
     store = Store(":memory:" if settings.ephemeral else settings.data_dir / "runtime.sqlite3")
-    return Lifecycle(driver or make_driver(settings), store, state_dir=settings.state_dir, limits=settings.limits)
+    return Lifecycle(driver or make_driver(settings), store, state_dir=settings.state_dir, limits=settings.limits,
+                     default_spec=default_spec(settings))
 
 
 class JournalObserver:

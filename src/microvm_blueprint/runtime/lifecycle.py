@@ -63,8 +63,10 @@ class Lifecycle:
         *,
         state_dir: str | Path,
         limits: HostLimits | None = None,
+        default_spec: VmSpec | None = None,
     ) -> None:
         self.driver = driver
+        self.default_spec = default_spec or VmSpec()  # for create_vm without a spec
         self.store = store
         self.limits = limits or HostLimits()
         self.state_dir = Path(state_dir)
@@ -162,7 +164,7 @@ class Lifecycle:
     async def create_vm(self, vm_id: str, spec: VmSpec | None, origin: Origin) -> VmView:
         async def body() -> VmView:
             validate_id("vm_id", vm_id)
-            checked = self.limits.check_spec(spec or VmSpec())
+            checked = self.limits.check_spec(spec or self.default_spec)
             async with self._locked(vm_id):
                 return await self._create_locked(vm_id, checked, origin)
 
@@ -282,9 +284,16 @@ class Lifecycle:
                 self.store.add_snapshot(snap, origin, intent=intent)
                 return _snap_view(snap)
 
-        return await self._call(
-            origin, "snapshot_vm", _safe(vm_id), body, lambda: self.get_snapshot(vm_id, snapshot_id)
-        )
+        async def replay() -> SnapshotView:
+            try:
+                return await self.get_snapshot(vm_id, snapshot_id)
+            except SnapshotNotFound:
+                # deleted since: the call still succeeded; answer what history kept of it (size is gone)
+                taken = [h for h in self.store.history(vm_id) if h.call_id == origin.call_id]
+                at, status = (taken[0].at, taken[0].status) if taken else (0.0, self._require(vm_id).status)
+                return SnapshotView(snapshot_id=snapshot_id, created_at=at, size_bytes=0, vm_status=status)
+
+        return await self._call(origin, "snapshot_vm", _safe(vm_id), body, replay)
 
     async def destroy_vm(self, vm_id: str, origin: Origin) -> VmView:
         async def body() -> VmView:
