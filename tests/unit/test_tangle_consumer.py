@@ -59,6 +59,9 @@ class FakeChain:
     async def receipt(self, tx_hash: str) -> dict[str, Any] | None:
         return {"status": self.receipt_status, "transactionHash": tx_hash}
 
+    async def receipts(self, tx_hashes: list[str]) -> list[dict[str, Any] | None]:
+        return [await self.receipt(h) for h in tx_hashes]
+
 
 def make(tmp: Path, chain: FakeChain, **kw: Any) -> tuple[TangleConsumer, TangleState]:
     state = TangleState(tmp / "t.sqlite3")
@@ -129,3 +132,24 @@ async def test_callbacks_that_raise_do_not_stop_the_sender(tmp_path: Path, caplo
     await run_until(consumer, lambda: state.outbox_status(0, 2) is not None and state.outbox_status(0, 2)[0] == "done")
     assert "result callback failed" in caplog.text
     assert [int.from_bytes(rlp.decode(s["raw"])[0], "big") for s in chain.sent] == [0, 1]  # local nonces
+
+
+async def test_results_linger_to_share_one_transaction(tmp_path: Path) -> None:
+    chain = FakeChain()
+    consumer, state = make(tmp_path, chain, linger=0.2)
+    started = asyncio.get_running_loop().time()
+    for call_id in (1, 2, 3):
+        consumer.enqueue(JobResult(0, call_id, b"\x01"))
+    await run_until(consumer, lambda: all((state.outbox_status(0, c) or ("",))[0] == "done" for c in (1, 2, 3)))
+    assert len(chain.sent) == 1  # submitResults with all three
+    assert rlp.decode(chain.sent[0]["raw"])[5][:4] == consumer_mod.SEL_SUBMIT_RESULTS
+    assert asyncio.get_running_loop().time() - started >= 0.2
+
+
+async def test_a_full_batch_does_not_linger(tmp_path: Path) -> None:
+    chain = FakeChain()
+    consumer, _ = make(tmp_path, chain, linger=60.0, batch_max=2)
+    consumer.enqueue(JobResult(0, 1, b"\x01"))
+    consumer.enqueue(JobResult(0, 2, b"\x01"))
+    await run_until(consumer, lambda: len(chain.sent) == 1, timeout=10)  # 60 s of lingering would time out
+    assert rlp.decode(chain.sent[0]["raw"])[5][:4] == consumer_mod.SEL_SUBMIT_RESULTS

@@ -218,3 +218,48 @@ async def test_confirmations_hold_back_the_newest_blocks(tmp_path: Path) -> None
     cursor = state.cursor(producer.key)
     assert cursor is not None and cursor.next_block == 99
     state.close()
+
+
+class BusyChain(FakeChain):
+    """A chain that mines a block between any two polls (anvil's automine under load)."""
+
+    def __init__(self) -> None:
+        super().__init__(10, [])
+        self.polls: list[float] = []
+
+    async def block_number(self) -> int:
+        self.polls.append(asyncio.get_running_loop().time())
+        self.head += 1
+        return self.head
+
+
+async def test_a_caught_up_producer_polls_once_per_interval_on_a_busy_chain(tmp_path: Path) -> None:
+    chain = BusyChain()
+    state = TangleState(tmp_path / "t.sqlite3")
+    producer = TangleProducer(chain, state, contract=CONTRACT, service_id=0, from_block=5,  # type: ignore[arg-type]
+                              poll_interval=0.1)
+    stop = asyncio.Event()
+
+    async def deliver(call: JobCall) -> None:
+        return None
+
+    task = asyncio.create_task(producer.run(deliver, stop))
+    deadline = asyncio.get_running_loop().time() + 10
+    while len(chain.polls) < 6:
+        assert asyncio.get_running_loop().time() < deadline and not task.done()
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    gaps = [b - a for a, b in zip(chain.polls[1:], chain.polls[2:], strict=False)]  # the first poll finds a backlog
+    assert min(gaps) >= 0.1 * 0.99, gaps
+    state.close()
+
+
+async def test_a_producer_behind_the_head_does_not_wait_between_windows(tmp_path: Path) -> None:
+    chain = FakeChain(1000, [submitted(0, i, 0, b"x", block=100 * i + 50) for i in range(10)])
+    state = TangleState(tmp_path / "t.sqlite3")
+    producer = TangleProducer(chain, state, contract=CONTRACT, service_id=0, from_block=1,  # type: ignore[arg-type]
+                              max_range=100, poll_interval=30.0)
+    got = await collect(producer, 10, timeout=10)  # ten windows: a wait per window would take 5 minutes
+    assert [c.call_id for c in got] == list(range(10))
+    state.close()

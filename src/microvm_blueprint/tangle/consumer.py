@@ -49,6 +49,11 @@ MAX_SEND_ATTEMPTS = 5
 #: Simulations of one result reverting with an error we cannot classify before it is dropped.
 MAX_UNKNOWN_REVERTS = 12
 HOLD_CAP = 60.0
+#: Receipts of transactions in flight are looked for at most this often.
+COLLECT_INTERVAL = 0.02
+#: How long the first result waiting for a transaction waits for company (fewer, fuller transactions:
+#: on a busy chain each transaction costs far more than one more result in it). A full batch goes at once.
+LINGER = 0.05
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,7 @@ class TangleConsumer:
         on_dropped: Callback | None = None,
         drain_timeout: float = 10.0,
         backoff_cap: float = 10.0,
+        linger: float = LINGER,
     ) -> None:
         if key is None and not dry_run:
             raise TangleError("an operator key is required unless --dry-run")
@@ -120,6 +126,9 @@ class TangleConsumer:
         self._wake = asyncio.Event()
         self._in_flight: dict[str, _InFlight] = {}
         self._holds: dict[tuple[int, int], tuple[float, int]] = {}  # (service, call) -> (not before, reverts)
+        self._collected_at = float("-inf")
+        self.linger = max(0.0, linger)
+        self._gathering_since: float | None = None
         self._nonce: int | None = None
         self._chain_id: int | None = None
         self._gas_price: int | None = None
@@ -300,9 +309,19 @@ class TangleConsumer:
                 adopted += 1
         return adopted
 
-    async def _collect(self) -> None:
-        for tx_hash, fl in list(self._in_flight.items()):
-            receipt = await self.rpc.receipt(tx_hash)
+    async def _collect(self, *, force: bool = False) -> None:
+        """Look for the receipts of every transaction in flight, in one request, at most once per
+        :data:`COLLECT_INTERVAL` (rounds come with every finished job; the receipts do not)."""
+        now = time.monotonic()
+        if not self._in_flight or (not force and now - self._collected_at < COLLECT_INTERVAL):
+            return
+        self._collected_at = now
+        flights = list(self._in_flight.items())
+        answers = await self.rpc.receipts([tx_hash for tx_hash, _ in flights])
+        for (tx_hash, fl), receipt in zip(flights, answers, strict=True):
+            if isinstance(receipt, RpcError):
+                log.warning("receipt of %s: %s", tx_hash, receipt)
+                continue
             if receipt is None:
                 if time.monotonic() - fl.sent_at > RECEIPT_TIMEOUT:
                     log.warning("no receipt for %s after %.0fs; re-checking its calls", tx_hash, RECEIPT_TIMEOUT)
@@ -327,7 +346,7 @@ class TangleConsumer:
         rows = self.state.pending(self.batch_max * 4)
         if not self.dry_run:
             if self._adopt(rows):
-                await self._collect()
+                await self._collect(force=True)
                 rows = self.state.pending(self.batch_max * 4)
         flying = {(fl.service_id, c) for fl in self._in_flight.values() for c in fl.call_ids}
         now = time.monotonic()
@@ -347,6 +366,12 @@ class TangleConsumer:
             # a transaction is on its way: let results gather into one full batch instead of
             # paying for many small ones (a full batch still pipelines immediately)
             return True
+        if len(rows) < self.batch_max and self.linger:
+            if self._gathering_since is None:
+                self._gathering_since = now
+            if now - self._gathering_since < self.linger:
+                return True
+        self._gathering_since = None
         by_service: dict[int, list[OutboxRow]] = {}
         for row in rows:
             by_service.setdefault(row.service_id, []).append(row)

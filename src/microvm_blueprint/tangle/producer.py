@@ -25,6 +25,7 @@ import asyncio
 import functools
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -163,6 +164,8 @@ class TangleProducer:
         self.from_block = from_block
         self.max_range = max(1, max_range)
         self.poll_interval = poll_interval
+        self._last_poll = float("-inf")
+        self._behind = True  # the last poll did not reach the head: poll again at once
         self.confirmations = confirmations
         self.backoff_cap = backoff_cap
         self.key = f"jobs:{contract.lower()}:{service_id}"
@@ -314,15 +317,23 @@ class TangleProducer:
     async def _step(
         self, cursor: Cursor, deliver: Callable[[JobCall], Awaitable[None]], stop: asyncio.Event
     ) -> Cursor:
+        # one poll per interval once caught up (a busy chain mines a block per transaction: polling
+        # again at once would cost the node and this process 3 RPCs per block for nothing)
+        wait = self._last_poll + self.poll_interval - time.monotonic()
+        if not self._behind and wait > 0:
+            try:
+                await asyncio.wait_for(stop.wait(), wait)
+            except TimeoutError:
+                pass
+            if stop.is_set():
+                return cursor
+        self._last_poll = time.monotonic()
         head = await self._retry("eth_blockNumber", self.rpc.block_number, stop)
         self.head_seen = head
         safe_head = head - self.confirmations
         if cursor.next_block > safe_head:
+            self._behind = False
             self.caught_up.set()
-            try:
-                await asyncio.wait_for(stop.wait(), self.poll_interval)
-            except TimeoutError:
-                pass
             return cursor
         to_block, last, logs = await self._get_logs(cursor.next_block, safe_head, stop)
         calls = self._decode_window(logs)
@@ -332,6 +343,7 @@ class TangleProducer:
             crash_point("producer.after_advance")
         for row in fresh:
             await deliver(JobCall.from_row(row))
-        if to_block >= safe_head:
+        self._behind = to_block < safe_head
+        if not self._behind:
             self.caught_up.set()
         return cursor

@@ -8,6 +8,7 @@ protocol failure into :class:`RpcError` and every revert into :class:`ContractRe
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -41,32 +42,45 @@ class JsonRpc:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def call(self, method: str, params: list[Any]) -> Any:
-        payload = {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params}
+    async def _post(self, what: str, payload: Any) -> Any:
         try:
             response = await self._client.post(self.url, json=payload)
         except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
-            raise RpcUnavailable(f"{method}: chain RPC unreachable at {self.url}: {type(exc).__name__}") from exc
+            raise RpcUnavailable(f"{what}: chain RPC unreachable at {self.url}: {type(exc).__name__}") from exc
         if response.status_code >= 500 or response.status_code == 429:
-            raise RpcUnavailable(f"{method}: chain RPC answered HTTP {response.status_code}")
+            raise RpcUnavailable(f"{what}: chain RPC answered HTTP {response.status_code}")
         if response.status_code != 200:
-            raise RpcError(f"{method}: chain RPC answered HTTP {response.status_code}")
+            raise RpcError(f"{what}: chain RPC answered HTTP {response.status_code}")
         try:
-            body = response.json()
+            return response.json()
         except ValueError as exc:
-            raise RpcError(f"{method}: chain RPC answered non-JSON") from exc
-        if not isinstance(body, dict):
-            raise RpcError(f"{method}: chain RPC answered an unexpected shape")
-        if body.get("error"):
-            err = body["error"]
-            message = str(err.get("message", "")) if isinstance(err, dict) else str(err)
-            data = err.get("data") if isinstance(err, dict) else None
-            if isinstance(data, dict):
-                data = data.get("data")
-            if "revert" in message.lower() or (isinstance(data, str) and data.startswith("0x") and len(data) >= 10):
-                raise ContractRevert(message, data if isinstance(data, str) else None)
-            raise RpcError(f"{method}: {message[:300]}")
-        return body.get("result")
+            raise RpcError(f"{what}: chain RPC answered non-JSON") from exc
+
+    async def call(self, method: str, params: list[Any]) -> Any:
+        payload = {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params}
+        result = _answer(method, await self._post(method, payload))
+        if isinstance(result, TangleError):
+            raise result
+        return result
+
+    async def batch(self, calls: Sequence[tuple[str, list[Any]]]) -> list[Any]:
+        """Several calls in one HTTP request (JSON-RPC batch). Returns one entry per call, in order: its
+        result, or the :class:`RpcError` / :class:`ContractRevert` it answered (not raised, so one bad
+        entry does not hide the others). Raises when the batch as a whole fails."""
+        if not calls:
+            return []
+        ids = [next(self._ids) for _ in calls]
+        payload = [{"jsonrpc": "2.0", "id": i, "method": m, "params": p} for i, (m, p) in zip(ids, calls, strict=True)]
+        what = f"batch of {len(calls)} ({calls[0][0]}...)"
+        body = await self._post(what, payload)
+        if not isinstance(body, list):
+            raise RpcError(f"{what}: chain RPC answered an unexpected shape")
+        by_id = {e.get("id"): e for e in body if isinstance(e, dict)}
+        out: list[Any] = []
+        for i, (method, _) in zip(ids, calls, strict=True):
+            entry = by_id.get(i)
+            out.append(RpcError(f"{method}: no answer in the batch") if entry is None else _answer(method, entry))
+        return out
 
     # ---- typed helpers (a malformed answer is an RpcError, never a bare ValueError) ----
 
@@ -114,11 +128,40 @@ class JsonRpc:
             raise RpcError("eth_sendRawTransaction: unexpected result")
         return result
 
+    async def receipts(self, tx_hashes: Sequence[str]) -> list[dict[str, Any] | RpcError | None]:
+        """Receipts of several transactions in one request; an entry that failed is its RpcError."""
+        answers = await self.batch([("eth_getTransactionReceipt", [h]) for h in tx_hashes])
+        out: list[dict[str, Any] | RpcError | None] = []
+        for a in answers:
+            if isinstance(a, RpcError) or a is None or isinstance(a, dict):
+                out.append(a)
+            elif isinstance(a, TangleError):
+                out.append(RpcError(f"eth_getTransactionReceipt: {a}"))
+            else:
+                out.append(RpcError("eth_getTransactionReceipt: unexpected result"))
+        return out
+
     async def receipt(self, tx_hash: str) -> dict[str, Any] | None:
         result = await self.call("eth_getTransactionReceipt", [tx_hash])
         if result is not None and not isinstance(result, dict):
             raise RpcError("eth_getTransactionReceipt: unexpected result")
         return result
+
+
+def _answer(method: str, body: Any) -> Any:
+    """A JSON-RPC response object -> its result, or the error it carries (returned, not raised)."""
+    if not isinstance(body, dict):
+        return RpcError(f"{method}: chain RPC answered an unexpected shape")
+    if body.get("error"):
+        err = body["error"]
+        message = str(err.get("message", "")) if isinstance(err, dict) else str(err)
+        data = err.get("data") if isinstance(err, dict) else None
+        if isinstance(data, dict):
+            data = data.get("data")
+        if "revert" in message.lower() or (isinstance(data, str) and data.startswith("0x") and len(data) >= 10):
+            return ContractRevert(message, data if isinstance(data, str) else None)
+        return RpcError(f"{method}: {message[:300]}")
+    return body.get("result")
 
 
 def _quantity(method: str, value: Any) -> int:
