@@ -57,3 +57,28 @@ def pss_kib(pid: int) -> int:
 def emit(name: str, figures: dict[str, Any], baseline: dict[str, Any], ratio: dict[str, Any], **extra: Any) -> None:
     out = {"benchmark": name, "figures": figures, "baseline": baseline, "ratio": ratio, "machine": machine(), **extra}
     print(json.dumps(out), flush=True)
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds used so far by ``pid`` and its live descendants (this process when None)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        used[int(entry)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += used.get(p, 0.0)
+        todo += [c for c, parent in parents.items() if parent == p]
+    return total
