@@ -216,21 +216,28 @@ class TcpProxy:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        try:
-            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.close()
-            return
-        self.writers |= {writer, up_w}
+        await splice(reader, writer, self.target_port, self.writers)
 
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                while data := await r.read(65536):
-                    w.write(data)
-                    await w.drain()
-            w.close()
 
-        try:
-            await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
-        finally:
-            self.writers -= {writer, up_w}
+async def splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target_port: int,
+                 writers: set[asyncio.StreamWriter]) -> None:
+    """Relay one client connection to 127.0.0.1:``target_port`` both ways until either side closes;
+    both writers sit in ``writers`` meanwhile (so a test can cut them)."""
+    try:
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", target_port)
+    except OSError:
+        writer.close()
+        return
+    writers |= {writer, up_w}
+
+    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        w.close()
+
+    try:
+        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+    finally:
+        writers -= {writer, up_w}

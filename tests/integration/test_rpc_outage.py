@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from urllib.parse import urlparse
 
 import pytest
@@ -13,6 +12,7 @@ from microvm_blueprint.tangle.abi import encode_args
 from microvm_blueprint.tangle.devnet import Anvil, deploy_dev_tangle
 
 from .conftest import HarnessFactory, api_get, result_counts
+from .tangle_chain import splice
 
 pytestmark = pytest.mark.chain
 
@@ -45,22 +45,7 @@ class FlakyProxy:
             self.dropped += 1
             writer.close()
             return
-        try:
-            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.close()
-            return
-        self.writers |= {writer, up_w}
-
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                while data := await r.read(65536):
-                    w.write(data)
-                    await w.drain()
-            w.close()
-
-        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
-        self.writers -= {writer, up_w}
+        await splice(reader, writer, self.target_port, self.writers)
 
     async def close(self) -> None:
         if self.server:
