@@ -360,8 +360,11 @@ class TangleConsumer:
         for row in [r for r in rows if r.attempts >= MAX_SEND_ATTEMPTS]:
             self._drop(row.service_id, row.call_id, f"{row.attempts} result transactions failed on-chain")
             rows.remove(row)
-        if not rows or len(self._in_flight) >= self.max_in_flight:
+        if not rows:
+            self._gathering_since = None
             return bool(self._in_flight)
+        if len(self._in_flight) >= self.max_in_flight:
+            return True
         if self._in_flight and len(rows) < self.batch_max:
             # a transaction is on its way: let results gather into one full batch instead of
             # paying for many small ones (a full batch still pipelines immediately)
