@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -241,3 +241,22 @@ async def splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tar
         await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
     finally:
         writers -= {writer, up_w}
+
+
+@contextlib.asynccontextmanager
+async def producer_running(producer: TangleProducer) -> AsyncIterator[list[JobCall]]:
+    """Run ``producer`` in the background; yields the list its calls are delivered into. On exit it is
+    stopped (within a deadline) and its state closed."""
+    got: list[JobCall] = []
+
+    async def deliver(call: JobCall) -> None:
+        got.append(call)
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(producer.run(deliver, stop))
+    try:
+        yield got
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        producer.state.close()

@@ -22,6 +22,7 @@ from .tangle_chain import (
     Pipeline,
     job_call,
     operator_key,
+    producer_running,
     results_on_chain,
     submit_job,
     submit_result_directly,
@@ -271,24 +272,13 @@ async def test_first_start_scans_from_the_service_activation(
     await rpc.call("anvil_mine", ["0x40"])  # far beyond the SDK's ~9-block look-back
     state = TangleState(tmp_path / "t.sqlite3")
     producer = TangleProducer(rpc, state, contract=chain.tangle, service_id=0, max_range=7, poll_interval=0.05)
-    got: list[JobCall] = []
-
-    async def deliver(call: JobCall) -> None:
-        got.append(call)
-
-    stop = asyncio.Event()
-    task = asyncio.create_task(producer.run(deliver, stop))
-    try:
+    async with producer_running(producer) as got:
         await wait_for(lambda: producer.caught_up.is_set(), 20, "the producer caught up")
         assert [c.call_id for c in got] == [call_id]
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
-        state.close()
     fresh = TangleState(tmp_path / "fresh.sqlite3")
     try:
         p2 = TangleProducer(rpc, fresh, contract=chain.tangle, service_id=0, max_range=7)
-        assert (await p2._start_block(await rpc.block_number(), stop)).next_block == activation
+        assert (await p2._start_block(await rpc.block_number(), asyncio.Event())).next_block == activation
     finally:
         fresh.close()
 
@@ -301,22 +291,11 @@ async def test_other_services_and_contracts_are_ignored(
     start = await rpc.block_number()
     state = TangleState(tmp_path / "t.sqlite3")
     producer = TangleProducer(rpc, state, contract=chain.tangle, service_id=7, from_block=start, poll_interval=0.05)
-    got: list[JobCall] = []
-
-    async def deliver(call: JobCall) -> None:
-        got.append(call)
-
-    stop = asyncio.Event()
-    task = asyncio.create_task(producer.run(deliver, stop))
-    try:
+    async with producer_running(producer) as got:
         await submit_job(rpc, chain, 0, vm_args("not-ours"))
         head = await rpc.block_number()
         await wait_for(lambda: producer.caught_up.is_set() and producer.head_seen >= head, 20, "caught up")
         assert got == []
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
-        state.close()
 
 
 async def test_the_contract_reverts_as_classified(real_tangle: RealTangleChain, rpc: JsonRpc) -> None:
