@@ -112,6 +112,7 @@ class FakeChain:
         self.wide_refused = wide_refused
         self.down = 0  # number of calls still to fail
         self.requests: list[tuple[int, int]] = []
+        self.blocks_read = 0  # eth_getBlockByNumber of one block, beside the polls' head_block
 
     def _maybe_fail(self) -> None:
         if self.down > 0:
@@ -122,8 +123,13 @@ class FakeChain:
         self._maybe_fail()
         return self.head
 
+    async def head_block(self) -> tuple[int, str]:
+        self._maybe_fail()
+        return self.head, "0x" + f"{self.head:064x}"
+
     async def get_block(self, number: int | str) -> dict[str, Any] | None:
         self._maybe_fail()
+        self.blocks_read += 1
         return {"number": hex(int(number)), "hash": "0x" + f"{int(number):064x}"}
 
     async def get_logs(self, *, address: str, topics: list[Any], from_block: int, to_block: int) -> list[dict[str, Any]]:
@@ -227,10 +233,10 @@ class BusyChain(FakeChain):
         super().__init__(10, [])
         self.polls: list[float] = []
 
-    async def block_number(self) -> int:
+    async def head_block(self) -> tuple[int, str]:
         self.polls.append(asyncio.get_running_loop().time())
         self.head += 1
-        return self.head
+        return await super().head_block()
 
 
 async def test_a_caught_up_producer_polls_once_per_interval_on_a_busy_chain(tmp_path: Path) -> None:
@@ -262,4 +268,38 @@ async def test_a_producer_behind_the_head_does_not_wait_between_windows(tmp_path
                               max_range=100, poll_interval=30.0)
     got = await collect(producer, 10, timeout=10)  # ten windows: a wait per window would take 5 minutes
     assert [c.call_id for c in got] == list(range(10))
+    state.close()
+
+
+async def test_a_poll_reaching_the_head_reads_no_block_beside_it(tmp_path: Path) -> None:
+    """Caught up on a chain that mines between polls, each poll is two requests (head, then logs): the
+    window ends at the head, whose hash the poll already has; a window short of it reads its block."""
+    chain = BusyChain()
+    chain.logs = [submitted(0, i, 0, b"x", block=11 + i) for i in range(5)]
+    state = TangleState(tmp_path / "t.sqlite3")
+    producer = TangleProducer(chain, state, contract=CONTRACT, service_id=0, from_block=5,  # type: ignore[arg-type]
+                              poll_interval=0.01)
+    got = await collect(producer, 5, timeout=10)
+    assert [c.call_id for c in got] == list(range(5))
+    assert len(chain.requests) >= 5 and chain.blocks_read == 0
+    cursor = state.cursor(producer.key)
+    assert cursor is not None and cursor.last_hash == "0x" + f"{cursor.next_block - 1:064x}"  # the head's hash
+    state.close()
+
+    state = TangleState(tmp_path / "c.sqlite3")
+    chain2 = FakeChain(50, [])
+    producer = TangleProducer(chain2, state, contract=CONTRACT, service_id=0, from_block=5,  # type: ignore[arg-type]
+                              confirmations=3, poll_interval=0.01)
+    stop = asyncio.Event()
+
+    async def deliver(call: JobCall) -> None:
+        return None
+
+    task = asyncio.create_task(producer.run(deliver, stop))
+    await asyncio.wait_for(producer.caught_up.wait(), 10)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    cursor = state.cursor(producer.key)
+    assert chain2.blocks_read >= 1 and cursor is not None
+    assert cursor.next_block == 48 and cursor.last_hash == "0x" + f"{47:064x}"
     state.close()

@@ -255,19 +255,25 @@ class TangleProducer:
             return
 
     async def _get_logs(
-        self, lo: int, hi: int, stop: asyncio.Event
-    ) -> tuple[int, dict[str, Any] | None, list[dict[str, Any]]]:
-        """``(to_block, block to_block, logs of [lo, to_block])`` with ``to_block <= hi``.
+        self, lo: int, hi: int, stop: asyncio.Event, head: tuple[int, str]
+    ) -> tuple[int, str | None, list[dict[str, Any]]]:
+        """``(to_block, hash of to_block, logs of [lo, to_block])`` with ``to_block <= hi``.
 
         The block is read *before* its logs: a reorg in between leaves a stale hash in the cursor and the
-        next start rewinds (the safe side), never the other way round. A refused window is halved
-        (provider range or result limits) and retried with backoff; a good answer lets it grow back.
+        next start rewinds (the safe side), never the other way round. When the window ends at ``head``
+        (the poll's newest block, read just before) its hash is already known: one request, not two.
+        A refused window is halved (provider range or result limits) and retried with backoff; a good
+        answer lets it grow back.
         """
         backoff = Backoff(cap=self.backoff_cap)
         while True:
             to_block = min(hi, lo + self._window - 1)
             try:
-                block = await self.rpc.get_block(to_block)
+                if to_block == head[0]:
+                    block_hash: str | None = head[1]
+                else:
+                    block = await self.rpc.get_block(to_block)
+                    block_hash = str(block.get("hash")) if block else None
                 logs = await self.rpc.get_logs(
                     address=self.contract, topics=self._topics, from_block=lo, to_block=to_block
                 )
@@ -277,7 +283,7 @@ class TangleProducer:
                 await self._pause(backoff, f"eth_getLogs [{lo}, {to_block}]", exc, stop)
                 continue
             self._window = min(self.max_range, self._window * 2)
-            return to_block, block, logs
+            return to_block, block_hash, logs
 
     def _decode_window(self, logs: list[dict[str, Any]]) -> list[JobCall]:
         calls: list[JobCall] = []
@@ -328,16 +334,16 @@ class TangleProducer:
             if stop.is_set():
                 return cursor
         self._last_poll = time.monotonic()
-        head = await self._retry("eth_blockNumber", self.rpc.block_number, stop)
-        self.head_seen = head
-        safe_head = head - self.confirmations
+        head = await self._retry("eth_getBlockByNumber(latest)", self.rpc.head_block, stop)
+        self.head_seen = head[0]
+        safe_head = head[0] - self.confirmations
         if cursor.next_block > safe_head:
             self._behind = False
             self.caught_up.set()
             return cursor
-        to_block, last, logs = await self._get_logs(cursor.next_block, safe_head, stop)
+        to_block, last_hash, logs = await self._get_logs(cursor.next_block, safe_head, stop, head)
         calls = self._decode_window(logs)
-        cursor = Cursor(to_block + 1, str(last.get("hash")) if last else None)
+        cursor = Cursor(to_block + 1, last_hash)
         fresh = self.state.advance(self.key, cursor, [c.to_row() for c in calls])
         if fresh:
             crash_point("producer.after_advance")

@@ -8,6 +8,7 @@ protocol failure into :class:`RpcError` and every revert into :class:`ContractRe
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +26,9 @@ class ContractRevert(TangleError):
         self.selector = data[:10] if data and len(data) >= 10 else None
         self.name = ERROR_BY_SELECTOR.get(self.selector or "", None)
         super().__init__(f"reverted: {self.name or message}")
+
+
+_HASH = re.compile(r"0x[0-9a-fA-F]{64}")
 
 
 def _hex(value: int) -> str:
@@ -96,6 +100,17 @@ class JsonRpc:
         if result is not None and not isinstance(result, dict):
             raise RpcError("eth_getBlockByNumber: unexpected result")
         return result
+
+    async def head_block(self) -> tuple[int, str]:
+        """``(number, hash)`` of the newest block, in one request (a poll needs both)."""
+        block = await self.get_block("latest")
+        if block is None:
+            raise RpcError("eth_getBlockByNumber(latest): no block")
+        number = _quantity("eth_getBlockByNumber", block.get("number"))
+        block_hash = block.get("hash")
+        if not isinstance(block_hash, str) or not _HASH.fullmatch(block_hash):
+            raise RpcError("eth_getBlockByNumber(latest): malformed block hash")
+        return number, block_hash
 
     async def get_logs(self, *, address: str, topics: list[Any], from_block: int, to_block: int) -> list[dict[str, Any]]:
         result = await self.call(

@@ -1,0 +1,77 @@
+"""What a hostile or broken node answers to the typed helpers: always an RpcError, never a bare
+KeyError or ValueError. A real HTTP server on loopback plays the node, one canned body at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from microvm_blueprint.tangle.errors import RpcError
+from microvm_blueprint.tangle.rpc import JsonRpc
+
+GOOD_HASH = "0x" + "ab" * 32
+
+
+class CannedNode:
+    """Answers every JSON-RPC request with ``result`` (HTTP/1.1, keep-alive)."""
+
+    def __init__(self) -> None:
+        self.result: Any = None
+        self.server: asyncio.Server | None = None
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                request = json.loads(await reader.readexactly(length))
+                body = json.dumps({"jsonrpc": "2.0", "id": request["id"], "result": self.result}).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def node() -> AsyncIterator[tuple[CannedNode, JsonRpc]]:
+    canned = CannedNode()
+    canned.server = await asyncio.start_server(canned._client, "127.0.0.1", 0)
+    rpc = JsonRpc(f"http://127.0.0.1:{canned.server.sockets[0].getsockname()[1]}", timeout=5)
+    yield canned, rpc
+    await rpc.aclose()
+    canned.server.close()
+
+
+async def test_head_block_reads_number_and_hash(node: tuple[CannedNode, JsonRpc]) -> None:
+    canned, rpc = node
+    canned.result = {"number": "0x1f", "hash": GOOD_HASH, "parentHash": "0x" + "00" * 32}
+    assert await rpc.head_block() == (31, GOOD_HASH)
+
+
+@pytest.mark.parametrize("answer", [
+    None,
+    [],
+    "0x1f",
+    {"hash": GOOD_HASH},
+    {"number": None, "hash": GOOD_HASH},
+    {"number": "thirty-one", "hash": GOOD_HASH},
+    {"number": 31, "hash": GOOD_HASH},
+    {"number": "0x1f"},
+    {"number": "0x1f", "hash": "0x1234"},
+    {"number": "0x1f", "hash": 12},
+    {"number": "0x1f", "hash": "0x" + "zz" * 32},
+    {"number": "0x1f", "hash": "0x" + "ab" * 10_000},
+])
+async def test_a_malformed_head_is_an_rpc_error(node: tuple[CannedNode, JsonRpc], answer: Any) -> None:
+    canned, rpc = node
+    canned.result = answer
+    with pytest.raises(RpcError):
+        await rpc.head_block()
