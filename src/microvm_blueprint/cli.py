@@ -197,9 +197,9 @@ async def cmd_dev(args: argparse.Namespace) -> int:
         import_key(keystore, ANVIL_KEYS[1])
         env = BlueprintEnvironment.load(
             {
-                "HTTP_RPC_URL": chain.rpc_url, "DATA_DIR": str(run_dir / "operator"), "KEYSTORE_URI": str(keystore),
-                "BLUEPRINT_ID": str(deployment.blueprint_id), "SERVICE_ID": str(deployment.service_id),
-                "TANGLE_CONTRACT": deployment.contract, "POLL_INTERVAL": "0.2",
+                "HTTP_RPC_URL": chain.rpc_url, "WS_RPC_URL": chain.ws_url, "DATA_DIR": str(run_dir / "operator"),
+                "KEYSTORE_URI": str(keystore), "BLUEPRINT_ID": str(deployment.blueprint_id),
+                "SERVICE_ID": str(deployment.service_id), "TANGLE_CONTRACT": deployment.contract,
                 "FROM_BLOCK": str(deployment.activation_block),
             }
         )

@@ -17,6 +17,7 @@ from ..runtime.model import VmSpec
 from ..runtime.store import Store
 from ..tangle.consumer import TangleConsumer
 from ..tangle.environment import BlueprintEnvironment
+from ..tangle.heads import NewHeads
 from ..tangle.keystore import OperatorKey, load_operator_key
 from ..tangle.producer import JobCall, TangleProducer
 from ..tangle.rpc import JsonRpc
@@ -133,9 +134,12 @@ class Operator:
         state = TangleState(data / "tangle.sqlite3")
         rpc = JsonRpc(env.http_rpc_url)
         observer = JournalObserver(journal)
+        # WS_RPC_URL: new blocks wake the producer at once (it still polls every POLL_INTERVAL)
+        heads = NewHeads(env.ws_rpc_url) if env.ws_rpc_url else None
         producer = TangleProducer(
             rpc, state, contract=env.tangle_contract, service_id=env.service_id, from_block=env.from_block,
             max_range=env.max_getlogs_range, poll_interval=env.poll_interval, confirmations=env.confirmations,
+            wake=heads.wake if heads else None,
         )
         consumer = TangleConsumer(
             rpc, state, key, contract=env.tangle_contract, dry_run=env.dry_run,
@@ -143,7 +147,8 @@ class Operator:
         )
         server = QueryServer(QueryApp(provider, journal), settings.api_host, settings.api_port)
         runner = BlueprintRunner(
-            build_router(provider), producer, consumer, state, background_services=[server], observer=observer,
+            build_router(provider), producer, consumer, state,
+            background_services=[server, *([heads] if heads else [])], observer=observer,
         )
         return cls(env, settings, provider, runner, server, journal, state, rpc, key)
 

@@ -22,6 +22,7 @@ RPC errors are retried with capped exponential backoff and jitter.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import random
@@ -156,8 +157,10 @@ class TangleProducer:
         poll_interval: float = 1.0,
         confirmations: int = 0,
         backoff_cap: float = 10.0,
+        wake: asyncio.Event | None = None,
     ) -> None:
         self.rpc = rpc
+        self.wake = wake  # set on a new block (heads.NewHeads): poll now rather than at the interval
         self.state = state
         self.contract = contract
         self.service_id = service_id
@@ -320,19 +323,31 @@ class TangleProducer:
                 log.exception("job producer: unexpected error at block %d", cursor.next_block)
                 await self._pause(backoff, "job producer", exc, stop)
 
+    async def _idle(self, seconds: float, stop: asyncio.Event) -> None:
+        """Sleep up to ``seconds``, less if stopped or woken by a new block."""
+        if self.wake is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), seconds)
+            return
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
     async def _step(
         self, cursor: Cursor, deliver: Callable[[JobCall], Awaitable[None]], stop: asyncio.Event
     ) -> Cursor:
         # one poll per interval once caught up (a busy chain mines a block per transaction: polling
         # again at once would cost the node and this process 3 RPCs per block for nothing)
         wait = self._last_poll + self.poll_interval - time.monotonic()
-        if not self._behind and wait > 0:
-            try:
-                await asyncio.wait_for(stop.wait(), wait)
-            except TimeoutError:
-                pass
+        if not self._behind and wait > 0 and not (self.wake and self.wake.is_set()):
+            await self._idle(wait, stop)
             if stop.is_set():
                 return cursor
+        if self.wake:
+            self.wake.clear()  # blocks announced from here on wake the next poll
         self._last_poll = time.monotonic()
         head = await self._retry("eth_getBlockByNumber(latest)", self.rpc.head_block, stop)
         self.head_seen = head[0]

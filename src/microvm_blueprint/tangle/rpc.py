@@ -11,6 +11,7 @@ import itertools
 import re
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -26,6 +27,21 @@ class ContractRevert(TangleError):
         self.selector = data[:10] if data and len(data) >= 10 else None
         self.name = ERROR_BY_SELECTOR.get(self.selector or "", None)
         super().__init__(f"reverted: {self.name or message}")
+
+
+def redact_url(url: str) -> str:
+    """``scheme://host:port`` of an RPC URL, for logs and errors: providers put API keys in the path,
+    the query or the user part (``https://eth.example/v2/KEY``), so those show as ``/***``."""
+    try:
+        parsed = urlsplit(url)
+        host = parsed.hostname or "?"
+        port = f":{parsed.port}" if parsed.port else ""
+    except ValueError:
+        return "(malformed URL)"
+    if ":" in host:
+        host = f"[{host}]"
+    hidden = parsed.path not in ("", "/") or parsed.query or parsed.fragment or "@" in parsed.netloc
+    return f"{parsed.scheme}://{host}{port}{'/***' if hidden else ''}"
 
 
 _HASH = re.compile(r"0x[0-9a-fA-F]{64}")
@@ -50,7 +66,9 @@ class JsonRpc:
         try:
             response = await self._client.post(self.url, json=payload)
         except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
-            raise RpcUnavailable(f"{what}: chain RPC unreachable at {self.url}: {type(exc).__name__}") from exc
+            raise RpcUnavailable(
+                f"{what}: chain RPC unreachable at {redact_url(self.url)}: {type(exc).__name__}"
+            ) from exc
         if response.status_code >= 500 or response.status_code == 429:
             raise RpcUnavailable(f"{what}: chain RPC answered HTTP {response.status_code}")
         if response.status_code != 200:

@@ -92,6 +92,11 @@ class Anvil:
     def rpc_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def ws_url(self) -> str:
+        """anvil answers WebSocket JSON-RPC (subscriptions) on the same port."""
+        return f"ws://127.0.0.1:{self.port}"
+
     def argv(self) -> list[str]:
         argv = [
             str(find_anvil()), "--host", "127.0.0.1", "--port", str(self.port),
