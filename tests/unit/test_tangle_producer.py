@@ -303,3 +303,36 @@ async def test_a_poll_reaching_the_head_reads_no_block_beside_it(tmp_path: Path)
     assert chain2.blocks_read >= 1 and cursor is not None
     assert cursor.next_block == 48 and cursor.last_hash == "0x" + f"{47:064x}"
     state.close()
+
+
+async def test_new_blocks_wake_the_poll_but_no_sooner_than_the_wake_gap(tmp_path: Path) -> None:
+    """Blocks announced every 5 ms (anvil in a burst): the producer polls well before its 30 s
+    interval, yet never twice within ``wake_gap``."""
+    chain = BusyChain()
+    state = TangleState(tmp_path / "t.sqlite3")
+    wake = asyncio.Event()
+    producer = TangleProducer(chain, state, contract=CONTRACT, service_id=0, from_block=5,  # type: ignore[arg-type]
+                              poll_interval=30.0, wake=wake, wake_gap=0.1)
+    stop = asyncio.Event()
+
+    async def deliver(call: JobCall) -> None:
+        return None
+
+    async def announce() -> None:
+        while True:
+            wake.set()
+            await asyncio.sleep(0.005)
+
+    task = asyncio.create_task(producer.run(deliver, stop))
+    announcer = asyncio.create_task(announce())
+    deadline = asyncio.get_running_loop().time() + 10
+    while len(chain.polls) < 6:  # with the 30 s interval alone this would take 2.5 minutes
+        assert asyncio.get_running_loop().time() < deadline and not task.done()
+        await asyncio.sleep(0.01)
+    announcer.cancel()
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    gaps = [b - a for a, b in zip(chain.polls[1:], chain.polls[2:], strict=False)]
+    assert min(gaps) >= 0.1 * 0.99, gaps
+    assert max(gaps) < 5, gaps
+    state.close()

@@ -158,9 +158,11 @@ class TangleProducer:
         confirmations: int = 0,
         backoff_cap: float = 10.0,
         wake: asyncio.Event | None = None,
+        wake_gap: float = 0.05,
     ) -> None:
         self.rpc = rpc
         self.wake = wake  # set on a new block (heads.NewHeads): poll now rather than at the interval
+        self.wake_gap = wake_gap
         self.state = state
         self.contract = contract
         self.service_id = service_id
@@ -323,9 +325,21 @@ class TangleProducer:
                 log.exception("job producer: unexpected error at block %d", cursor.next_block)
                 await self._pause(backoff, "job producer", exc, stop)
 
-    async def _idle(self, seconds: float, stop: asyncio.Event) -> None:
-        """Sleep up to ``seconds``, less if stopped or woken by a new block."""
-        if self.wake is None:
+    async def _until_due(self, stop: asyncio.Event) -> None:
+        """Wait for the next poll: ``poll_interval`` after the last one, or as soon as a new block is
+        announced but no sooner than ``wake_gap`` after it (a chain mining a block per transaction
+        would otherwise cost two requests a block), or until ``stop``."""
+        while not stop.is_set():
+            woken = self.wake is not None and self.wake.is_set()
+            due = self._last_poll + (min(self.poll_interval, self.wake_gap) if woken else self.poll_interval)
+            left = due - time.monotonic()
+            if left <= 0:
+                return
+            await self._idle(left, stop, wakeable=not woken)
+
+    async def _idle(self, seconds: float, stop: asyncio.Event, *, wakeable: bool) -> None:
+        """Sleep up to ``seconds``, less if stopped or (``wakeable``) woken by a new block."""
+        if self.wake is None or not wakeable:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), seconds)
             return
@@ -341,9 +355,8 @@ class TangleProducer:
     ) -> Cursor:
         # one poll per interval once caught up (a busy chain mines a block per transaction: polling
         # again at once would cost the node and this process 3 RPCs per block for nothing)
-        wait = self._last_poll + self.poll_interval - time.monotonic()
-        if not self._behind and wait > 0 and not (self.wake and self.wake.is_set()):
-            await self._idle(wait, stop)
+        if not self._behind:
+            await self._until_due(stop)
             if stop.is_set():
                 return cursor
         if self.wake:
