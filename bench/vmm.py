@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import os
 import socket
 import tempfile
@@ -21,7 +23,8 @@ from .common import emit, median, pss_kib, rss_kib
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_DIR = Path(os.environ.get("MICROVM_IMAGE_DIR", REPO / ".cache" / "images"))
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+CREATE_ROUNDS = 5 * ROUNDS
 
 
 def _image(name: str = "default", size: int = images.DEFAULT_ROOTFS_MIB) -> images.ImageManifest:
@@ -81,12 +84,17 @@ class BareQemu:
         await self.qmp.execute("getfd", {"fdname": "m"})
         os.close(fd)
         await self.qmp.execute("migrate", {"uri": "fd:m"})
-        while (await self.qmp.execute("query-migrate")).get("status") != "completed":  # type: ignore[union-attr]
+        while True:
+            answer = await self.qmp.execute("query-migrate")
+            if isinstance(answer, dict) and answer.get("status") == "completed":
+                break
             await asyncio.sleep(0.005)
         await self.qmp.execute("cont")
         return time.perf_counter() - t0
 
     async def kill(self) -> None:
+        with contextlib.suppress(Exception):  # a QMP session left open logs an EOFError when QEMU dies
+            await asyncio.wait_for(self.qmp.disconnect(), 3)
         if self.proc and self.proc.returncode is None:
             self.proc.kill()
             await self.proc.wait()
@@ -95,7 +103,13 @@ class BareQemu:
 async def lifecycle() -> None:
     small = _image()
     _image("bench-4g", 4096)  # built once; created from below by name
-    ours_boot, bare_boot, ours_snap, bare_snap, restore, create_small, create_big = [], [], [], [], [], [], []
+    ours_boot: list[float] = []
+    bare_boot: list[float] = []
+    ours_snap: list[float] = []
+    bare_snap: list[float] = []
+    restore: list[float] = []
+    create_small: list[float] = []
+    create_big: list[float] = []
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         life = Lifecycle(QemuDriver(QemuSettings(image_dir=IMAGE_DIR, accel="tcg")), Store(tmp / "s.db"),
@@ -124,7 +138,10 @@ async def lifecycle() -> None:
             restore.append(time.perf_counter() - t0)
             for vm in (f"vm-{r}", f"copy-{r}"):
                 await life.destroy_vm(vm, o)
-            for image, acc in (("default", create_small), ("bench-4g", create_big)):
+        # create alone is ~50 ms, so it gets more rounds than a boot, the two images taking turns to go first
+        for r in range(CREATE_ROUNDS):
+            pair = [("default", create_small), ("bench-4g", create_big)]
+            for image, acc in pair if r % 2 == 0 else pair[::-1]:
                 t0 = time.perf_counter()
                 await life.create_vm(f"c-{image}-{r}", VmSpec(image=image), o)
                 acc.append(time.perf_counter() - t0)
@@ -134,7 +151,8 @@ async def lifecycle() -> None:
         "vm_lifecycle",
         {"create_start_ready_s": round(median(ours_boot), 3), "snapshot_running_256mib_s": round(median(ours_snap), 3),
          "restore_to_running_s": round(median(restore), 3), "create_64mib_s": round(median(create_small), 4),
-         "create_4gib_s": round(median(create_big), 4), "rounds": ROUNDS},
+         "create_4gib_s": round(median(create_big), 4), "rounds": ROUNDS,
+         "create_rounds": CREATE_ROUNDS},
         {"bare_boot_ready_s": round(median(bare_boot), 3), "bare_qmp_migrate_s": round(median(bare_snap), 3)},
         {"boot_vs_bare": round(median(ours_boot) / median(bare_boot), 3),
          "snapshot_vs_bare": round(median(ours_snap) / median(bare_snap), 3),
@@ -162,7 +180,12 @@ async def density(count: int = 16) -> None:
         driver = QemuDriver(QemuSettings(image_dir=IMAGE_DIR, accel="tcg", boot_timeout=600))
         life = Lifecycle(driver, Store(tmp / "s.db"), state_dir=tmp / "state")
         o = Origin()
-        await life.create_vm("warm", VmSpec(mem_mib=128), o)  # imports, caches: not per-VM growth
+        # one VM through create, start and destroy first: imports, caches and the first use of each
+        # code path are not per-VM growth (without it, the figure swung between -40 and +35 KiB)
+        await life.create_vm("warm", VmSpec(mem_mib=128), o)
+        await life.start_vm("warm", o)
+        await life.destroy_vm("warm", o)
+        gc.collect()
         rss0 = rss_kib(os.getpid())
         for i in range(count):
             await life.create_vm(f"d-{i}", VmSpec(mem_mib=128), o)
@@ -173,10 +196,17 @@ async def density(count: int = 16) -> None:
                 await life.start_vm(f"d-{i}", o)
 
         await asyncio.gather(*(start(i) for i in range(count)))
+        gc.collect()
         rss1 = rss_kib(os.getpid())
-        pss = [pss_kib(life.store.get_vm(f"d-{i}").handle.pid) for i in range(count)]  # type: ignore[union-attr]
-        for vm in await life.list_vms():
-            await life.destroy_vm(vm.vm_id, o)
+        pss: list[float] = []
+        for i in range(count):
+            stored = life.store.get_vm(f"d-{i}")
+            handle = stored.handle if stored else None
+            if handle is None or handle.pid is None:
+                raise RuntimeError(f"d-{i} has no running VMM to measure")
+            pss.append(pss_kib(handle.pid))
+        for i in range(count):
+            await life.destroy_vm(f"d-{i}", o)
         await life.close(stop_vms=True)
     per_vm = median(pss)
     emit(
