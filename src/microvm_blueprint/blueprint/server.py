@@ -25,6 +25,7 @@ class QueryServer:
         self.host = host
         self.port = port
         self.bound_port: int | None = None
+        self._server: uvicorn.Server | None = None  # while serving (tests look at its connections)
 
     @property
     def url(self) -> str:
@@ -32,7 +33,11 @@ class QueryServer:
 
     async def run(self, ready: asyncio.Event) -> None:
         try:
-            sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
+            # IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on sockets whose proto says
+            # TCP, and without it each response (headers, then body) waited out the client's delayed
+            # ACK: 44 ms a request instead of 0.4 ms
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.host, self.port))
         except OSError as exc:
@@ -41,7 +46,7 @@ class QueryServer:
         config = uvicorn.Config(
             self.app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=2
         )
-        server = uvicorn.Server(config)
+        server = self._server = uvicorn.Server(config)
         # Signals belong to the entry point (it turns them into a graceful runner stop);
         # uvicorn would otherwise replace the process's SIGINT/SIGTERM handlers while serving.
         server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
