@@ -410,10 +410,13 @@ class Lifecycle:
 
     async def get_vm(self, vm_id: str) -> VmView:
         validate_id("vm_id", vm_id)
-        return self._view(self._require(vm_id))
+        view = self.store.vm_view(vm_id)  # the read model: the query API's hot path
+        if view is None:
+            raise VmNotFound(vm_id)
+        return view
 
     async def list_vms(self, *, limit: int | None = None, after: str | None = None) -> list[VmView]:
-        return [self._view(vm, history=False) for vm in self.store.list_vms(limit=limit, after=after)]
+        return self.store.vm_views(limit=limit, after=after)
 
     async def list_snapshots(self, vm_id: str) -> list[SnapshotView]:
         validate_id("vm_id", vm_id)

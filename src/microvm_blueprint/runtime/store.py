@@ -10,6 +10,7 @@ Every state change is one SQLite transaction. ``path=":memory:"`` gives an ephem
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import time
@@ -26,6 +27,7 @@ from .model import (
     VmHandle,
     VmSpec,
     VmStatus,
+    VmView,
 )
 
 SCHEMA_VERSION = 1
@@ -171,6 +173,54 @@ class Store:
             sql += " LIMIT ?"
             args.append(limit)
         return [self._vm(r) for r in self._read(sql, tuple(args))]
+
+    # ---- read models (the query API's hot path: no handle, no workdir, few statements) ----------
+
+    _VIEW_COLS = "vm_id, status, spec, error, created_at, updated_at"
+
+    def vm_view(self, vm_id: str) -> VmView | None:
+        """One VM as the query API shows it, with snapshots and history; ``None`` if unknown."""
+        rows = self._read(f"SELECT {self._VIEW_COLS} FROM vms WHERE vm_id=?", (vm_id,))
+        if not rows:
+            return None
+        snaps = self._read("SELECT snapshot_id FROM snapshots WHERE vm_id=? ORDER BY seq", (vm_id,))
+        return self._view(rows[0], tuple(str(r[0]) for r in snaps), tuple(self.history(vm_id)))
+
+    def vm_views(self, *, limit: int | None = None, after: str | None = None) -> list[VmView]:
+        """A page of VMs in ``vm_id`` order, with snapshot ids and no history: two statements for the
+        page, not one per VM."""
+        page = f"SELECT {self._VIEW_COLS} FROM vms"
+        args: list[object] = []
+        if after is not None:
+            page += " WHERE vm_id > ?"
+            args.append(after)
+        page += " ORDER BY vm_id"
+        if limit is not None:
+            page += " LIMIT ?"
+            args.append(limit)
+        rows = self._read(page, tuple(args))
+        snaps: dict[str, list[str]] = {}
+        if rows:
+            first, last = str(rows[0][0]), str(rows[-1][0])
+            for vm_id, snapshot_id in self._read(
+                "SELECT vm_id, snapshot_id FROM snapshots WHERE vm_id BETWEEN ? AND ? ORDER BY seq", (first, last)
+            ):
+                snaps.setdefault(str(vm_id), []).append(str(snapshot_id))
+        return [self._view(r, tuple(snaps.get(str(r[0]), ())), ()) for r in rows]
+
+    @staticmethod
+    def _view(row: tuple[object, ...], snapshots: tuple[str, ...], history: tuple[HistoryEntry, ...]) -> VmView:
+        vm_id, status, spec, error, created_at, updated_at = row
+        return VmView(
+            vm_id=str(vm_id),
+            status=VmStatus(str(status)),
+            spec=_spec(str(spec)),
+            snapshots=snapshots,
+            created_at=float(created_at),  # type: ignore[arg-type]
+            updated_at=float(updated_at),  # type: ignore[arg-type]
+            error=str(error) if error is not None else None,
+            history=history,
+        )
 
     def usage(self) -> tuple[int, int, int]:
         """(live VM count, their total guest memory MiB, total snapshot bytes)."""
@@ -388,6 +438,12 @@ def _i64(call_id: int | None) -> int | None:
     if call_id is None:
         return None
     return call_id - (1 << 64) if call_id >= (1 << 63) else call_id
+
+
+@functools.lru_cache(maxsize=256)
+def _spec(text: str) -> VmSpec:
+    """A spec column parsed once per distinct text (most VMs share a few specs; VmSpec is frozen)."""
+    return VmSpec.from_json(json.loads(text))
 
 
 def _u64(value: object) -> int | None:
