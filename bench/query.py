@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import subprocess
 import sys
 import tempfile
@@ -18,30 +19,45 @@ from microvm_blueprint.runtime.lifecycle import Lifecycle
 from microvm_blueprint.runtime.model import Origin
 from microvm_blueprint.runtime.store import Store
 
-from .common import emit
+from .common import emit, median
+
+ROUNDS = 5
 
 LOAD = r"""
-import asyncio, json, sys, time, httpx
-async def main(url, seconds, conc):
+import asyncio, json, random, sys, time
+# a bare HTTP/1.1 keep-alive client: a Python httpx client costs ~2 ms of CPU a request, so it, not
+# the server, set the pace (the server was 17-22% busy); this one costs ~0.05 ms
+async def main(host, port, paths, seconds, conc):
+    paths = paths.split(",")
     done = 0; lat = []
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=conc)) as c:
-        end = time.perf_counter() + seconds
-        async def worker():
-            nonlocal done
-            while time.perf_counter() < end:
-                t = time.perf_counter(); r = await c.get(url); lat.append(time.perf_counter() - t)
-                assert r.status_code == 200, r.status_code
-                done += 1
-        await asyncio.gather(*(worker() for _ in range(conc)))
+    end = time.perf_counter() + seconds
+    async def worker():
+        nonlocal done
+        r, w = await asyncio.open_connection(host, port)
+        while time.perf_counter() < end:
+            path = random.choice(paths)
+            t = time.perf_counter()
+            w.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+            head = await r.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            length = next(int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:"))
+            await r.readexactly(length)
+            lat.append(time.perf_counter() - t)
+            assert status == 200, (path, status)
+            done += 1
+        w.close()
+    await asyncio.gather(*(worker() for _ in range(conc)))
     lat.sort()
     print(json.dumps({"rps": done / seconds, "p50_ms": lat[len(lat)//2]*1000, "p99_ms": lat[int(len(lat)*0.99)]*1000}))
-asyncio.run(main(sys.argv[1], float(sys.argv[2]), int(sys.argv[3])))
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), int(sys.argv[5])))
 """
 
 
-def _load(url: str, seconds: float = 4.0, conc: int = 8) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", LOAD, url, str(seconds), str(conc)], capture_output=True, text=True,
-                         check=True, timeout=120)
+def _load(host: str, port: int, paths: list[str], seconds: float = 4.0, conc: int = 8) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD, host, str(port), ",".join(paths), str(seconds), str(conc)],
+        capture_output=True, text=True, check=True, timeout=120,
+    )
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
@@ -57,11 +73,24 @@ async def run(vms: int = 10_000) -> None:
         ready = asyncio.Event()
         task = asyncio.create_task(server.run(ready))
         await ready.wait()
-        base = server.url
-        health = await asyncio.to_thread(_load, f"{base}/health")
-        one = await asyncio.to_thread(_load, f"{base}/vms/vm-04242")
-        paged = await asyncio.to_thread(_load, f"{base}/vms?limit=100&after=vm-05000", 4.0, 4)
-        full = await asyncio.to_thread(_load, f"{base}/vms", 6.0, 1)
+        host, port = server.host, server.bound_port or 0
+        # GET /vms/{id} over ids spread across the whole store (one hot id would measure a cache)
+        ids = [f"/vms/vm-{random.randrange(vms):05d}" for _ in range(1000)]
+        # the two loads take turns in short runs and each figure is the median of its runs: on these
+        # noisy machines two 4 s runs one after the other differed by up to 30%
+        healths, ones, ratios = [], [], []
+        for r in range(ROUNDS):
+            pair = [("health", ["/health"]), ("one", ids)]
+            got = {}
+            for name, paths in pair if r % 2 == 0 else pair[::-1]:
+                got[name] = await asyncio.to_thread(_load, host, port, paths, 2.0)
+            healths.append(got["health"])
+            ones.append(got["one"])
+            ratios.append(got["one"]["rps"] / got["health"]["rps"])
+        health = {k: median([h[k] for h in healths]) for k in healths[0]}
+        one = {k: median([o[k] for o in ones]) for k in ones[0]}
+        paged = await asyncio.to_thread(_load, host, port, ["/vms?limit=100&after=vm-05000"], 4.0, 4)
+        full = await asyncio.to_thread(_load, host, port, ["/vms"], 6.0, 1)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     emit(
@@ -70,6 +99,6 @@ async def run(vms: int = 10_000) -> None:
          "list_full_p50_ms": round(full["p50_ms"], 1), "list_page100_p50_ms": round(paged["p50_ms"], 2),
          "seed_seconds": round(seed_s, 1)},
         {"health_rps": round(health["rps"])},
-        {"get_vm_vs_health": round(one["rps"] / health["rps"], 3)},
+        {"get_vm_vs_health": round(median(ratios), 3), "every_round": [round(x, 2) for x in ratios]},
         targets={"get_vm_vs_health": ">= 0.7"},
     )
