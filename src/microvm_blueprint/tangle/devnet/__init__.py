@@ -102,6 +102,10 @@ class Anvil:
             str(find_anvil()), "--host", "127.0.0.1", "--port", str(self.port),
             "--base-fee", "0", "--gas-price", "0", "--gas-limit", "100000000",
             "--code-size-limit", "100000", "--silent",
+            # keep old states in memory only: by default anvil writes them under ~/.foundry/anvil/tmp
+            # (up to 1.5 GB a chain here) and leaves them behind when it is stopped through its
+            # npm wrapper; 109 test and benchmark chains had filled 77 GB of disk
+            "--prune-history",
         ]
         if self.block_time:
             argv += ["--block-time", str(self.block_time)]
