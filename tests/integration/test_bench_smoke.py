@@ -5,7 +5,6 @@ answered, and that the figures the benchmark reports are there."""
 from __future__ import annotations
 
 import pytest
-
 from bench import pipeline
 
 pytestmark = pytest.mark.chain
