@@ -163,7 +163,11 @@ class Store:
         return self._vm(rows[0]) if rows else None
 
     def list_vms(self, *, limit: int | None = None, after: str | None = None) -> list[StoredVm]:
-        sql = f"SELECT {self._VM_COLS} FROM vms"
+        return [self._vm(r) for r in self._page(self._VM_COLS, limit, after)]
+
+    def _page(self, cols: str, limit: int | None, after: str | None) -> list[tuple[object, ...]]:
+        """``cols`` of the VMs after ``after`` in ``vm_id`` order, at most ``limit`` of them."""
+        sql = f"SELECT {cols} FROM vms"
         args: list[object] = []
         if after is not None:
             sql += " WHERE vm_id > ?"
@@ -172,7 +176,7 @@ class Store:
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
-        return [self._vm(r) for r in self._read(sql, tuple(args))]
+        return self._read(sql, tuple(args))
 
     # ---- read models (the query API's hot path: no handle, no workdir, few statements) ----------
 
@@ -189,16 +193,7 @@ class Store:
     def vm_views(self, *, limit: int | None = None, after: str | None = None) -> list[VmView]:
         """A page of VMs in ``vm_id`` order, with snapshot ids and no history: two statements for the
         page, not one per VM."""
-        page = f"SELECT {self._VIEW_COLS} FROM vms"
-        args: list[object] = []
-        if after is not None:
-            page += " WHERE vm_id > ?"
-            args.append(after)
-        page += " ORDER BY vm_id"
-        if limit is not None:
-            page += " LIMIT ?"
-            args.append(limit)
-        rows = self._read(page, tuple(args))
+        rows = self._page(self._VIEW_COLS, limit, after)
         snaps: dict[str, list[str]] = {}
         if rows:
             first, last = str(rows[0][0]), str(rows[-1][0])
