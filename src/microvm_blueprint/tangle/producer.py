@@ -353,13 +353,13 @@ class TangleProducer:
     async def _step(
         self, cursor: Cursor, deliver: Callable[[JobCall], Awaitable[None]], stop: asyncio.Event
     ) -> Cursor:
-        # one poll per interval once caught up (a busy chain mines a block per transaction: polling
-        # again at once would cost the node and this process 3 RPCs per block for nothing)
+        # one poll per interval once caught up, or at a new block with WS_RPC_URL (a busy chain mines a
+        # block per transaction: polling again at once would cost the node 2 requests a block for nothing)
         if not self._behind:
             await self._until_due(stop)
             if stop.is_set():
                 return cursor
-        if self.wake:
+        if self.wake is not None:
             self.wake.clear()  # blocks announced from here on wake the next poll
         self._last_poll = time.monotonic()
         head = await self._retry("eth_getBlockByNumber(latest)", self.rpc.head_block, stop)
