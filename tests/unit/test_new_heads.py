@@ -184,3 +184,37 @@ async def test_no_url_secret_reaches_the_log(running: Any, caplog: pytest.LogCap
 ])
 def test_redact_url(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+async def test_a_bug_in_the_hint_is_logged_and_retried_not_fatal(
+    node: Node, running: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever goes wrong inside the subscription, the operator keeps running on its polls: an
+    unexpected exception is logged with its traceback and the socket reopened."""
+    from microvm_blueprint.tangle import heads as heads_module
+
+    real_parse = heads_module._parse
+    calls = 0
+
+    def parse_once_broken(frame: str | bytes) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug")
+        return real_parse(frame)
+
+    monkeypatch.setattr(heads_module, "_parse", parse_once_broken)
+
+    async def handler(ws: ServerConnection) -> None:
+        sub = "0x" + str(node.connections)
+        await subscribe_then(ws, sub)
+        await ws.send(head(sub, 1))
+        await ws.wait_closed()
+
+    node.handler = handler
+    heads = NewHeads(node.url, backoff_cap=0.2)
+    caplog.set_level(logging.INFO, logger="microvm_blueprint.tangle.heads")
+    running(heads)
+    await asyncio.wait_for(heads.wake.wait(), 10)
+    assert node.connections >= 2 and heads.subscribed.is_set()
+    assert any(r.levelno == logging.ERROR and r.exc_info for r in caplog.records)

@@ -76,6 +76,9 @@ class NewHeads:
             except (OSError, TimeoutError, WebSocketException, ValueError, SubscriptionRefused) as exc:
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 reason = reason.replace(self.url, redact_url(self.url))  # InvalidURI quotes it whole
+            except Exception:  # a bug here must not stop the operator: polling covers for the hint
+                log.exception("new-block subscription at %s: unexpected error", redact_url(self.url))
+                reason = "unexpected error (logged above)"
             self.subscribed.clear()
             if self._opened_at is not None and loop.time() - self._opened_at >= self.stable_after:
                 backoff.reset()  # it had been up a while: this is a fresh outage
