@@ -1,0 +1,73 @@
+"""The store's VM views: kept between writes, never stale after one, bounded in number."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from microvm_blueprint.runtime import store as store_module
+from microvm_blueprint.runtime.adapters.in_memory import InMemoryDriver
+from microvm_blueprint.runtime.lifecycle import Lifecycle
+from microvm_blueprint.runtime.model import Origin, VmStatus
+from microvm_blueprint.runtime.store import Store
+
+
+@pytest.fixture
+def life(tmp_path: Path) -> Lifecycle:
+    return Lifecycle(InMemoryDriver(), Store(tmp_path / "s.sqlite3"), state_dir=tmp_path / "state")
+
+
+def count_reads(monkeypatch: pytest.MonkeyPatch, store: Store) -> list[str]:
+    reads: list[str] = []
+    real = store._read
+
+    def counted(sql: str, args: tuple[object, ...] = ()) -> Any:
+        reads.append(sql)
+        return real(sql, args)
+
+    monkeypatch.setattr(store, "_read", counted)
+    return reads
+
+
+async def test_a_view_is_read_once_until_the_next_write(life: Lifecycle, monkeypatch: pytest.MonkeyPatch) -> None:
+    await life.create_vm("a", None, Origin(1))
+    reads = count_reads(monkeypatch, life.store)
+    first = await life.get_vm("a")
+    n = len(reads)
+    assert n >= 1
+    assert await life.get_vm("a") is first and len(reads) == n  # served from memory
+    await life.start_vm("a", Origin(2))  # a write: every kept view is dropped
+    after = await life.get_vm("a")
+    assert len(reads) > n and after.status is VmStatus.RUNNING and after is not first
+
+
+async def test_every_write_shows_at_once(life: Lifecycle) -> None:
+    await life.create_vm("a", None, Origin(1))
+    assert (await life.get_vm("a")).status is VmStatus.CREATED
+    await life.start_vm("a", Origin(2))
+    assert (await life.get_vm("a")).status is VmStatus.RUNNING
+    await life.snapshot_vm("a", "s1", Origin(3))
+    view = await life.get_vm("a")
+    assert view.snapshots == ("s1",) and [h.action for h in view.history] == ["create", "start", "snapshot"]
+    await life.delete_snapshot("a", "s1", Origin(4))
+    assert (await life.get_vm("a")).snapshots == ()
+    await life.stop_vm("a", Origin(5))
+    await life.destroy_vm("a", Origin(6))
+    assert (await life.get_vm("a")).status is VmStatus.DESTROYED
+    with pytest.raises(Exception, match="invalid vm transition"):
+        await life.start_vm("a", Origin(7))  # a refused call is recorded (a write) and seen
+    assert (await life.get_vm("a")).status is VmStatus.DESTROYED
+
+
+async def test_kept_views_are_bounded_and_unknown_ids_are_not_kept(
+    life: Lifecycle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "VIEW_CACHE", 5)
+    for i in range(8):
+        await life.create_vm(f"vm-{i}", None, Origin(i + 1))
+    for i in range(8):
+        await life.get_vm(f"vm-{i}")
+    assert list(life.store._views) == [f"vm-{i}" for i in range(3, 8)]  # least recently used out
+    assert life.store.vm_view("ghost") is None and "ghost" not in life.store._views
