@@ -65,8 +65,8 @@ async def running() -> AsyncIterator[Callable[[NewHeads], asyncio.Task[None]]]:
     for t in tasks:
         assert not t.done(), f"NewHeads ended on its own: {t}"  # it must never stop by itself
         t.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await t
+        await asyncio.wait({t}, timeout=10)  # a swallowed cancellation fails here instead of hanging
+        assert t.done() and t.cancelled(), "NewHeads did not stop when cancelled"
 
 
 async def subscribe_then(ws: ServerConnection, sub: str = "0xabc") -> dict[str, Any]:
@@ -218,3 +218,24 @@ async def test_a_bug_in_the_hint_is_logged_and_retried_not_fatal(
     await asyncio.wait_for(heads.wake.wait(), 10)
     assert node.connections >= 2 and heads.subscribed.is_set()
     assert any(r.levelno == logging.ERROR and r.exc_info for r in caplog.records)
+
+
+async def test_a_cancellation_turned_into_a_timeout_still_stops_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python 3.11's asyncio.timeout can turn a cancellation that meets the deadline into a
+    TimeoutError (it hung a CI run in the WebSocket handshake); the service must stop anyway."""
+    heads = NewHeads("ws://127.0.0.1:9", backoff_cap=0.05)
+    entered = asyncio.Event()
+
+    async def session_whose_cancel_becomes_a_timeout() -> None:
+        entered.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            raise TimeoutError from None
+
+    monkeypatch.setattr(heads, "_session", session_whose_cancel_becomes_a_timeout)
+    task = asyncio.create_task(heads.run(asyncio.Event()))
+    await asyncio.wait_for(entered.wait(), 10)
+    task.cancel()
+    await asyncio.wait({task}, timeout=10)  # waits without cancelling again: a swallow fails, not hangs
+    assert task.done() and task.cancelled()

@@ -74,9 +74,11 @@ class NewHeads:
             except asyncio.CancelledError:
                 raise
             except (OSError, TimeoutError, WebSocketException, ValueError, SubscriptionRefused) as exc:
+                _reraise_if_cancelling(exc)
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 reason = reason.replace(self.url, redact_url(self.url))  # InvalidURI quotes it whole
-            except Exception:  # a bug here must not stop the operator: polling covers for the hint
+            except Exception as exc:  # a bug here must not stop the operator: polling covers for the hint
+                _reraise_if_cancelling(exc)
                 log.exception("new-block subscription at %s: unexpected error", redact_url(self.url))
                 reason = "unexpected error (logged above)"
             self.subscribed.clear()
@@ -120,6 +122,15 @@ class NewHeads:
                         and params.get("subscription") == sub):
                     self.heads += 1
                     self.wake.set()
+
+
+def _reraise_if_cancelling(exc: BaseException) -> None:
+    """A cancellation that arrived while a timeout fired comes out of Python 3.11's ``asyncio.timeout``
+    (used inside the WebSocket handshake) as ``TimeoutError``; retrying then would swallow the
+    cancellation and the service would never stop. Give it back."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc
 
 
 def _parse(frame: str | bytes) -> dict[str, Any]:
