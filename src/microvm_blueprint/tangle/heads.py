@@ -81,6 +81,7 @@ class NewHeads:
                 _reraise_if_cancelling(exc)
                 log.exception("new-block subscription at %s: unexpected error", redact_url(self.url))
                 reason = "unexpected error (logged above)"
+            _reraise_if_cancelling(None)  # a library that swallowed our cancellation must not keep us alive
             self.subscribed.clear()
             if self._opened_at is not None and loop.time() - self._opened_at >= self.stable_after:
                 backoff.reset()  # it had been up a while: this is a fresh outage
@@ -124,10 +125,10 @@ class NewHeads:
                     self.wake.set()
 
 
-def _reraise_if_cancelling(exc: BaseException) -> None:
+def _reraise_if_cancelling(exc: BaseException | None) -> None:
     """A cancellation that arrived while a timeout fired comes out of Python 3.11's ``asyncio.timeout``
-    (used inside the WebSocket handshake) as ``TimeoutError``; retrying then would swallow the
-    cancellation and the service would never stop. Give it back."""
+    (used inside the WebSocket handshake) as ``TimeoutError``, and a library may swallow one outright;
+    retrying then would keep the service alive forever. Give the cancellation back."""
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError from exc
