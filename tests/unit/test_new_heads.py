@@ -81,6 +81,14 @@ def head(sub: str, n: int) -> str:
                        "params": {"subscription": sub, "result": {"number": hex(n)}}})
 
 
+async def announce_one_block(node: Node, ws: ServerConnection) -> None:
+    """Accept the subscription (a fresh id per connection), announce one block, stay open."""
+    sub = "0x" + str(node.connections)
+    await subscribe_then(ws, sub)
+    await ws.send(head(sub, 1))
+    await ws.wait_closed()
+
+
 async def test_only_its_own_subscription_wakes_it(node: Node, running: Any) -> None:
     go = asyncio.Event()
 
@@ -146,10 +154,7 @@ async def test_an_outage_ends_when_the_node_is_back(node: Node, running: Any, ca
         if not healthy:
             await ws.close()
             return
-        sub = "0x" + str(node.connections)
-        await subscribe_then(ws, sub)
-        await ws.send(head(sub, 1))
-        await ws.wait_closed()
+        await announce_one_block(node, ws)
 
     node.handler = handler
     heads = NewHeads(node.url, backoff_cap=0.2)
@@ -206,10 +211,7 @@ async def test_a_bug_in_the_hint_is_logged_and_retried_not_fatal(
     monkeypatch.setattr(heads_module, "_parse", parse_once_broken)
 
     async def handler(ws: ServerConnection) -> None:
-        sub = "0x" + str(node.connections)
-        await subscribe_then(ws, sub)
-        await ws.send(head(sub, 1))
-        await ws.wait_closed()
+        await announce_one_block(node, ws)
 
     node.handler = handler
     heads = NewHeads(node.url, backoff_cap=0.2)
