@@ -71,17 +71,13 @@ class NewHeads:
             try:
                 await self._session()
                 reason = "the node closed it"
-            except asyncio.CancelledError:
-                raise
             except (OSError, TimeoutError, WebSocketException, ValueError, SubscriptionRefused) as exc:
-                _reraise_if_cancelling(exc)
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 reason = reason.replace(self.url, redact_url(self.url))  # InvalidURI quotes it whole
-            except Exception as exc:  # a bug here must not stop the operator: polling covers for the hint
-                _reraise_if_cancelling(exc)
+            except Exception:  # a bug here must not stop the operator: polling covers for the hint
                 log.exception("new-block subscription at %s: unexpected error", redact_url(self.url))
                 reason = "unexpected error (logged above)"
-            _reraise_if_cancelling(None)  # a library that swallowed our cancellation must not keep us alive
+            _reraise_if_cancelling()  # however the session ended, a pending cancellation wins
             self.subscribed.clear()
             if self._opened_at is not None and loop.time() - self._opened_at >= self.stable_after:
                 backoff.reset()  # it had been up a while: this is a fresh outage
@@ -125,13 +121,13 @@ class NewHeads:
                     self.wake.set()
 
 
-def _reraise_if_cancelling(exc: BaseException | None) -> None:
+def _reraise_if_cancelling() -> None:
     """A cancellation that arrived while a timeout fired comes out of Python 3.11's ``asyncio.timeout``
     (used inside the WebSocket handshake) as ``TimeoutError``, and a library may swallow one outright;
     retrying then would keep the service alive forever. Give the cancellation back."""
     task = asyncio.current_task()
     if task is not None and task.cancelling():
-        raise asyncio.CancelledError from exc
+        raise asyncio.CancelledError
 
 
 def _parse(frame: str | bytes) -> dict[str, Any]:
