@@ -250,7 +250,8 @@ def real_tangle_chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Real
     folder = tmp_path_factory.mktemp("real-tangle")
     log_path = folder / "anvil.log"
     argv = [str(anvil), "--host", "127.0.0.1", "--port", str(port), "--base-fee", "0", "--gas-price", "0",
-            "--gas-limit", "100000000", "--code-size-limit", "100000"]
+            "--gas-limit", "100000000", "--code-size-limit", "100000",
+            "--prune-history"]  # as the devnet: no state left under ~/.foundry/anvil/tmp
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     chain = RealTangleChain(rpc_url=f"http://127.0.0.1:{port}", log_path=log_path)
