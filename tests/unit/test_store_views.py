@@ -33,12 +33,13 @@ def count_reads(monkeypatch: pytest.MonkeyPatch, store: Store) -> list[str]:
 
 async def test_a_view_is_read_once_until_the_next_write(life: Lifecycle, monkeypatch: pytest.MonkeyPatch) -> None:
     await life.create_vm("a", None, Origin(1))
+    await life.create_vm("b", None, Origin(2))  # a write after a's view was kept (create returns it)
     reads = count_reads(monkeypatch, life.store)
     first = await life.get_vm("a")
     n = len(reads)
     assert n >= 1
     assert await life.get_vm("a") is first and len(reads) == n  # served from memory
-    await life.start_vm("a", Origin(2))  # a write: every kept view is dropped
+    await life.start_vm("a", Origin(3))  # a write: every kept view is dropped
     after = await life.get_vm("a")
     assert len(reads) > n and after.status is VmStatus.RUNNING and after is not first
 

@@ -118,17 +118,12 @@ class Lifecycle:
     def _record(vm: StoredVm) -> VmRecord:
         return VmRecord(vm_id=vm.vm_id, status=vm.status, spec=vm.spec, workdir=vm.workdir, handle=vm.handle)
 
-    def _view(self, vm: StoredVm, *, history: bool = True) -> VmView:
-        return VmView(
-            vm_id=vm.vm_id,
-            status=vm.status,
-            spec=vm.spec,
-            snapshots=tuple(s.snapshot_id for s in self.store.list_snapshots(vm.vm_id)),
-            created_at=vm.created_at,
-            updated_at=vm.updated_at,
-            error=vm.error,
-            history=tuple(self.store.history(vm.vm_id)) if history else (),
-        )
+    def _view(self, vm_id: str) -> VmView:
+        """The VM as the query API shows it (the store's read model, one way to build a view)."""
+        view = self.store.vm_view(vm_id)
+        if view is None:
+            raise VmNotFound(vm_id)
+        return view
 
     def _check_quota(self, spec: VmSpec) -> None:
         lim = self.limits
@@ -187,7 +182,7 @@ class Lifecycle:
             raise
         crash_point("create.after_vmm")
         self.store.insert_vm(vm_id, VmStatus.CREATED, spec, str(workdir), handle, origin, "create", intent=intent)
-        return self._view(self._require(vm_id))
+        return self._view(vm_id)
 
     async def _undo_workdir(self, record: VmRecord, intent: int) -> None:
         try:
@@ -222,7 +217,7 @@ class Lifecycle:
                 except VmmError as exc:
                     await self._after_driver_error(vm, exc)
                     raise
-                return self._view(self._require(vm_id))
+                return self._view(vm_id)
 
         return await self._call(origin, "start_vm", _safe(vm_id), body, lambda: self.get_vm(vm_id))
 
@@ -238,7 +233,7 @@ class Lifecycle:
                     await self._after_driver_error(vm, exc)
                     raise
                 self.store.update_vm(vm_id, VmStatus.STOPPED, origin, "stop")
-                return self._view(self._require(vm_id))
+                return self._view(vm_id)
 
         return await self._call(origin, "stop_vm", _safe(vm_id), body, lambda: self.get_vm(vm_id))
 
@@ -305,7 +300,7 @@ class Lifecycle:
                 crash_point("destroy.after_vmm")
                 shutil.rmtree(vm.workdir, ignore_errors=True)
                 self.store.update_vm(vm_id, VmStatus.DESTROYED, origin, "destroy", handle=None, error=vm.error)
-                return self._view(self._require(vm_id))
+                return self._view(vm_id)
 
         return await self._call(origin, "destroy_vm", _safe(vm_id), body, lambda: self.get_vm(vm_id))
 
@@ -336,7 +331,7 @@ class Lifecycle:
                 self.store.insert_vm(
                     new_vm_id, snap.vm_status, spec, str(workdir), handle, origin, "restore", intent=intent
                 )
-                return self._view(self._require(new_vm_id))
+                return self._view(new_vm_id)
 
         return await self._call(origin, "restore_vm", _safe(new_vm_id), body, lambda: self.get_vm(new_vm_id))
 
@@ -410,10 +405,7 @@ class Lifecycle:
 
     async def get_vm(self, vm_id: str) -> VmView:
         validate_id("vm_id", vm_id)
-        view = self.store.vm_view(vm_id)  # the read model: the query API's hot path
-        if view is None:
-            raise VmNotFound(vm_id)
-        return view
+        return self._view(vm_id)
 
     async def list_vms(self, *, limit: int | None = None, after: str | None = None) -> list[VmView]:
         return self.store.vm_views(limit=limit, after=after)

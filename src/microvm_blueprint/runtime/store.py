@@ -153,7 +153,7 @@ class Store:
         return StoredVm(
             vm_id=str(vm_id),
             status=VmStatus(str(status)),
-            spec=VmSpec.from_json(json.loads(str(spec))),
+            spec=_spec(str(spec)),
             workdir=str(workdir),
             handle=VmHandle.from_json(json.loads(str(handle))) if handle else None,
             error=str(error) if error is not None else None,
@@ -331,7 +331,7 @@ class Store:
             snapshot_id=str(snapshot_id),
             path=str(path),
             vm_status=VmStatus(str(vm_status)),
-            spec=VmSpec.from_json(json.loads(str(spec))),
+            spec=_spec(str(spec)),
             created_at=float(created_at),  # type: ignore[arg-type]
             size_bytes=int(size_bytes),  # type: ignore[call-overload]
         )
