@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,25 +119,39 @@ class ChainWatcher:
 
 
 @dataclass(frozen=True)
-class Round:
-    """One burst on a fresh chain, and its bare baseline bracketing it."""
+class Burst:
+    """One burst of ``create_vm`` calls answered by the operator, and the bare loop's pace at its height."""
 
+    how: str  # "flood": signed beforehand, sent in JSON-RPC batches; "loop": signed and sent one by one
     jobs_per_s: float
-    bare_per_s: float
+    bare_per_s: float  # the bare baseline interpolated to this burst's chain height
     send_s: float
     burst_s: float
     chain_took_s: float
     blocks: int
+    height: float
     latencies: list[float]
     result_txs: int
     cpu: dict[str, float]
-    bare_cpu: dict[str, float]
-    bare_before_after: tuple[float, float]
-    heights: tuple[float, float, float]
 
     @property
     def ratio(self) -> float:
         return self.jobs_per_s / self.bare_per_s
+
+
+@dataclass(frozen=True)
+class Round:
+    """Both bursts on one fresh chain, and the bare baseline bracketing them."""
+
+    flood: Burst
+    loop: Burst
+    bare_cpu: dict[str, float]
+    bare_before_after: tuple[float, float]
+    heights: tuple[float, float]  # chain height at the middle of the bare run before, and after
+
+    @property
+    def ratio(self) -> float:
+        return self.flood.ratio
 
 
 async def run(jobs: int = 500, rounds: int = 5, steady_rate: float = 20.0, steady_seconds: float = 10.0) -> None:
@@ -146,29 +161,43 @@ async def run(jobs: int = 500, rounds: int = 5, steady_rate: float = 20.0, stead
         # each round on a fresh chain: anvil's cost per block grows with the chain's length, so rounds
         # on one chain would not be alike
         done.append(await _round(jobs, ws=ws))
-        print(f"pipeline round {r + 1}/{rounds}: {done[-1].jobs_per_s:.1f} jobs/s vs bare "
-              f"{done[-1].bare_per_s:.1f}/s = {done[-1].ratio:.2f}", file=sys.stderr, flush=True)
+        print(f"pipeline round {r + 1}/{rounds}: flood {done[-1].flood.jobs_per_s:.1f} jobs/s vs bare "
+              f"{done[-1].flood.bare_per_s:.1f}/s = {done[-1].flood.ratio:.2f}; customer loop "
+              f"{done[-1].loop.jobs_per_s:.1f} vs {done[-1].loop.bare_per_s:.1f} = {done[-1].loop.ratio:.2f}",
+              file=sys.stderr, flush=True)
     steady = await _steady(steady_rate, steady_seconds, ws=ws)
-    mid = sorted(done, key=lambda x: x.ratio)[len(done) // 2]  # the median round's figures
+    mid = sorted(done, key=lambda x: x.flood.ratio)[len(done) // 2]  # the median round's figures
+    mid_loop = sorted(done, key=lambda x: x.loop.ratio)[len(done) // 2]
     emit(
         "job_pipeline",
         {
-            "jobs": jobs, "rounds": rounds, "jobs_per_s": round(mid.jobs_per_s, 1),
-            "customer_send_seconds": round(mid.send_s, 2), "burst_seconds": round(mid.burst_s, 2),
-            "last_call_on_chain_seconds": round(mid.chain_took_s, 2), "burst_blocks": mid.blocks,
-            "burst_p50_ms": round(median(mid.latencies) * 1000, 1),
-            "burst_p99_ms": round(pct(mid.latencies, 99) * 1000, 1), "steady_rate": steady_rate,
+            "jobs": jobs, "rounds": rounds, **_burst_figures(mid.flood),
+            "customer_loop": _burst_figures(mid_loop.loop),
+            "steady_rate": steady_rate,
             "steady_p50_ms": round(median(steady) * 1000, 1), "steady_p99_ms": round(pct(steady, 99) * 1000, 1),
-            "result_transactions": mid.result_txs, "burst_cpu_seconds": {k: round(v, 2) for k, v in mid.cpu.items()},
         },
-        {"bare_submitResult_per_s": round(mid.bare_per_s, 1), "bare_seconds": round(jobs / mid.bare_per_s, 2),
+        {"bare_submitResult_per_s": round(mid.flood.bare_per_s, 1),
+         "bare_seconds": round(jobs / mid.flood.bare_per_s, 2),
          "bare_seconds_before_after": [round(x, 2) for x in mid.bare_before_after],
-         "chain_height_mid_before_burst_after": list(mid.heights),
+         "chain_height_bare_before_flood_loop_bare_after": [mid.heights[0], mid.flood.height, mid.loop.height,
+                                                            mid.heights[1]],
          "bare_cpu_seconds": {k: round(v, 2) for k, v in mid.bare_cpu.items()}},
-        {"jobs_per_s_vs_bare": round(mid.ratio, 2), "every_round": [round(x.ratio, 2) for x in done]},
+        {"jobs_per_s_vs_bare": round(mid.flood.ratio, 2), "every_round": [round(x.flood.ratio, 2) for x in done],
+         "customer_loop_vs_bare": round(mid_loop.loop.ratio, 2),
+         "customer_loop_every_round": [round(x.loop.ratio, 2) for x in done]},
         operator_new_blocks="websocket wake-ups + 1 s poll" if ws else "HTTP poll every 50 ms",
         targets={"jobs_per_s_vs_bare": ">= 1.0 (median round)", "steady_p50_ms": "<= 300"},
     )
+
+
+def _burst_figures(b: Burst) -> dict[str, object]:
+    return {
+        "jobs_per_s": round(b.jobs_per_s, 1), "customer_send_seconds": round(b.send_s, 2),
+        "burst_seconds": round(b.burst_s, 2), "last_call_on_chain_seconds": round(b.chain_took_s, 2),
+        "burst_blocks": b.blocks, "burst_p50_ms": round(median(b.latencies) * 1000, 1),
+        "burst_p99_ms": round(pct(b.latencies, 99) * 1000, 1), "result_transactions": b.result_txs,
+        "burst_cpu_seconds": {k: round(v, 2) for k, v in b.cpu.items()},
+    }
 
 
 @contextlib.asynccontextmanager
@@ -207,9 +236,9 @@ async def _round(jobs: int, *, ws: bool = True) -> Round:
         customer = TangleCustomer(chain.rpc_url, d.contract, 0, Secret(ANVIL_KEYS[0]))
         # baseline: the same number of bare submitResult transactions, pipelined, one key. anvil's
         # cost per transaction grows with the length of its chain (x2-3 over 2,000 blocks), so the
-        # baseline brackets the burst, once just before it and once just after, and the pipeline is
-        # compared with the baseline interpolated to the burst's chain height (the baseline's calls are
-        # made now, before the operator's first block)
+        # baseline brackets the bursts, once just before them and once just after, and each burst is
+        # compared with the baseline interpolated to its chain height (the baseline's calls are made
+        # now, before the operator's first block)
         base_hashes = await _send_all(customer, [f"base-{i}" for i in range(2 * jobs)])
         base_ids = [(await customer.wait_submitted(h)).call_id for h in base_hashes]
         anvil_pid = chain.child.pid if chain.child else None
@@ -220,38 +249,59 @@ async def _round(jobs: int, *, ws: bool = True) -> Round:
         bare_cpu = {"anvil": cpu_seconds(anvil_pid) - cpu0[0], "client": cpu_seconds() - cpu0[1]}
         start_block = (await customer.rpc.block_number()) + 1
         watcher = ChainWatcher(chain.ws_url, d.contract)
-        async with _operator(chain, d.contract, start_block, ws=ws) as op:
-            await watcher.start()
-            first = base_ids[-1] + 1
-            # burst: 500 create_vm as fast as the chain takes them (sends pipelined, no waiting)
-            cpu1 = (cpu_seconds(anvil_pid), cpu_seconds(), cpu_seconds(op.pid))
-            h0 = await customer.rpc.block_number()
-            t0 = time.perf_counter()
-            await _send_all(customer, [f"vm-{i}" for i in range(jobs)])
-            sent_s = time.perf_counter() - t0
-            ids = list(range(first, first + jobs))
-            await watcher.wait(ids, 300)
-            burst_s = max(watcher.seen[i] for i in ids) - t0
-            # when the chain had taken the last call: what is left after it is the operator's tail
-            chain_took_s = max(watcher.submitted[i] for i in ids) - t0
-            burst_cpu = {"anvil": cpu_seconds(anvil_pid) - cpu1[0], "customer": cpu_seconds() - cpu1[1],
-                         "operator": cpu_seconds(op.pid) - cpu1[2]}
-            h1 = await customer.rpc.block_number()
-            h_burst, burst_blocks = (h0 + h1) / 2, h1 - h0
-        await watcher.close()
-        result_txs = await _count_txs_from(chain.rpc_url, start_block, ANVIL_ADDRESSES[1])
+        try:
+            async with _operator(chain, d.contract, start_block, ws=ws) as op:
+                await watcher.start()
+                first = base_ids[-1] + 1
+                # the flood: the customer's calls signed beforehand and sent in JSON-RPC batches, so the
+                # chain, not the customer's HTTP client, sets the pace ("as fast as the chain takes them")
+                raws = [await customer.sign(CREATE, encode_args(CREATE.arg_types, [f"vm-{i}"])) for i in range(jobs)]
+                flood = await _burst("flood", customer, chain, op, watcher, list(range(first, first + jobs)),
+                                     lambda: customer.send_signed(raws))
+                # the customer's own loop: each call signed and sent on its own, one request each
+                # (the same loop as the bare baseline's): its pace, not the operator's, sets this figure
+                loop = await _burst("loop", customer, chain, op, watcher, list(range(first + jobs, first + 2 * jobs)),
+                                    lambda: _send_all(customer, [f"loop-{i}" for i in range(jobs)]))
+        finally:
+            await watcher.close()
         # the second half of the bracket, with the operator's key, so only once the operator is gone
         h0 = await customer.rpc.block_number()
         bare_after = await _bare_baseline(chain.rpc_url, d.contract, base_ids[jobs:])
         h_after = (h0 + await customer.rpc.block_number()) / 2
         await customer.aclose()
-    bare_s = bare_before + (bare_after - bare_before) * (h_burst - h_before) / (h_after - h_before)
+
+    def at(height: float) -> float:
+        return bare_before + (bare_after - bare_before) * (height - h_before) / (h_after - h_before)
+
     return Round(
-        jobs_per_s=jobs / burst_s, bare_per_s=jobs / bare_s, send_s=sent_s, burst_s=burst_s,
-        chain_took_s=chain_took_s, blocks=burst_blocks, latencies=watcher.latencies(ids), result_txs=result_txs,
-        cpu=burst_cpu, bare_cpu=bare_cpu, bare_before_after=(bare_before, bare_after),
-        heights=(h_before, h_burst, h_after),
+        flood=dataclasses.replace(flood, bare_per_s=jobs / at(flood.height)),
+        loop=dataclasses.replace(loop, bare_per_s=jobs / at(loop.height)),
+        bare_cpu=bare_cpu, bare_before_after=(bare_before, bare_after), heights=(h_before, h_after),
     )
+
+
+async def _burst(
+    how: str, customer: TangleCustomer, chain: Anvil, op: Child, watcher: ChainWatcher, ids: list[int],
+    send: Callable[[], Awaitable[object]],
+) -> Burst:
+    """Send one burst, wait for every result, and time it: from the first send to the last result seen."""
+    anvil_pid = chain.child.pid if chain.child else None
+    cpu1 = (cpu_seconds(anvil_pid), cpu_seconds(), cpu_seconds(op.pid))
+    h0 = await customer.rpc.block_number()
+    t0 = time.perf_counter()
+    await send()
+    sent_s = time.perf_counter() - t0
+    await watcher.wait(ids, 300)
+    burst_s = max(watcher.seen[i] for i in ids) - t0
+    # when the chain had taken the last call: what is left after it is the operator's tail
+    chain_took_s = max(watcher.submitted[i] for i in ids) - t0
+    cpu = {"anvil": cpu_seconds(anvil_pid) - cpu1[0], "customer": cpu_seconds() - cpu1[1],
+           "operator": cpu_seconds(op.pid) - cpu1[2]}
+    h1 = await customer.rpc.block_number()
+    result_txs = await _count_txs(chain.rpc_url, h0 + 1, h1, ANVIL_ADDRESSES[1])
+    return Burst(how=how, jobs_per_s=len(ids) / burst_s, bare_per_s=float("nan"), send_s=sent_s, burst_s=burst_s,
+                 chain_took_s=chain_took_s, blocks=h1 - h0, height=(h0 + h1) / 2,
+                 latencies=watcher.latencies(ids), result_txs=result_txs, cpu=cpu)
 
 
 async def _steady(
@@ -297,12 +347,15 @@ async def _wait_healthy(url: str, op: Child, timeout: float) -> None:
             await asyncio.sleep(0.05)
 
 
-async def _count_txs_from(rpc_url: str, from_block: int, sender: str) -> int:
+async def _count_txs(rpc_url: str, from_block: int, to_block: int, sender: str) -> int:
+    """Transactions from ``sender`` in blocks ``from_block..to_block`` (one batch request)."""
     rpc = JsonRpc(rpc_url)
     try:
+        blocks = await rpc.batch([("eth_getBlockByNumber", [hex(n), True]) for n in range(from_block, to_block + 1)])
         count = 0
-        for n in range(from_block, await rpc.block_number() + 1):
-            block = await rpc.call("eth_getBlockByNumber", [hex(n), True])
+        for block in blocks:
+            if not isinstance(block, dict):
+                raise RuntimeError(f"eth_getBlockByNumber: {block!r}")
             count += sum(tx["from"].lower() == sender.lower() for tx in block["transactions"])
         return count
     finally:
