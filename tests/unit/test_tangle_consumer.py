@@ -5,6 +5,7 @@ callbacks that raise. The real-chain paths are in tests/integration/test_tangle_
 from __future__ import annotations
 
 import asyncio
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ class FakeChain:
         self.receipt_status = receipt_status
         self.sent: list[dict[str, Any]] = []
         self.nonce_value = 0
+        self.mined = True  # False: no receipt yet
 
     async def eth_call(self, to: str, data: bytes, sender: str | None = None, block: str = "latest") -> bytes:
         # getJobCall: the call exists and is open
@@ -57,6 +59,8 @@ class FakeChain:
         return "0x" + f"{len(self.sent):064x}"
 
     async def receipt(self, tx_hash: str) -> dict[str, Any] | None:
+        if not self.mined:
+            return None
         return {"status": self.receipt_status, "transactionHash": tx_hash}
 
     async def receipts(self, tx_hashes: list[str]) -> list[dict[str, Any] | None]:
@@ -153,3 +157,67 @@ async def test_a_full_batch_does_not_linger(tmp_path: Path) -> None:
     consumer.enqueue(JobResult(0, 2, b"\x01"))
     await run_until(consumer, lambda: len(chain.sent) == 1, timeout=10)  # 60 s of lingering would time out
     assert rlp.decode(chain.sent[0]["raw"])[5][:4] == consumer_mod.SEL_SUBMIT_RESULTS
+
+
+class Clock:
+    """The consumer's clock (its own ``time`` binding only: the event loop keeps the real one)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+async def test_receipts_are_looked_for_ever_less_often_while_none_comes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    monkeypatch.setattr(consumer_mod, "time", clock)
+    chain = FakeChain()
+    chain.mined = False
+    consumer, state = make(tmp_path, chain, linger=0)
+    consumer.enqueue(JobResult(0, 1, b"\x01"))
+    await consumer._round()
+    assert len(chain.sent) == 1
+    asked: list[float] = []
+    for _ in range(400):  # 4 s of rounds, one every 10 ms
+        clock.now += 0.01
+        before = consumer.receipt_requests
+        await consumer._collect()
+        if consumer.receipt_requests > before:
+            asked.append(clock.now)
+    # polling every 20 ms would have asked 200 times; the wait doubles from 20 ms up to the cap
+    gaps = [b - a for a, b in itertools.pairwise(asked)]
+    assert 6 <= len(asked) <= 9
+    assert all(b >= a - 1e-6 for a, b in itertools.pairwise(gaps))  # never sooner than before
+    assert gaps[0] < 0.1 and consumer_mod.COLLECT_CAP - 0.02 <= gaps[-1] <= consumer_mod.COLLECT_CAP + 0.02
+    # once mined, the receipt is seen at the next look, and a new send is looked for soon again
+    chain.mined = True
+    clock.now += consumer_mod.COLLECT_CAP
+    await consumer._collect()
+    assert state.outbox_status(0, 1) == ("done", "0x" + f"{1:064x}")
+
+
+async def test_a_new_block_is_looked_at_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr(consumer_mod, "time", clock)
+    chain = FakeChain()
+    chain.mined = False
+    blocks = [0]
+    consumer, state = make(tmp_path, chain, linger=0, blocks=lambda: blocks[0])
+    consumer.enqueue(JobResult(0, 1, b"\x01"))
+    await consumer._round()
+    for _ in range(200):  # 2 s without a block: the wait has grown to the cap
+        clock.now += 0.01
+        await consumer._collect()
+    asked = consumer.receipt_requests
+    clock.now += 0.01
+    await consumer._collect()
+    assert consumer.receipt_requests == asked  # nothing due yet without a new block...
+    chain.mined = True
+    blocks[0] += 1  # ...but a block is announced: looked at now, not a second later
+    clock.now += consumer_mod.COLLECT_INTERVAL
+    await consumer._collect()
+    assert consumer.receipt_requests == asked + 1
+    assert state.outbox_status(0, 1) == ("done", "0x" + f"{1:064x}")

@@ -49,8 +49,12 @@ MAX_SEND_ATTEMPTS = 5
 #: Simulations of one result reverting with an error we cannot classify before it is dropped.
 MAX_UNKNOWN_REVERTS = 12
 HOLD_CAP = 60.0
-#: Receipts of transactions in flight are looked for at most this often.
+#: Receipts of transactions in flight are looked for at most this often, first this soon after a send...
 COLLECT_INTERVAL = 0.02
+#: ...then, while none comes, ever less often (the wait doubles) up to this. A new block announced over
+#: ``WS_RPC_URL`` is looked at at once: on a chain with 12 s blocks, polling every 20 ms cost ~600
+#: requests a transaction (a hosted RPC's rate limit) where now it costs a dozen.
+COLLECT_CAP = 1.0
 #: How long the first result waiting for a transaction waits for company (fewer, fuller transactions:
 #: on a busy chain each transaction costs far more than one more result in it). A full batch goes at once.
 LINGER = 0.05
@@ -109,6 +113,7 @@ class TangleConsumer:
         drain_timeout: float = 10.0,
         backoff_cap: float = 10.0,
         linger: float = LINGER,
+        blocks: Callable[[], int] | None = None,
     ) -> None:
         if key is None and not dry_run:
             raise TangleError("an operator key is required unless --dry-run")
@@ -127,6 +132,10 @@ class TangleConsumer:
         self._in_flight: dict[str, _InFlight] = {}
         self._holds: dict[tuple[int, int], tuple[float, int]] = {}  # (service, call) -> (not before, reverts)
         self._collected_at = float("-inf")
+        self._collect_every = COLLECT_INTERVAL
+        self._blocks = blocks  # blocks announced so far (NewHeads.heads), when the operator has a WebSocket
+        self._blocks_at_collect: int | None = None
+        self.receipt_requests = 0
         self.linger = max(0.0, linger)
         self._gathering_since: float | None = None
         self._nonce: int | None = None
@@ -288,6 +297,7 @@ class TangleConsumer:
         self._in_flight[tx_hash] = _InFlight(tx_hash, service_id, ids, time.monotonic(), self._nonce)
         self._nonce += 1
         self.sent_tx += 1
+        self._collect_every = COLLECT_INTERVAL  # a new transaction: look for it soon
         log.info("sent %d result(s) in %s (gas limit %d)", len(ids), tx_hash, gas_limit,
                  extra={"call_ids": ",".join(map(str, ids))})
 
@@ -310,14 +320,24 @@ class TangleConsumer:
         return adopted
 
     async def _collect(self, *, force: bool = False) -> None:
-        """Look for the receipts of every transaction in flight, in one request, at most once per
-        :data:`COLLECT_INTERVAL` (rounds come with every finished job; the receipts do not)."""
+        """Look for the receipts of every transaction in flight, in one request: at most once per
+        :data:`COLLECT_INTERVAL` (rounds come with every finished job; the receipts do not), and while
+        none comes, only when a new block was announced or after a wait that doubles up to
+        :data:`COLLECT_CAP`."""
         now = time.monotonic()
-        if not self._in_flight or (not force and now - self._collected_at < COLLECT_INTERVAL):
+        if not self._in_flight:
+            return
+        blocks = self._blocks() if self._blocks is not None else None
+        since = now - self._collected_at
+        due = since >= self._collect_every or (blocks is not None and blocks != self._blocks_at_collect)
+        if not force and (since < COLLECT_INTERVAL or not due):
             return
         self._collected_at = now
+        self._blocks_at_collect = blocks
         flights = list(self._in_flight.items())
+        self.receipt_requests += 1
         answers = await self.rpc.receipts([tx_hash for tx_hash, _ in flights])
+        found = False
         for (tx_hash, fl), receipt in zip(flights, answers, strict=True):
             if isinstance(receipt, RpcError):
                 log.warning("receipt of %s: %s", tx_hash, receipt)
@@ -329,6 +349,7 @@ class TangleConsumer:
                     self._nonce = None
                     self.state.mark(fl.service_id, fl.call_ids, "pending")
                 continue
+            found = True
             del self._in_flight[tx_hash]
             if _receipt_ok(receipt):
                 crash_point("consumer.after_receipt")
@@ -338,6 +359,7 @@ class TangleConsumer:
             else:
                 log.warning("result transaction %s failed on-chain; re-checking its calls", tx_hash)
                 self.state.mark(fl.service_id, fl.call_ids, "pending")
+        self._collect_every = COLLECT_INTERVAL if found else min(COLLECT_CAP, self._collect_every * 2)
 
     async def _round(self) -> bool:
         """One send/collect round. Returns True if there may be more work right away."""
