@@ -1,4 +1,5 @@
-"""The store's VM views: kept between writes, never stale after one, bounded in number."""
+"""The store's VM views: kept between writes, never stale after one, kept while other VMs change,
+bounded in number."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from microvm_blueprint.runtime import store as store_module
 from microvm_blueprint.runtime.adapters.in_memory import InMemoryDriver
 from microvm_blueprint.runtime.lifecycle import Lifecycle
-from microvm_blueprint.runtime.model import Origin, VmStatus
+from microvm_blueprint.runtime.model import Origin, VmSpec, VmStatus
 from microvm_blueprint.runtime.store import Store
 
 
@@ -33,13 +34,13 @@ def count_reads(monkeypatch: pytest.MonkeyPatch, store: Store) -> list[str]:
 
 async def test_a_view_is_read_once_until_the_next_write(life: Lifecycle, monkeypatch: pytest.MonkeyPatch) -> None:
     await life.create_vm("a", None, Origin(1))
-    await life.create_vm("b", None, Origin(2))  # a write after a's view was kept (create returns it)
+    life.store._views.clear()  # as after a restart
     reads = count_reads(monkeypatch, life.store)
     first = await life.get_vm("a")
     n = len(reads)
     assert n >= 1
     assert await life.get_vm("a") is first and len(reads) == n  # served from memory
-    await life.start_vm("a", Origin(3))  # a write: every kept view is dropped
+    await life.start_vm("a", Origin(3))  # a write to this VM: its kept view is dropped
     after = await life.get_vm("a")
     assert len(reads) > n and after.status is VmStatus.RUNNING and after is not first
 
@@ -72,3 +73,33 @@ async def test_kept_views_are_bounded_and_unknown_ids_are_not_kept(
         await life.get_vm(f"vm-{i}")
     assert list(life.store._views) == [f"vm-{i}" for i in range(3, 8)]  # least recently used out
     assert life.store.vm_view("ghost") is None and "ghost" not in life.store._views
+
+
+async def test_writes_to_other_vms_keep_a_view(life: Lifecycle, monkeypatch: pytest.MonkeyPatch) -> None:
+    await life.create_vm("a", None, Origin(1))
+    first = await life.get_vm("a")
+    reads = count_reads(monkeypatch, life.store)
+    # jobs on other VMs: created, started, snapshotted, restored, destroyed, a refused call
+    await life.create_vm("b", None, Origin(2))
+    await life.start_vm("b", Origin(3))
+    await life.snapshot_vm("b", "s", Origin(4))
+    await life.restore_vm("b", "s", "c", Origin(5))
+    await life.destroy_vm("c", Origin(6))
+    with pytest.raises(Exception, match="invalid vm transition"):
+        await life.start_vm("c", Origin(7))
+    n = len(reads)
+    assert await life.get_vm("a") is first and len(reads) == n  # still served from memory
+    b = await life.get_vm("b")
+    assert b.status is VmStatus.RUNNING and b.snapshots == ("s",)
+    assert (await life.get_vm("c")).status is VmStatus.DESTROYED
+
+
+def test_a_write_that_does_not_say_which_vms_drops_every_view(life: Lifecycle) -> None:
+    store = life.store
+    store.insert_vm("a", VmStatus.CREATED, VmSpec(), "/nowhere", None, Origin(1), "create")
+    first = store.vm_view("a")
+    assert first is not None and store.vm_view("a") is first
+    with store._tx() as db:  # e.g. a future write path that does not name its VMs
+        db.execute("UPDATE vms SET status='failed' WHERE vm_id='a'")
+    after = store.vm_view("a")
+    assert after is not None and after.status is VmStatus.FAILED

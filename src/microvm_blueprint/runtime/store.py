@@ -15,7 +15,8 @@ import json
 import sqlite3
 import time
 from collections import OrderedDict
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,20 +128,32 @@ class Store:
     def __init__(self, path: str | Path) -> None:
         self._dbx = Database(path, _SCHEMA, error=StoreError, what="state database")
         self.path = self._dbx.path
+        self._views: OrderedDict[str, VmView] = OrderedDict()
+        self._views_generation = -1
         row = self._read("SELECT value FROM meta WHERE key='schema'")
         if not row:
             with self._tx() as db:
                 db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
         elif int(str(row[0][0])) != SCHEMA_VERSION:
             raise StoreError(f"state database {self.path} has schema {row[0][0]}, expected {SCHEMA_VERSION}")
-        self._views: OrderedDict[str, VmView] = OrderedDict()
-        self._views_generation = -1
 
     def close(self) -> None:
         self._dbx.close()
 
-    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
-        return self._dbx.tx()
+    @contextmanager
+    def _tx(self, touches: tuple[str, ...] | None = None) -> Iterator[sqlite3.Connection]:
+        """One write transaction. ``touches``: the VMs whose view it may change (only their kept
+        views are dropped); ``None`` when that is not known, and every kept view is dropped."""
+        with self._dbx.lock:
+            current = self._views_generation == self._dbx.generation
+            try:
+                with self._dbx.tx() as db:
+                    yield db
+            finally:
+                if touches is not None and current:
+                    for vm_id in touches:
+                        self._views.pop(vm_id, None)
+                    self._views_generation = self._dbx.generation  # the other views still hold
 
     def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
         return self._dbx.rows(sql, args)
@@ -190,9 +203,10 @@ class Store:
     def vm_view(self, vm_id: str) -> VmView | None:
         """One VM as the query API shows it, with snapshots and history; ``None`` if unknown.
 
-        Views are kept (``VIEW_CACHE`` of them, least recently used out) until the next write to the
-        store, which drops them all: polling a VM between jobs costs a dictionary lookup, not three
-        statements. Unknown ids are not kept (they cost memory to anyone who asks).
+        Views are kept (``VIEW_CACHE`` of them, least recently used out) until a write that may
+        change that VM (a write that does not say which VMs it changes drops them all): polling a VM
+        costs a dictionary lookup, not three statements, even while jobs change other VMs. Unknown
+        ids are not kept (they cost memory to anyone who asks).
         """
         with self._dbx.lock:  # the generation and the rows it vouches for, read together
             generation = self._dbx.generation
@@ -262,7 +276,7 @@ class Store:
         intent: int | None = None,
     ) -> None:
         now = time.time()
-        with self._tx() as db:
+        with self._tx((vm_id,)) as db:
             db.execute(
                 f"INSERT INTO vms ({self._VM_COLS}) VALUES (?,?,?,?,?,?,?,?)",
                 (vm_id, status.value, json.dumps(spec.to_json()), workdir, _handle(handle), None, now, now),
@@ -289,7 +303,7 @@ class Store:
         ``call_ok=False`` records the change in the history without marking the call as applied
         (a call that failed but changed the VM, e.g. a boot that missed its deadline)."""
         now = time.time()
-        with self._tx() as db:
+        with self._tx((vm_id,)) as db:
             if handle is False:
                 db.execute(
                     "UPDATE vms SET status=?, error=?, updated_at=? WHERE vm_id=?",
@@ -352,7 +366,7 @@ class Store:
         return {str(r[0]) for r in self._read("SELECT path FROM snapshots")}
 
     def add_snapshot(self, snap: SnapshotRecord, origin: Origin, *, intent: int | None = None) -> None:
-        with self._tx() as db:
+        with self._tx((snap.vm_id,)) as db:
             db.execute(
                 f"INSERT INTO snapshots ({self._SNAP_COLS}) VALUES (?,?,?,?,?,?,?)",
                 (
@@ -373,7 +387,7 @@ class Store:
 
     def delete_snapshot(self, vm_id: str, snapshot_id: str, origin: Origin) -> None:
         now = time.time()
-        with self._tx() as db:
+        with self._tx((vm_id,)) as db:
             db.execute("DELETE FROM snapshots WHERE vm_id=? AND snapshot_id=?", (vm_id, snapshot_id))
             status = db.execute("SELECT status FROM vms WHERE vm_id=?", (vm_id,)).fetchone()[0]
             self._history(db, vm_id, now, "delete_snapshot", VmStatus(status), origin)
@@ -398,7 +412,7 @@ class Store:
         """Record that a call failed, so a replay answers the same error. Changes nothing else."""
         if origin.call_id is None:
             return
-        with self._tx() as db:
+        with self._tx(()) as db:  # the calls table: no view shows it
             db.execute(
                 "INSERT OR IGNORE INTO calls (call_id, action, vm_id, ok, error, at) VALUES (?,?,?,?,?,?)",
                 (_i64(origin.call_id), action, vm_id, 0, error, time.time()),
@@ -407,7 +421,7 @@ class Store:
     # ---- intents -------------------------------------------------------------------------------
 
     def add_intent(self, vm_id: str, action: str, path: str, call_id: int | None) -> int:
-        with self._tx() as db:
+        with self._tx(()) as db:  # intents: no view shows them
             cur = db.execute(
                 "INSERT INTO intents (vm_id, action, path, call_id, at) VALUES (?,?,?,?,?)",
                 (vm_id, action, path, _i64(call_id), time.time()),
@@ -415,7 +429,7 @@ class Store:
             return int(cur.lastrowid or 0)
 
     def drop_intent(self, seq: int) -> None:
-        with self._tx() as db:
+        with self._tx(()) as db:
             db.execute("DELETE FROM intents WHERE seq=?", (seq,))
 
     def intents(self) -> list[Intent]:
