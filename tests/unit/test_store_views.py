@@ -103,3 +103,17 @@ def test_a_write_that_does_not_say_which_vms_drops_every_view(life: Lifecycle) -
         db.execute("UPDATE vms SET status='failed' WHERE vm_id='a'")
     after = store.vm_view("a")
     assert after is not None and after.status is VmStatus.FAILED
+
+
+def test_a_views_json_bytes_are_what_a_json_response_renders() -> None:
+    from starlette.responses import JSONResponse
+
+    from microvm_blueprint.runtime.model import HistoryEntry, VmView
+
+    view = VmView(
+        vm_id="vm-ü", status=VmStatus.FAILED, spec=VmSpec(), snapshots=("s1", "s2"), created_at=1.5,
+        updated_at=2.25, error="boot missed its deadline: “ready” never came",
+        history=(HistoryEntry(at=1.5, action="create", status=VmStatus.CREATED, call_id=7, caller="0xab"),),
+    )
+    assert view.json_bytes == JSONResponse(view.to_json()).body
+    assert view.json_bytes is view.json_bytes  # encoded once

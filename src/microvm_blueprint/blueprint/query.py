@@ -121,7 +121,8 @@ class QueryApp:
                 views = await self.vms.list_vms(limit=limit, after=after)
                 return _json([v.to_json(with_history=False) for v in views])
             case ["vms", vm_id]:
-                return _json((await self.vms.get_vm(vm_id)).to_json())
+                # the same bytes JSONResponse would render, kept with the (immutable) view
+                return Response((await self.vms.get_vm(vm_id)).json_bytes, media_type="application/json")
             case ["vms", vm_id, "snapshots"]:
                 return _json([s.snapshot_id for s in await self.vms.list_snapshots(vm_id)])
             case ["vms", vm_id, "snapshots", snapshot_id]:

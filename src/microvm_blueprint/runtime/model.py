@@ -6,7 +6,9 @@ Everything here is a frozen dataclass or an enum; the state x job table of DESIG
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -239,3 +241,9 @@ class VmView:
         if with_history:
             out["history"] = [h.to_json() for h in self.history]
         return out
+
+    @functools.cached_property
+    def json_bytes(self) -> bytes:
+        """``to_json()`` as compact UTF-8 JSON, encoded once per view: views never change, and the
+        store keeps them between writes, so a VM polled over the query API is encoded once."""
+        return json.dumps(self.to_json(), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
