@@ -16,8 +16,9 @@ async def test_a_small_pipeline_round_sees_every_job_answered() -> None:
     for burst in (r.flood, r.loop):
         assert len(burst.latencies) == jobs and all(lat >= 0 for lat in burst.latencies)
         assert 1 <= burst.result_txs <= jobs  # results went out, some of them batched or not
-        assert burst.blocks >= jobs and burst.jobs_per_s > 0 and burst.bare_per_s > 0
+        assert burst.blocks >= 1 and burst.jobs_per_s > 0 and burst.bare_per_s > 0
         assert set(burst.cpu) == {"anvil", "customer", "operator"}
+    assert r.loop.blocks >= jobs  # one call a request: anvil mines each on its own (a flood shares blocks)
     assert r.heights[0] < r.flood.height < r.loop.height < r.heights[1]
 
 
