@@ -21,6 +21,7 @@ class CannedNode:
 
     def __init__(self) -> None:
         self.result: Any = None
+        self.batch: list[dict[str, Any]] = []  # for a batch: {"result": ...} or {"error": ...} per call
         self.server: asyncio.Server | None = None
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -30,7 +31,11 @@ class CannedNode:
                 length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
                               if line.lower().startswith(b"content-length:"))
                 request = json.loads(await reader.readexactly(length))
-                body = json.dumps({"jsonrpc": "2.0", "id": request["id"], "result": self.result}).encode()
+                if isinstance(request, list):  # a batch: one canned answer per call, in order
+                    body = json.dumps([{"jsonrpc": "2.0", "id": r["id"], **a}
+                                       for r, a in zip(request, self.batch, strict=False)]).encode()
+                else:
+                    body = json.dumps({"jsonrpc": "2.0", "id": request["id"], "result": self.result}).encode()
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
                 await writer.drain()
@@ -75,3 +80,35 @@ async def test_a_malformed_head_is_an_rpc_error(node: tuple[CannedNode, JsonRpc]
     canned.result = answer
     with pytest.raises(RpcError):
         await rpc.head_block()
+
+
+HEAD = {"number": "0x1f", "hash": GOOD_HASH}
+
+
+async def test_head_and_hash_reads_both_in_one_request(node: tuple[CannedNode, JsonRpc]) -> None:
+    canned, rpc = node
+    other = "0x" + "cd" * 32
+    canned.batch = [{"result": HEAD}, {"result": {"number": "0x1e", "hash": other}}]
+    assert await rpc.head_and_hash(30) == ((31, GOOD_HASH), other)
+    canned.batch = [{"result": HEAD}, {"result": None}]  # no such block: the chain got shorter
+    assert await rpc.head_and_hash(40) == ((31, GOOD_HASH), None)
+
+
+@pytest.mark.parametrize("batch", [
+    [{"result": HEAD}, {"result": "0x1e"}],
+    [{"result": HEAD}, {"result": {"hash": "0x1234"}}],
+    [{"result": HEAD}, {"result": {"hash": "0x" + "ab" * 10_000}}],
+    [{"result": HEAD}, {"error": {"code": -32000, "message": "header not found"}}],
+    [{"error": {"code": -32000, "message": "busy"}}, {"result": HEAD}],
+    [{"result": None}, {"result": HEAD}],
+    [{"result": {"number": "0x1f"}}, {"result": HEAD}],
+    [{"result": HEAD}],  # an answer missing
+    [],
+])
+async def test_a_malformed_head_and_hash_is_an_rpc_error(
+    node: tuple[CannedNode, JsonRpc], batch: list[dict[str, Any]]
+) -> None:
+    canned, rpc = node
+    canned.batch = batch
+    with pytest.raises(RpcError):
+        await rpc.head_and_hash(30)

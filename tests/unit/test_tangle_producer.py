@@ -123,14 +123,24 @@ class FakeChain:
         self._maybe_fail()
         return self.head
 
+    forked_from: int | None = None  # blocks from here on were replaced (a reorg): other hashes
+
+    def hash_of(self, n: int) -> str:
+        fork = self.forked_from is not None and n >= self.forked_from
+        return "0x" + f"{n + (1 << 200 if fork else 0):064x}"
+
     async def head_block(self) -> tuple[int, str]:
         self._maybe_fail()
-        return self.head, "0x" + f"{self.head:064x}"
+        return self.head, self.hash_of(self.head)
+
+    async def head_and_hash(self, number: int) -> tuple[tuple[int, str], str | None]:
+        head = await self.head_block()
+        return head, self.hash_of(number) if number <= head[0] else None
 
     async def get_block(self, number: int | str) -> dict[str, Any] | None:
         self._maybe_fail()
         self.blocks_read += 1
-        return {"number": hex(int(number)), "hash": "0x" + f"{int(number):064x}"}
+        return {"number": hex(int(number)), "hash": self.hash_of(int(number))}
 
     async def get_logs(self, *, address: str, topics: list[Any], from_block: int, to_block: int) -> list[dict[str, Any]]:
         self._maybe_fail()
@@ -336,3 +346,54 @@ async def test_new_blocks_wake_the_poll_but_no_sooner_than_the_wake_gap(tmp_path
     assert min(gaps) >= 0.1 * 0.99, gaps
     assert max(gaps) < 5, gaps
     state.close()
+
+
+async def reorg_while_running(tmp_path: Path, reorg: Any, expect: int) -> tuple[list[JobCall], TangleProducer]:
+    """Run a producer to the head of a 30-block chain holding calls 0 and 1, apply ``reorg`` to the chain,
+    and collect until ``expect`` calls were delivered in all."""
+    chain = FakeChain(30, [submitted(0, 0, 0, b"a", block=10), submitted(0, 1, 0, b"b", block=26)])
+    state = TangleState(tmp_path / "t.sqlite3")
+    producer = TangleProducer(chain, state, contract=CONTRACT, service_id=0, from_block=5,  # type: ignore[arg-type]
+                              poll_interval=0.01)
+    got: list[JobCall] = []
+    stop = asyncio.Event()
+
+    async def deliver(call: JobCall) -> None:
+        got.append(call)
+
+    task = asyncio.create_task(producer.run(deliver, stop))
+    try:
+        await asyncio.wait_for(producer.caught_up.wait(), 10)
+        cursor = state.cursor(producer.key)
+        assert cursor is not None and cursor.next_block == 31 and len(got) == 2
+        reorg(chain)
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(got) < expect or producer.reorgs == 0:
+            assert asyncio.get_running_loop().time() < deadline, f"got {len(got)} of {expect}"
+            assert not task.done(), task
+            await asyncio.sleep(0.005)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        state.close()
+    return got, producer
+
+
+async def test_a_reorg_while_running_reads_the_replaced_blocks_again(tmp_path: Path) -> None:
+    def fork(chain: FakeChain) -> None:  # blocks 28.. replaced; the new 28 carries call 2
+        chain.forked_from = 28
+        chain.logs.append(submitted(0, 2, 0, b"fork", block=28))
+
+    got, producer = await reorg_while_running(tmp_path, fork, 3)
+    assert [c.call_id for c in got] == [0, 1, 2]  # 0 and 1 (read again) are not handed over twice
+    assert got[2].inputs == b"fork" and producer.reorgs == 1
+
+
+async def test_a_chain_that_got_shorter_is_a_reorg_too(tmp_path: Path) -> None:
+    def shorten(chain: FakeChain) -> None:  # rolled back to block 27, then a new 28 with call 2
+        chain.head = 28
+        chain.forked_from = 28
+        chain.logs.append(submitted(0, 2, 0, b"short", block=28))
+
+    got, producer = await reorg_while_running(tmp_path, shorten, 3)
+    assert [c.call_id for c in got] == [0, 1, 2] and producer.reorgs >= 1

@@ -9,7 +9,8 @@ Start: the persisted cursor; else ``--from-block``/``FROM_BLOCK``; else the bloc
 was activated (``ServiceActivated``: one wide query, else windows backwards from the head); else the
 head minus a small look-back. Reads wide windows (``MAX_GETLOGS_RANGE``) while behind, narrow ones
 once caught up; a window the RPC refuses is halved and grows back after. The cursor carries the hash
-of its last block; a changed hash at start rewinds :data:`REORG_REWIND` blocks (reorg).
+of its last block; a changed hash rewinds :data:`REORG_REWIND` blocks (reorg): at start, and at every
+poll while running (checked in the same request as the head).
 
 Durability ("never lose or repeat a call"): each window's calls are written to the inbox in the same
 SQLite transaction that moves the cursor, *before* they are handed over; a call stays ``new`` until
@@ -176,6 +177,7 @@ class TangleProducer:
         self.key = f"jobs:{contract.lower()}:{service_id}"
         self.caught_up = asyncio.Event()
         self.head_seen = -1
+        self.reorgs = 0  # reorgs noticed while running
         self._window = self.max_range
         self._topics: list[Any] = [
             [TOPIC_JOB_SUBMITTED, TOPIC_JOB_SUBMITTED_FROM_QUOTE],
@@ -265,7 +267,7 @@ class TangleProducer:
         """``(to_block, hash of to_block, logs of [lo, to_block])`` with ``to_block <= hi``.
 
         The block is read *before* its logs: a reorg in between leaves a stale hash in the cursor and the
-        next start rewinds (the safe side), never the other way round. When the window ends at ``head``
+        next poll rewinds (the safe side), never the other way round. When the window ends at ``head``
         (the poll's newest block, read just before) its hash is already known: one request, not two.
         A refused window is halved (provider range or result limits) and retried with backoff; a good
         answer lets it grow back.
@@ -350,6 +352,15 @@ class TangleProducer:
             for w in waiters:
                 w.cancel()
 
+    async def _poll_head(self, cursor: Cursor) -> tuple[tuple[int, str], bool]:
+        """The newest block's ``(number, hash)``, and whether the block the cursor read last has
+        changed (a reorg), in one request."""
+        last = cursor.next_block - 1
+        if cursor.last_hash is None or last < 0:
+            return await self.rpc.head_block(), False
+        head, last_hash = await self.rpc.head_and_hash(last)
+        return head, last_hash != cursor.last_hash
+
     async def _step(
         self, cursor: Cursor, deliver: Callable[[JobCall], Awaitable[None]], stop: asyncio.Event
     ) -> Cursor:
@@ -362,8 +373,22 @@ class TangleProducer:
         if self.wake is not None:
             self.wake.clear()  # blocks announced from here on wake the next poll
         self._last_poll = time.monotonic()
-        head = await self._retry("eth_getBlockByNumber(latest)", self.rpc.head_block, stop)
+        head, changed = await self._retry(
+            "eth_getBlockByNumber(latest)", functools.partial(self._poll_head, cursor), stop
+        )
         self.head_seen = head[0]
+        if changed:
+            # the block read last is no longer on the chain: read the blocks before it again. Calls
+            # already recorded stay (the inbox knows them); a call only the new blocks carry is new;
+            # a handled call the new chain dropped gets its result refused (JobCallNotFound) and dropped
+            rewind = max(0, cursor.next_block - REORG_REWIND)
+            log.warning("block %d changed under the cursor (reorg): reading again from block %d",
+                        cursor.next_block - 1, rewind)
+            cursor = Cursor(rewind, None)
+            self.state.set_cursor(self.key, cursor)
+            self.reorgs += 1
+            self._behind = True
+            return cursor
         safe_head = head[0] - self.confirmations
         if cursor.next_block > safe_head:
             self._behind = False

@@ -121,14 +121,23 @@ class JsonRpc:
 
     async def head_block(self) -> tuple[int, str]:
         """``(number, hash)`` of the newest block, in one request (a poll needs both)."""
-        block = await self.get_block("latest")
+        return _head(await self.get_block("latest"))
+
+    async def head_and_hash(self, number: int) -> tuple[tuple[int, str], str | None]:
+        """``(number, hash)`` of the newest block and the hash of block ``number`` (``None`` when the
+        node has no such block), in one request: a poll checks that the block it read last is still
+        on the chain (a reorg replaces it)."""
+        head, block = await self.batch(
+            [("eth_getBlockByNumber", ["latest", False]), ("eth_getBlockByNumber", [_hex(number), False])]
+        )
+        for answer in (head, block):
+            if isinstance(answer, TangleError):
+                raise answer
         if block is None:
-            raise RpcError("eth_getBlockByNumber(latest): no block")
-        number = _quantity("eth_getBlockByNumber", block.get("number"))
-        block_hash = block.get("hash")
-        if not isinstance(block_hash, str) or not _HASH.fullmatch(block_hash):
-            raise RpcError("eth_getBlockByNumber(latest): malformed block hash")
-        return number, block_hash
+            return _head(head), None
+        if not isinstance(block, dict):
+            raise RpcError("eth_getBlockByNumber: unexpected result")
+        return _head(head), _block_hash(block)
 
     async def get_logs(self, *, address: str, topics: list[Any], from_block: int, to_block: int) -> list[dict[str, Any]]:
         result = await self.call(
@@ -179,6 +188,21 @@ class JsonRpc:
         if result is not None and not isinstance(result, dict):
             raise RpcError("eth_getTransactionReceipt: unexpected result")
         return result
+
+
+def _block_hash(block: dict[str, Any]) -> str:
+    block_hash = block.get("hash")
+    if not isinstance(block_hash, str) or not _HASH.fullmatch(block_hash):
+        raise RpcError("eth_getBlockByNumber: malformed block hash")
+    return block_hash
+
+
+def _head(block: Any) -> tuple[int, str]:
+    if block is None:
+        raise RpcError("eth_getBlockByNumber(latest): no block")
+    if not isinstance(block, dict):
+        raise RpcError("eth_getBlockByNumber(latest): unexpected result")
+    return _quantity("eth_getBlockByNumber", block.get("number")), _block_hash(block)
 
 
 def _answer(method: str, body: Any) -> Any:

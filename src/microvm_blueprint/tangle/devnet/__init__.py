@@ -70,6 +70,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: States (blocks) anvil keeps: how deep an ``anvil_reorg`` can go.
+KEEP_STATES = 16
+
+
 class Anvil:
     """A local anvil chain. ``async with Anvil() as chain: chain.rpc_url``."""
 
@@ -102,10 +106,11 @@ class Anvil:
             str(find_anvil()), "--host", "127.0.0.1", "--port", str(self.port),
             "--base-fee", "0", "--gas-price", "0", "--gas-limit", "100000000",
             "--code-size-limit", "100000", "--silent",
-            # keep old states in memory only: by default anvil writes them under ~/.foundry/anvil/tmp
-            # (up to 1.5 GB a chain here) and leaves them behind when it is stopped through its
-            # npm wrapper; 109 test and benchmark chains had filled 77 GB of disk
-            "--prune-history",
+            # keep only the last few states, in memory: by default anvil writes old ones under
+            # ~/.foundry/anvil/tmp (up to 1.5 GB a chain here) and leaves them behind when it is
+            # stopped through its npm wrapper; 109 test and benchmark chains had filled 77 GB of
+            # disk. A few are kept so that ``anvil_reorg`` can replace the newest blocks
+            "--prune-history", str(KEEP_STATES),
         ]
         if self.block_time:
             argv += ["--block-time", str(self.block_time)]

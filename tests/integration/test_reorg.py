@@ -1,0 +1,60 @@
+"""A real reorg on anvil (``anvil_reorg``) while the operator runs: blocks it has already read are
+replaced by blocks carrying a call the old ones did not have. The operator notices the changed hash
+at its next poll, reads the new blocks again, and answers the call; a call it had already handled is
+not run twice."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from eth_utils import keccak
+
+from microvm_blueprint.blueprint.jobs import JOBS_BY_NAME
+from microvm_blueprint.tangle.abi import encode_args
+from microvm_blueprint.tangle.devnet import Anvil, deploy_dev_tangle
+from microvm_blueprint.tangle.rpc import JsonRpc
+
+from .conftest import HarnessFactory
+
+CREATE = JOBS_BY_NAME["create_vm"]
+
+
+async def until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_reorg_under_the_cursor_is_read_again(anvil: Anvil, harness_for: HarnessFactory) -> None:
+    d = await deploy_dev_tangle(anvil.rpc_url)
+    h = await harness_for(d)
+    running = await h.start_operator()
+    runner = running.operator.runner
+    rpc = JsonRpc(anvil.rpc_url)
+    try:
+        before = await h.job("create_vm", "vm-before")
+        assert before.result is True
+        await rpc.call("anvil_mine", ["0x5"])
+        head = await rpc.block_number()
+
+        def cursor_past(block: int) -> bool:
+            cursor = runner.state.cursor(runner.producer.key)
+            return cursor is not None and cursor.next_block > block
+
+        await until(lambda: cursor_past(head), 20, "the operator to read past the head")
+        # three blocks deep: the new first block carries a call the replaced blocks did not have
+        raw = await h.customer.sign(CREATE, encode_args(CREATE.arg_types, ["vm-in-the-fork"]))
+        await rpc.call("anvil_reorg", [3, [["0x" + raw.hex(), 0]]])
+        assert await rpc.block_number() == head
+        sub = await h.customer.wait_submitted("0x" + keccak(raw).hex(), timeout=10)
+        assert sub.block_number == head - 2  # below the operator's cursor
+        out = await h.customer.wait_result(sub, timeout=30, api_url=running.api_url)
+        assert out.result is True
+        assert (await running.operator.provider.get_vm("vm-in-the-fork")).vm_id == "vm-in-the-fork"
+        # the call handled before the reorg was not handed over again
+        assert runner.handled == 2
+    finally:
+        await rpc.aclose()
