@@ -1,7 +1,8 @@
-"""A real reorg on anvil (``anvil_reorg``) while the operator runs: blocks it has already read are
-replaced by blocks carrying a call the old ones did not have. The operator notices the changed hash
-at its next poll, reads the new blocks again, and answers the call; a call it had already handled is
-not run twice."""
+"""A real reorg on anvil (``anvil_reorg``) while the operator runs. Blocks it has already read are
+replaced by blocks carrying a call the old ones did not have: it notices the changed hash at its
+next poll, reads the new blocks again, and answers the call; a call it had already handled is not
+run twice. And a reorg that drops our result transaction but keeps the call: the result is sent
+again, and the chain ends with exactly one result for the call."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from microvm_blueprint.tangle.abi import encode_args
 from microvm_blueprint.tangle.devnet import Anvil, deploy_dev_tangle
 from microvm_blueprint.tangle.rpc import JsonRpc
 
-from .conftest import HarnessFactory
+from .conftest import HarnessFactory, result_counts
 
 CREATE = JOBS_BY_NAME["create_vm"]
 
@@ -56,5 +57,37 @@ async def test_a_reorg_under_the_cursor_is_read_again(anvil: Anvil, harness_for:
         assert (await running.operator.provider.get_vm("vm-in-the-fork")).vm_id == "vm-in-the-fork"
         # the call handled before the reorg was not handed over again
         assert runner.handled == 2
+    finally:
+        await rpc.aclose()
+
+
+async def test_a_result_the_reorg_dropped_is_sent_again(anvil: Anvil, harness_for: HarnessFactory) -> None:
+    d = await deploy_dev_tangle(anvil.rpc_url)
+    h = await harness_for(d)
+    running = await h.start_operator()
+    runner = running.operator.runner
+    rpc = JsonRpc(anvil.rpc_url)
+    try:
+        out = await h.job("create_vm", "vm-a")
+        assert out.result is True and out.result_tx is not None
+        receipt = await rpc.receipt(out.result_tx)
+        assert receipt is not None
+        mined_in = int(receipt["blockNumber"], 16)
+        await until(lambda: runner.state.outbox_status(d.service_id, out.call_id) == ("done", out.result_tx),
+                    20, "the operator to see its receipt")
+        head = await rpc.block_number()
+        await rpc.call("anvil_reorg", [head - mined_in + 1, []])  # the result's block and after: empty
+        assert await rpc.receipt(out.result_tx) is None
+        assert (await result_counts(anvil.rpc_url, d.contract)).get(out.call_id) is None  # the call is open again
+
+        # the same result, nonce and gas again: often the very same transaction, mined once more
+        deadline = time.monotonic() + 30
+        while (await result_counts(anvil.rpc_url, d.contract)).get(out.call_id) != 1:
+            assert time.monotonic() < deadline, "the result was not sent again"
+            await asyncio.sleep(0.05)
+        await until(lambda: (runner.state.outbox_status(d.service_id, out.call_id) or ("",))[0] == "done",
+                    20, "the operator to see the new receipt")
+        assert (await result_counts(anvil.rpc_url, d.contract)).get(out.call_id) == 1
+        assert runner.handled == 1  # the job itself did not run again
     finally:
         await rpc.aclose()

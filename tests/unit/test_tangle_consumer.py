@@ -221,3 +221,15 @@ async def test_a_new_block_is_looked_at_at_once(tmp_path: Path, monkeypatch: pyt
     await consumer._collect()
     assert consumer.receipt_requests == asked + 1
     assert state.outbox_status(0, 1) == ("done", "0x" + f"{1:064x}")
+
+
+async def test_after_a_reorg_the_nonce_is_read_from_the_chain_again(tmp_path: Path) -> None:
+    chain = FakeChain()
+    consumer, state = make(tmp_path, chain, linger=0)
+    consumer.enqueue(JobResult(0, 1, b"\x01"))
+    await run_until(consumer, lambda: (state.outbox_status(0, 1) or ("",))[0] == "done")
+    chain.nonce_value = 0  # the reorg took our transaction with nonce 0 away
+    consumer.chain_reorged()
+    consumer.enqueue(JobResult(0, 2, b"\x01"))
+    await run_until(consumer, lambda: (state.outbox_status(0, 2) or ("",))[0] == "done")
+    assert [int.from_bytes(rlp.decode(s["raw"])[0], "big") for s in chain.sent] == [0, 0]  # not 1

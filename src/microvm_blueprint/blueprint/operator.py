@@ -137,15 +137,15 @@ class Operator:
         # WS_RPC_URL: new blocks wake the producer at once (it still polls every POLL_INTERVAL), and the
         # result sender looks for its receipts when a block comes instead of on a timer
         heads = NewHeads(env.ws_rpc_url) if env.ws_rpc_url else None
-        producer = TangleProducer(
-            rpc, state, contract=env.tangle_contract, service_id=env.service_id, from_block=env.from_block,
-            max_range=env.max_getlogs_range, poll_interval=env.poll_interval, confirmations=env.confirmations,
-            wake=heads.wake if heads else None,
-        )
         consumer = TangleConsumer(
             rpc, state, key, contract=env.tangle_contract, dry_run=env.dry_run,
             on_submitted=observer.on_submitted, on_dropped=observer.on_dropped,
             blocks=(lambda: heads.heads) if heads else None,
+        )
+        producer = TangleProducer(
+            rpc, state, contract=env.tangle_contract, service_id=env.service_id, from_block=env.from_block,
+            max_range=env.max_getlogs_range, poll_interval=env.poll_interval, confirmations=env.confirmations,
+            wake=heads.wake if heads else None, on_reorg=consumer.chain_reorged,
         )
         server = QueryServer(QueryApp(provider, journal), settings.api_host, settings.api_port)
         runner = BlueprintRunner(

@@ -149,6 +149,14 @@ class TangleConsumer:
         self.wake()
         return fresh
 
+    def chain_reorged(self) -> None:
+        """The producer saw a reorg (it reopened the results mined in the replaced blocks): our
+        transactions there are gone or back in the pool, so the nonce and gas price are read from
+        the chain again before the next send, and the sender wakes for the reopened results."""
+        self._nonce = None
+        self._gas_price = None
+        self.wake()
+
     def wake(self) -> None:
         """Tell the sender new results are in the outbox."""
         self._wake.set()
@@ -353,7 +361,7 @@ class TangleConsumer:
             del self._in_flight[tx_hash]
             if _receipt_ok(receipt):
                 crash_point("consumer.after_receipt")
-                self.state.mark(fl.service_id, fl.call_ids, "done", tx_hash=tx_hash)
+                self.state.mark(fl.service_id, fl.call_ids, "done", tx_hash=tx_hash, block=_block_of(receipt))
                 for call_id in fl.call_ids:
                     self._notify(self.on_submitted, call_id, tx_hash)
             else:
@@ -454,6 +462,14 @@ class TangleConsumer:
             else:
                 await _wait_any((self._wake, stop), 0.05 if busy else 0.5)
             self._wake.clear()
+
+
+def _block_of(receipt: dict[str, object]) -> int | None:
+    """The receipt's block number; ``None`` when the node gave none we can read."""
+    try:
+        return int(str(receipt.get("blockNumber")), 16)
+    except ValueError:
+        return None
 
 
 def _receipt_ok(receipt: dict[str, object]) -> bool:

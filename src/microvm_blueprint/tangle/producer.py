@@ -160,8 +160,10 @@ class TangleProducer:
         backoff_cap: float = 10.0,
         wake: asyncio.Event | None = None,
         wake_gap: float = 0.05,
+        on_reorg: Callable[[], None] | None = None,
     ) -> None:
         self.rpc = rpc
+        self.on_reorg = on_reorg  # told of a reorg noticed while running (the result sender's nonce)
         self.wake = wake  # set on a new block (heads.NewHeads): poll now rather than at the interval
         self.wake_gap = wake_gap
         self.state = state
@@ -380,13 +382,20 @@ class TangleProducer:
         if changed:
             # the block read last is no longer on the chain: read the blocks before it again. Calls
             # already recorded stay (the inbox knows them); a call only the new blocks carry is new;
-            # a handled call the new chain dropped gets its result refused (JobCallNotFound) and dropped
+            # our results mined in those blocks are checked again (one the reorg dropped is resent;
+            # one whose call went too is refused, JobCallNotFound, and dropped)
             rewind = max(0, cursor.next_block - REORG_REWIND)
-            log.warning("block %d changed under the cursor (reorg): reading again from block %d",
-                        cursor.next_block - 1, rewind)
+            reopened = self.state.rewind_cursor(self.key, rewind)
+            log.warning("block %d changed under the cursor (reorg): reading again from block %d; "
+                        "%d result(s) mined from there on are checked and sent again if gone",
+                        cursor.next_block - 1, rewind, reopened)
             cursor = Cursor(rewind, None)
-            self.state.set_cursor(self.key, cursor)
             self.reorgs += 1
+            if self.on_reorg is not None:
+                try:
+                    self.on_reorg()
+                except Exception:  # the listener's bug is not the producer's: it goes on reading
+                    log.exception("reorg listener failed")
             self._behind = True
             return cursor
         safe_head = head[0] - self.confirmations

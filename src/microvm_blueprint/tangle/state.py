@@ -5,7 +5,8 @@
   call is never missed; the primary key (call id) means it is never handed out twice. A call is
   ``new`` until its outcome is recorded, then ``done``.
 * **outbox** — results waiting to reach the chain: ``pending`` -> ``sent`` (tx hash) -> ``done``
-  (on-chain, or already there) / ``dropped`` (permanent revert). Marking a call ``done`` in the
+  (on-chain, or already there; with the block our transaction was mined in, so a reorg that replaces
+  it puts the result back to ``pending``) / ``dropped`` (permanent revert). Marking a call ``done`` in the
   inbox and queueing its result happen in one transaction.
 """
 
@@ -77,7 +78,7 @@ CREATE INDEX IF NOT EXISTS inbox_new ON inbox (status, block_number, log_index);
 CREATE TABLE IF NOT EXISTS outbox (
     call_id INTEGER NOT NULL, service_id INTEGER NOT NULL, output BLOB NOT NULL,
     status TEXT NOT NULL, tx_hash TEXT, attempts INTEGER NOT NULL DEFAULT 0,
-    reason TEXT, at REAL NOT NULL, PRIMARY KEY (service_id, call_id));
+    reason TEXT, at REAL NOT NULL, block INTEGER, PRIMARY KEY (service_id, call_id));
 CREATE INDEX IF NOT EXISTS outbox_status ON outbox (status, at);
 """
 
@@ -86,6 +87,10 @@ class TangleState:
     def __init__(self, path: str | Path) -> None:
         self._dbx = Database(path, _SCHEMA, error=TangleError, what="chain state database")
         self.path = self._dbx.path
+        columns = {str(r[1]) for r in self._rows("PRAGMA table_info(outbox)")}
+        if "block" not in columns:  # a database from before results recorded their block
+            with self._tx() as db:
+                db.execute("ALTER TABLE outbox ADD COLUMN block INTEGER")
 
     def close(self) -> None:
         self._dbx.close()
@@ -145,8 +150,9 @@ class TangleState:
         return fresh
 
     def rewind(self, key: str, service_id: int, to_block: int) -> int:
-        """After a reorg: scan again from ``to_block`` and forget the calls from there on that were not
-        handled yet (the canonical chain decides whether they exist). Returns how many were forgotten."""
+        """After a reorg noticed at start: scan again from ``to_block``, forget the calls from there on
+        that were not handled yet (the canonical chain decides whether they exist), and send again
+        the results mined from there on. Returns how many calls were forgotten."""
         with self._tx() as db:
             cur = db.execute(
                 "DELETE FROM inbox WHERE service_id=? AND status='new' AND block_number>=?",
@@ -155,6 +161,7 @@ class TangleState:
             db.execute(
                 "INSERT OR REPLACE INTO cursor (key, next_block, last_hash) VALUES (?,?,?)", (key, to_block, None)
             )
+            self._reopen(db, to_block)
             return int(cur.rowcount)
 
     def unfinished(self) -> list[InboxRow]:
@@ -237,11 +244,34 @@ class TangleState:
         return str(rows[0][0]) if rows and rows[0][0] is not None else None
 
     def mark(self, service_id: int, call_ids: Sequence[int], status: str, *, tx_hash: str | None = None,
-             reason: str | None = None) -> None:
+             reason: str | None = None, block: int | None = None) -> None:
+        """Set the status of these calls' results. ``block``: where our result transaction was mined
+        (``done``), so a reorg that replaces that block can send it again (:meth:`rewind_cursor`)."""
         with self._tx() as db:
             for call_id in call_ids:
                 db.execute(
-                    "UPDATE outbox SET status=?, tx_hash=coalesce(?, tx_hash), reason=?, "
+                    "UPDATE outbox SET status=?, tx_hash=coalesce(?, tx_hash), reason=?, block=?, "
                     "attempts=attempts + (CASE WHEN ?='sent' THEN 1 ELSE 0 END) WHERE service_id=? AND call_id=?",
-                    (status, tx_hash, reason, status, i64(service_id), i64(call_id)),
+                    (status, tx_hash, reason, block, status, i64(service_id), i64(call_id)),
                 )
+
+    @staticmethod
+    def _reopen(db: sqlite3.Connection, from_block: int) -> int:
+        """Results mined at ``from_block`` or later may have gone with a reorg: send them again. The
+        consumer simulates first, so one still on the chain is found completed and marked done again
+        without a transaction; one whose call went too is refused (JobCallNotFound) and dropped."""
+        cur = db.execute(
+            "UPDATE outbox SET status='pending', reason='reorg', block=NULL WHERE status='done' AND block>=?",
+            (from_block,),
+        )
+        return int(cur.rowcount)
+
+    def rewind_cursor(self, key: str, to_block: int) -> int:
+        """A reorg noticed while running: scan again from ``to_block`` (recorded calls stay recorded,
+        so none is handed over twice) and send again the results mined from there on. Returns how
+        many results were reopened."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO cursor (key, next_block, last_hash) VALUES (?,?,?)", (key, to_block, None)
+            )
+            return self._reopen(db, to_block)
