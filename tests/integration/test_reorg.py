@@ -91,3 +91,64 @@ async def test_a_result_the_reorg_dropped_is_sent_again(anvil: Anvil, harness_fo
         assert runner.handled == 1  # the job itself did not run again
     finally:
         await rpc.aclose()
+
+
+async def test_a_call_id_the_reorg_gives_to_another_call_is_not_answered_with_the_old_result(
+    anvil: Anvil, harness_for: HarnessFactory
+) -> None:
+    d = await deploy_dev_tangle(anvil.rpc_url)
+    h = await harness_for(d)
+    running = await h.start_operator()
+    runner = running.operator.runner
+    rpc = JsonRpc(anvil.rpc_url)
+    try:
+        nonce_a = await rpc.nonce(h.customer.address)
+        out = await h.job("create_vm", "vm-a")
+        assert out.result is True
+        await until(lambda: runner.state.outbox_status(d.service_id, out.call_id) == ("done", out.result_tx),
+                    20, "the operator to see its receipt")
+        # replace the call's block and everything after it; the new first block carries another
+        # customer call, which the contract numbers as the old one was
+        head = await rpc.block_number()
+        sub_block = await _call_block(rpc, d.contract, out.call_id)
+        raw = await h.customer.sign(CREATE, encode_args(CREATE.arg_types, ["vm-b"]), nonce=nonce_a)
+        await rpc.call("anvil_reorg", [head - sub_block + 1, [["0x" + raw.hex(), 0]]])
+        sub = await h.customer.wait_submitted("0x" + keccak(raw).hex(), timeout=10)
+        assert sub.call_id == out.call_id  # the same id, another call
+        await until(lambda: runner.state.outbox_status(d.service_id, out.call_id) == ("dropped", out.result_tx),
+                    30, "the old result to be dropped")
+        await until(lambda: runner.producer.reorgs >= 1 and not runner.state.reorg_pending(runner.producer.key),
+                    30, "the re-scan to be back")
+        assert (await result_counts(anvil.rpc_url, d.contract)).get(out.call_id) is None  # no wrong answer
+        assert runner.handled == 1  # vm-b was not created under vm-a's call
+    finally:
+        await rpc.aclose()
+
+
+async def _call_block(rpc: JsonRpc, contract: str, call_id: int) -> int:
+    from microvm_blueprint.tangle.contracts import TOPIC_JOB_SUBMITTED
+
+    logs = await rpc.get_logs(address=contract, topics=[TOPIC_JOB_SUBMITTED, None, "0x" + call_id.to_bytes(32, "big").hex()],
+                              from_block=0, to_block=await rpc.block_number())
+    assert len(logs) == 1
+    return int(logs[0]["blockNumber"], 16)
+
+
+async def test_a_result_whose_call_the_reorg_took_away_is_dropped(anvil: Anvil, harness_for: HarnessFactory) -> None:
+    d = await deploy_dev_tangle(anvil.rpc_url)
+    h = await harness_for(d)
+    running = await h.start_operator()
+    runner = running.operator.runner
+    rpc = JsonRpc(anvil.rpc_url)
+    try:
+        out = await h.job("create_vm", "vm-gone")
+        await until(lambda: runner.state.outbox_status(d.service_id, out.call_id) == ("done", out.result_tx),
+                    20, "the operator to see its receipt")
+        head = await rpc.block_number()
+        await rpc.call("anvil_reorg", [head - await _call_block(rpc, d.contract, out.call_id) + 1, []])
+        await until(lambda: (runner.state.outbox_status(d.service_id, out.call_id) or ("",))[0] == "dropped",
+                    30, "the result to be dropped")
+        assert "JobCallNotFound" in (runner.state.outbox_reason(d.service_id, out.call_id) or "")
+        assert (await result_counts(anvil.rpc_url, d.contract)).get(out.call_id) is None
+    finally:
+        await rpc.aclose()

@@ -100,10 +100,15 @@ class TangleCustomer:
         self._nonce = nonce + 1
         return nonce
 
-    async def sign(self, job: JobDef, inputs: bytes, *, gas: int = 500_000) -> bytes:
+    async def sign(self, job: JobDef, inputs: bytes, *, gas: int = 500_000, nonce: int | None = None) -> bytes:
         """A signed ``submitJob`` transaction, not sent; it takes the next local nonce, so calls signed
-        in a row must be sent in that order (:meth:`send_signed`)."""
-        nonce = await self._take_nonce()  # first: it also reads the chain id and gas price once
+        in a row must be sent in that order (:meth:`send_signed`). ``nonce``: sign with this one
+        instead, leaving the local count alone (to replace a transaction)."""
+        taken = await self._take_nonce()  # first: it also reads the chain id and gas price once
+        if nonce is not None:
+            self._nonce = taken
+        else:
+            nonce = taken
         tx = {
             "to": self.contract,
             "data": self._tx_data(job, inputs),

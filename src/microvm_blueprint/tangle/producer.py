@@ -180,6 +180,7 @@ class TangleProducer:
         self.caught_up = asyncio.Event()
         self.head_seen = -1
         self.reorgs = 0  # reorgs noticed while running
+        self._reorg_pending = False  # results to reopen once the re-scan is back (state.reopen_due)
         self._window = self.max_range
         self._topics: list[Any] = [
             [TOPIC_JOB_SUBMITTED, TOPIC_JOB_SUBMITTED_FROM_QUOTE],
@@ -314,6 +315,7 @@ class TangleProducer:
     async def _run(self, deliver: Callable[[JobCall], Awaitable[None]], stop: asyncio.Event) -> None:
         head = await self._retry("eth_blockNumber", self.rpc.block_number, stop)
         cursor = await self._start_block(head, stop)  # first: a reorg forgets unhandled orphaned calls
+        self._reorg_pending = self.state.reorg_pending(self.key)  # this start's, or one a crash interrupted
         for row in self.state.unfinished():  # recorded earlier but never acknowledged: hand over again
             if stop.is_set():
                 return
@@ -382,26 +384,22 @@ class TangleProducer:
         if changed:
             # the block read last is no longer on the chain: read the blocks before it again. Calls
             # already recorded stay (the inbox knows them); a call only the new blocks carry is new;
-            # our results mined in those blocks are checked again (one the reorg dropped is resent;
-            # one whose call went too is refused, JobCallNotFound, and dropped)
+            # our results mined in those blocks are checked again once the re-scan is back (state.py)
             rewind = max(0, cursor.next_block - REORG_REWIND)
-            reopened = self.state.rewind_cursor(self.key, rewind)
-            log.warning("block %d changed under the cursor (reorg): reading again from block %d; "
-                        "%d result(s) mined from there on are checked and sent again if gone",
-                        cursor.next_block - 1, rewind, reopened)
+            self.state.rewind_cursor(self.key, rewind)
+            self._reorg_pending = True
+            log.warning("block %d changed under the cursor (reorg): reading again from block %d; our results "
+                        "mined from there on are checked again once it is back", cursor.next_block - 1, rewind)
             cursor = Cursor(rewind, None)
             self.reorgs += 1
-            if self.on_reorg is not None:
-                try:
-                    self.on_reorg()
-                except Exception:  # the listener's bug is not the producer's: it goes on reading
-                    log.exception("reorg listener failed")
+            self._tell_reorg()
             self._behind = True
             return cursor
         safe_head = head[0] - self.confirmations
         if cursor.next_block > safe_head:
             self._behind = False
             self.caught_up.set()
+            self._maybe_reopen(cursor)
             return cursor
         to_block, last_hash, logs = await self._get_logs(cursor.next_block, safe_head, stop, head)
         calls = self._decode_window(logs)
@@ -414,4 +412,24 @@ class TangleProducer:
         self._behind = to_block < safe_head
         if not self._behind:
             self.caught_up.set()
+        self._maybe_reopen(cursor)
         return cursor
+
+    def _maybe_reopen(self, cursor: Cursor) -> None:
+        """After a reorg, once the re-scan is back where it was (or at the head of a chain that got
+        shorter), reopen the results mined in the replaced range (``TangleState.reopen_due``)."""
+        if not self._reorg_pending:
+            return
+        reopened = self.state.reopen_due(self.key, cursor.next_block, caught_up=not self._behind)
+        if reopened is not None:
+            self._reorg_pending = False
+            log.warning("reorg: re-read up to block %d; %d result(s) mined in the replaced range are checked "
+                        "again and sent again if gone", cursor.next_block - 1, reopened)
+            self._tell_reorg()
+
+    def _tell_reorg(self) -> None:
+        if self.on_reorg is not None:
+            try:
+                self.on_reorg()
+            except Exception:  # the listener's bug is not the producer's: it goes on reading
+                log.exception("reorg listener failed")

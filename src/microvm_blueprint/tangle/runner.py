@@ -223,8 +223,8 @@ class BlueprintRunner:
         started = time.perf_counter()
         extra = {"call_id": call.call_id, "job": job, "key": key.removeprefix("key:"), "caller": call.caller}
         self._observe("on_received", call, job)
-        if self.state.call_status(call.service_id, call.call_id) == "done":
-            return  # handled before a restart; nothing to do twice
+        if self.state.call_status(call.service_id, call.call_id) in ("done", "superseded"):
+            return  # handled before a restart (nothing to do twice), or gone with a reorg
         error: str | None = None
         output: bytes | None = None
         if route is None:

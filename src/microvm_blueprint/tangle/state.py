@@ -3,7 +3,8 @@
 * **cursor** — the next block the producer scans and the hash of the last block scanned (reorgs).
 * **inbox** — every job call seen, inserted in the same transaction that advances the cursor, so a
   call is never missed; the primary key (call id) means it is never handed out twice. A call is
-  ``new`` until its outcome is recorded, then ``done``.
+  ``new`` until its outcome is recorded, then ``done`` (or ``superseded``: a reorg gave its id to
+  another call before it was handled; it is not run and nothing is sent for it).
 * **outbox** — results waiting to reach the chain: ``pending`` -> ``sent`` (tx hash) -> ``done``
   (on-chain, or already there; with the block our transaction was mined in, so a reorg that replaces
   it puts the result back to ``pending``) / ``dropped`` (permanent revert). Marking a call ``done`` in the
@@ -80,6 +81,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     status TEXT NOT NULL, tx_hash TEXT, attempts INTEGER NOT NULL DEFAULT 0,
     reason TEXT, at REAL NOT NULL, block INTEGER, PRIMARY KEY (service_id, call_id));
 CREATE INDEX IF NOT EXISTS outbox_status ON outbox (status, at);
+CREATE TABLE IF NOT EXISTS reorg (
+    key TEXT PRIMARY KEY, from_block INTEGER NOT NULL, until_block INTEGER NOT NULL);
 """
 
 
@@ -138,10 +141,24 @@ class TangleState:
                     (i64(c.service_id), i64(c.call_id)),
                 ).fetchone()
                 if seen is not None and (seen[0] != c.tx_hash or bytes(seen[1]) != c.inputs or seen[2] != c.job_index):
-                    # only a reorg deeper than the rewind re-numbers calls; the first version was handled
+                    # a reorg gave this call id to another call: the first version was handled, and
+                    # its result must never answer the new one (not sent, and not sent again when the
+                    # reorg's results are reopened)
+                    dropped = db.execute(
+                        "UPDATE outbox SET status='dropped', reason=? WHERE service_id=? AND call_id=? "
+                        "AND status != 'dropped'",
+                        ("a reorg gave this call id to another call", i64(c.service_id), i64(c.call_id)),
+                    ).rowcount
+                    # and if it was not handled yet, it is not run (its call is gone from the chain)
+                    db.execute(
+                        "UPDATE inbox SET status='superseded' WHERE service_id=? AND call_id=? AND status='new'",
+                        (i64(c.service_id), i64(c.call_id)),
+                    )
                     log.error(
                         "call %d seen again with different content (tx %s, was %s; reorg?): keeping the first "
-                        "(status %s)", c.call_id, c.tx_hash, seen[0], seen[3], extra={"call_id": c.call_id},
+                        "(status %s)%s; the new call is not run (set CONFIRMATIONS above the chain's reorg "
+                        "depth)", c.call_id, c.tx_hash, seen[0], seen[3],
+                        ", its result dropped" if dropped else "", extra={"call_id": c.call_id},
                     )
             db.execute(
                 "INSERT OR REPLACE INTO cursor (key, next_block, last_hash) VALUES (?,?,?)",
@@ -150,18 +167,16 @@ class TangleState:
         return fresh
 
     def rewind(self, key: str, service_id: int, to_block: int) -> int:
-        """After a reorg noticed at start: scan again from ``to_block``, forget the calls from there on
-        that were not handled yet (the canonical chain decides whether they exist), and send again
-        the results mined from there on. Returns how many calls were forgotten."""
+        """After a reorg noticed at start: scan again from ``to_block`` and forget the calls from there
+        on that were not handled yet (the canonical chain decides whether they exist); the results
+        mined from there on are reopened once the scan is back (:meth:`rewind_cursor`). Returns how
+        many calls were forgotten."""
         with self._tx() as db:
             cur = db.execute(
                 "DELETE FROM inbox WHERE service_id=? AND status='new' AND block_number>=?",
                 (i64(service_id), to_block),
             )
-            db.execute(
-                "INSERT OR REPLACE INTO cursor (key, next_block, last_hash) VALUES (?,?,?)", (key, to_block, None)
-            )
-            self._reopen(db, to_block)
+            self._rewind(db, key, to_block)
             return int(cur.rowcount)
 
     def unfinished(self) -> list[InboxRow]:
@@ -187,8 +202,14 @@ class TangleState:
         ]
 
     def finish(self, service_id: int, call_id: int, output: bytes | None) -> None:
-        """Mark a call handled; queue its result (``None``: failed job, nothing to send)."""
+        """Mark a call handled; queue its result (``None``: failed job, nothing to send). A call a reorg
+        superseded (its id given to another call while it ran) queues nothing."""
         with self._tx() as db:
+            row = db.execute(
+                "SELECT status FROM inbox WHERE service_id=? AND call_id=?", (i64(service_id), i64(call_id))
+            ).fetchone()
+            if row is not None and row[0] == "superseded":
+                return
             db.execute(
                 "UPDATE inbox SET status='done' WHERE service_id=? AND call_id=?", (i64(service_id), i64(call_id))
             )
@@ -256,22 +277,42 @@ class TangleState:
                 )
 
     @staticmethod
-    def _reopen(db: sqlite3.Connection, from_block: int) -> int:
-        """Results mined at ``from_block`` or later may have gone with a reorg: send them again. The
-        consumer simulates first, so one still on the chain is found completed and marked done again
-        without a transaction; one whose call went too is refused (JobCallNotFound) and dropped."""
-        cur = db.execute(
-            "UPDATE outbox SET status='pending', reason='reorg', block=NULL WHERE status='done' AND block>=?",
-            (from_block,),
-        )
-        return int(cur.rowcount)
+    def _rewind(db: sqlite3.Connection, key: str, to_block: int) -> None:
+        old = db.execute("SELECT next_block FROM cursor WHERE key=?", (key,)).fetchone()
+        until = int(old[0]) if old else to_block
+        db.execute("INSERT OR REPLACE INTO cursor (key, next_block, last_hash) VALUES (?,?,?)", (key, to_block, None))
+        pending = db.execute("SELECT from_block, until_block FROM reorg WHERE key=?", (key,)).fetchone()
+        if pending is not None:  # a reorg during the re-scan of another: cover both
+            to_block, until = min(to_block, int(pending[0])), max(until, int(pending[1]))
+        db.execute("INSERT OR REPLACE INTO reorg (key, from_block, until_block) VALUES (?,?,?)",
+                   (key, to_block, until))
 
-    def rewind_cursor(self, key: str, to_block: int) -> int:
+    def rewind_cursor(self, key: str, to_block: int) -> None:
         """A reorg noticed while running: scan again from ``to_block`` (recorded calls stay recorded,
-        so none is handed over twice) and send again the results mined from there on. Returns how
-        many results were reopened."""
+        so none is handed over twice). Results mined from there on may have gone with the replaced
+        blocks: they are reopened by :meth:`reopen_due` once the scan is back where it was, so that
+        a call id the new blocks gave to another call is known first (its result is then dropped,
+        never sent for the other call). Durable: a crash in between reopens at the next start."""
         with self._tx() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO cursor (key, next_block, last_hash) VALUES (?,?,?)", (key, to_block, None)
+            self._rewind(db, key, to_block)
+
+    def reorg_pending(self, key: str) -> bool:
+        """Whether a reorg's results are still to be reopened (:meth:`reopen_due`)."""
+        return bool(self._rows("SELECT 1 FROM reorg WHERE key=?", (key,)))
+
+    def reopen_due(self, key: str, next_block: int, *, caught_up: bool = False) -> int | None:
+        """Called as the cursor moves: once it is back at the block where a reorg was noticed (or at
+        the head, ``caught_up``, of a chain that got shorter), results mined in the re-scanned range are put back to ``pending`` (the consumer simulates
+        first: one still on the chain is found completed and marked done without a transaction; one
+        whose call went too is refused, JobCallNotFound, and dropped). Returns how many, or None
+        when no reorg is waiting."""
+        with self._tx() as db:
+            pending = db.execute("SELECT from_block, until_block FROM reorg WHERE key=?", (key,)).fetchone()
+            if pending is None or (next_block < int(pending[1]) and not caught_up):
+                return None
+            db.execute("DELETE FROM reorg WHERE key=?", (key,))
+            cur = db.execute(
+                "UPDATE outbox SET status='pending', reason='reorg', block=NULL WHERE status='done' AND block>=?",
+                (int(pending[0]),),
             )
-            return self._reopen(db, to_block)
+            return int(cur.rowcount)
