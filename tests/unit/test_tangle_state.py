@@ -41,40 +41,41 @@ def test_a_rewind_reopens_the_results_mined_from_there_on_once_the_scan_is_back(
     state.close()
 
 
+def one_mined(path: Path, *, block: int, cursor: int, call_id: int = 1) -> TangleState:
+    """A state with one result of ours mined in ``block``, and the cursor at ``cursor``."""
+    state = TangleState(path)
+    state.enqueue(0, call_id, b"\x01")
+    state.mark(0, [call_id], "done", tx_hash=f"0x{call_id}", block=block)
+    state.set_cursor(KEY, Cursor(cursor, "0x" + "11" * 32))
+    return state
+
+
 def test_a_shorter_chain_reopens_when_the_scan_reaches_its_head(tmp_path: Path) -> None:
-    state = TangleState(tmp_path / "t.sqlite3")
-    state.enqueue(0, 1, b"\x01")
-    state.mark(0, [1], "done", tx_hash="0xb", block=28)
-    state.set_cursor(KEY, Cursor(30, "0x" + "11" * 32))
+    state = one_mined(tmp_path / "t.sqlite3", block=28, cursor=30)
     state.rewind_cursor(KEY, 20)
     assert state.reopen_due(KEY, 27) is None
     assert state.reopen_due(KEY, 27, caught_up=True) == 1
+    state.close()
 
 
 def test_a_pending_reopen_survives_a_restart_and_the_start_rewind_records_one(tmp_path: Path) -> None:
-    path = tmp_path / "t.sqlite3"
-    state = TangleState(path)
-    state.enqueue(0, 7, b"\x01")
-    state.mark(0, [7], "done", tx_hash="0x7", block=40)
-    state.set_cursor(KEY, Cursor(45, "0x" + "11" * 32))
+    state = one_mined(tmp_path / "t.sqlite3", block=40, cursor=45, call_id=7)
     state.rewind(KEY, 0, 35)  # noticed at start
     state.close()
-    state = TangleState(path)  # a crash before the re-scan was back
+    state = TangleState(tmp_path / "t.sqlite3")  # a crash before the re-scan was back
     assert state.reorg_pending(KEY) and state.outbox_status(0, 7) == ("done", "0x7")
     assert state.reopen_due(KEY, 45) == 1 and state.outbox_status(0, 7) == ("pending", "0x7")
     state.close()
 
 
 def test_two_reorgs_before_the_scan_is_back_cover_both_ranges(tmp_path: Path) -> None:
-    state = TangleState(tmp_path / "t.sqlite3")
-    state.enqueue(0, 1, b"\x01")
-    state.mark(0, [1], "done", tx_hash="0xb", block=12)
-    state.set_cursor(KEY, Cursor(50, "0x" + "11" * 32))
+    state = one_mined(tmp_path / "t.sqlite3", block=12, cursor=50)
     state.rewind_cursor(KEY, 30)
     state.set_cursor(KEY, Cursor(40, "0x" + "33" * 32))
     state.rewind_cursor(KEY, 10)  # a second one, deeper, before the first re-scan was back at 50
     assert state.reopen_due(KEY, 45) is None
     assert state.reopen_due(KEY, 50) == 1
+    state.close()
 
 
 def test_a_call_id_given_to_another_call_drops_the_old_result(tmp_path: Path) -> None:
