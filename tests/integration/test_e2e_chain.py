@@ -189,3 +189,20 @@ async def test_tricky_ids_over_the_chain(anvil: Anvil, harness_for: HarnessFacto
     assert (await h.job("create_vm", vm_id)).result is True
     status, body = await api_get(f"{op.api_url}/vms/{quote(vm_id, safe='')}")
     assert status == 200 and body["vm_id"] == vm_id
+
+
+async def test_result_linger_lets_spread_out_results_share_a_transaction(
+    anvil: Anvil, harness_for: HarnessFactory
+) -> None:
+    h = await harness_for(await deploy_dev_tangle(anvil.rpc_url))
+    running = await h.start_operator(env={"RESULT_LINGER": "3"})
+    assert running.operator.runner.consumer.linger == 3.0
+    job = JOBS_BY_NAME["create_vm"]
+    subs = []
+    for i in range(3):  # 0.3 s apart: with the default 50 ms wait each would go on its own
+        subs.append(await h.customer.submit(job, encode_args(job.arg_types, [f"vm-linger-{i}"])))
+        if i < 2:
+            await asyncio.sleep(0.3)
+    outs = [await h.customer.wait_result(s, timeout=30, api_url=running.api_url) for s in subs]
+    assert all(o.result is True for o in outs)
+    assert len({o.result_tx for o in outs}) == 1  # one transaction for the three

@@ -38,11 +38,13 @@ def test_everything_set() -> None:
         "STAKING_CONTRACT": "0xdc64a140aa3e981100a9beca4e685f962f0cf6c9",
         "STATUS_REGISTRY_CONTRACT": "0x2bdCC0de6bE1f7D2ee689a0342D76F52E8EFABa3",
         "FROM_BLOCK": "0x10", "MAX_GETLOGS_RANGE": "5000", "POLL_INTERVAL": "0.25", "CONFIRMATIONS": "2",
+        "RESULT_LINGER": "0.5",
     })
     assert env.keystore_uri == Path("/etc/op/keystore")
     assert env.staking_contract == "0xDc64a140Aa3E981100a9becA4E685f962f0cF6C9"  # checksummed
     assert (env.test_mode, env.dry_run, env.from_block) == (True, True, 16)
     assert (env.max_getlogs_range, env.poll_interval, env.confirmations) == (5000, 0.25, 2)
+    assert env.result_linger == 0.5 and BlueprintEnvironment.load(BASE).result_linger == 0.05
     assert (env.chain, env.protocol, env.ws_rpc_url) == ("testnet", "tangle", "wss://rpc.example/ws")
 
 
@@ -99,6 +101,10 @@ def test_service_id_only_required_for_run() -> None:
         ("POLL_INTERVAL", "nan", "POLL_INTERVAL='nan' must be between 0.01 and 3600 seconds"),
         ("POLL_INTERVAL", "0", "POLL_INTERVAL='0' must be between"),
         ("CONFIRMATIONS", "-2", "CONFIRMATIONS='-2' is out of range for uint16"),
+        ("RESULT_LINGER", "a bit", "RESULT_LINGER='a bit' is not a number of seconds"),
+        ("RESULT_LINGER", "-0.1", "RESULT_LINGER='-0.1' must be between 0 and 60 seconds"),
+        ("RESULT_LINGER", "inf", "RESULT_LINGER='inf' must be between 0 and 60 seconds"),
+        ("RESULT_LINGER", "nan", "RESULT_LINGER='nan' must be between"),
     ],
 )
 def test_a_bad_value_names_its_variable_in_one_line(name: str, value: str, message: str) -> None:

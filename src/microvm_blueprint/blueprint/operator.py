@@ -140,7 +140,7 @@ class Operator:
         consumer = TangleConsumer(
             rpc, state, key, contract=env.tangle_contract, dry_run=env.dry_run,
             on_submitted=observer.on_submitted, on_dropped=observer.on_dropped,
-            blocks=(lambda: heads.heads) if heads else None,
+            blocks=(lambda: heads.heads) if heads else None, linger=env.result_linger,
         )
         producer = TangleProducer(
             rpc, state, contract=env.tangle_contract, service_id=env.service_id, from_block=env.from_block,

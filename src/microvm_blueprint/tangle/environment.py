@@ -100,6 +100,18 @@ FLAG_NAMES = frozenset(
 )
 
 
+def _seconds(name: str, raw: str, lo: float, hi: float) -> float:
+    try:
+        if not raw.strip().isascii():
+            raise ValueError(raw)
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
+    if not lo <= value <= hi:  # NaN fails this too
+        raise ConfigError(f"{name}={raw!r} must be between {lo:g} and {hi:g} seconds")
+    return value
+
+
 def _bool(name: str, raw: str) -> bool:
     text = raw.strip().lower()
     if text in {"1", "true", "yes", "on"}:
@@ -128,6 +140,8 @@ class BlueprintEnvironment:
     max_getlogs_range: int = 1000
     poll_interval: float = 1.0
     confirmations: int = 0
+    #: how long the first result waiting for a transaction waits for company (consumer.LINGER)
+    result_linger: float = 0.05
 
     @classmethod
     def load(
@@ -172,15 +186,8 @@ class BlueprintEnvironment:
         max_range = _uint("MAX_GETLOGS_RANGE", get("MAX_GETLOGS_RANGE", "max_getlogs_range") or "1000", 32)
         if max_range < 1:
             raise ConfigError("MAX_GETLOGS_RANGE must be at least 1")
-        poll_raw = get("POLL_INTERVAL", "poll_interval") or "1.0"
-        try:
-            if not poll_raw.strip().isascii():
-                raise ValueError(poll_raw)
-            poll = float(poll_raw)
-        except ValueError:
-            raise ConfigError(f"POLL_INTERVAL={poll_raw!r} is not a number of seconds") from None
-        if not 0.01 <= poll <= 3600:
-            raise ConfigError(f"POLL_INTERVAL={poll_raw!r} must be between 0.01 and 3600 seconds")
+        poll = _seconds("POLL_INTERVAL", get("POLL_INTERVAL", "poll_interval") or "1.0", 0.01, 3600)
+        linger = _seconds("RESULT_LINGER", env.get("RESULT_LINGER") or "0.05", 0.0, 60)
         flag_bool = {k: flags.get(k) for k in ("test_mode", "dry_run")}
         return cls(
             http_rpc_url=http,
@@ -199,5 +206,6 @@ class BlueprintEnvironment:
             from_block=_uint("FROM_BLOCK", from_block) if from_block is not None else None,
             max_getlogs_range=max_range,
             poll_interval=poll,
+            result_linger=linger,
             confirmations=_uint("CONFIRMATIONS", get("CONFIRMATIONS", "confirmations") or "0", 16),
         )
