@@ -96,3 +96,16 @@ async def test_firecracker_default_spec_comes_from_its_settings(tmp_path: Path) 
     assert (explicit.spec.vcpus, explicit.spec.mem_mib) == (1, 128)
     other = build_provider(OperatorSettings.from_env({}, tmp_path / "b"), InMemoryDriver())
     assert (await other.create_vm("plain", None, Origin(call_id=1))).spec == VmSpec()
+
+
+def test_the_firecracker_state_dir_is_not_used_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from microvm_blueprint.blueprint.operator import make_driver
+
+    env = {"MICROVM_PROVIDER": "firecracker", "MICROVM_FIRECRACKER_STATE_DIR": "/var/lib/firecracker"}
+    settings = OperatorSettings.from_env(env, tmp_path)
+    make_driver(settings)
+    assert "MICROVM_FIRECRACKER_STATE_DIR=/var/lib/firecracker is accepted for compatibility and not used" in caplog.text
+    assert settings.state_dir == tmp_path / "vms"
+    caplog.clear()
+    make_driver(OperatorSettings.from_env({"MICROVM_PROVIDER": "firecracker"}, tmp_path))
+    assert "STATE_DIR" not in caplog.text

@@ -57,7 +57,12 @@ def make_driver(settings: OperatorSettings) -> VmmDriver:
         from ..runtime.adapters.firecracker import FirecrackerDriver, FirecrackerSettings
     except ImportError as exc:
         raise ImageError(f"the Firecracker provider is not available: {exc}") from exc
-    return FirecrackerDriver(FirecrackerSettings.from_env(settings.env, image_dir=settings.image_dir))
+    fc = FirecrackerSettings.from_env(settings.env, image_dir=settings.image_dir)
+    if fc.state_dir:
+        # pointing VM folders at it would let reconciliation remove whatever else lives there
+        log.warning("MICROVM_FIRECRACKER_STATE_DIR=%s is accepted for compatibility and not used: VM folders "
+                    "and snapshots live under %s", fc.state_dir, settings.state_dir)
+    return FirecrackerDriver(fc)
 
 
 def default_spec(settings: OperatorSettings) -> VmSpec | None:
