@@ -6,13 +6,12 @@ lifecycle that completes here sent only requests Firecracker would accept."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from microvm_blueprint.runtime.model import Origin, SnapshotRecord, VmRecord, Vm
 from microvm_blueprint.runtime.store import Store
 
 from ..fakes.firecracker_support import kill_stand_ins, stand_in_driver, stand_ins
+from ..waiting import until
 
 ANON = Origin()
 
@@ -66,13 +66,6 @@ def life_over(driver: FirecrackerDriver, tmp: Path) -> Lifecycle:
 def ticks(text: str) -> int:
     found = re.findall(r"tick (\d+)", text)
     return int(found[-1]) if found else 0
-
-
-async def until(pred: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 async def vm_api(driver: FirecrackerDriver, life: Lifecycle, vm_id: str, method: str, path: str,
@@ -112,7 +105,7 @@ async def test_full_lifecycle_snapshots_and_restores(make: Callable[..., Firecra
     async def a_ticks() -> bool:
         return ticks(await life.console("a")) >= 2
 
-    await until(a_ticks, 10, "ticks of a")
+    await until(a_ticks, 10, "ticks of a", every=0.05)
     await life.stop_vm("a", ANON)
     assert (await vm_api(driver, life, "a", "GET", "/"))["state"] == "Paused"
     await life.start_vm("a", ANON)
@@ -149,7 +142,7 @@ async def test_full_lifecycle_snapshots_and_restores(make: Callable[..., Firecra
     async def b_ticks() -> bool:
         return ticks(await life.console("b")) > 0
 
-    await until(b_ticks, 10, "ticks of the restored vm")
+    await until(b_ticks, 10, "ticks of the restored vm", every=0.05)
     assert ticks(await life.console("b")) >= 2  # it carries on from the snapshot's count
     assert ticks(await life.console("c")) == 0  # restored paused: no tick yet
     await life.start_vm("c", ANON)
@@ -157,7 +150,7 @@ async def test_full_lifecycle_snapshots_and_restores(make: Callable[..., Firecra
     async def c_ticks() -> bool:
         return ticks(await life.console("c")) > at
 
-    await until(c_ticks, 10, "ticks of the resumed restored vm")
+    await until(c_ticks, 10, "ticks of the resumed restored vm", every=0.05)
     await life.start_vm("d", ANON)
     assert "MICROVM-READY" in await life.console("d")
     for vm_id in ("b", "c", "d"):
@@ -253,7 +246,7 @@ async def test_killed_behind_the_drivers_back(make: Callable[..., FirecrackerDri
     async def failed() -> bool:
         return (await life.get_vm("a")).status is VmStatus.FAILED
 
-    await until(failed, 10, "the failed status")
+    await until(failed, 10, "the failed status", every=0.05)
     assert heard and heard[0][0] == "a" and "exit code -9" in heard[0][1]
     assert not await driver.alive(life._record(vm))
     await life.destroy_vm("a", ANON)
@@ -349,7 +342,7 @@ async def test_adopt_after_an_operator_restart(make: Callable[..., FirecrackerDr
     async def reported() -> bool:
         return bool(heard)
 
-    await until(reported, 10, "the exit report of an adopted vmm")
+    await until(reported, 10, "the exit report of an adopted vmm", every=0.05)
     assert not await second.alive(running)
     assert not await second.adopt(running)
     await second.destroy(running)

@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,9 @@ from microvm_blueprint.runtime.model import Origin, VmSpec, VmStatus
 from microvm_blueprint.runtime.store import Store
 
 from ..qemu_support import ensure_image, qemu_pids, ticks
+from ..waiting import until
 
 pytestmark = pytest.mark.qemu
-
-
-async def until(pred: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
 
 
 async def tick_of(lc: Lifecycle, vm_id: str) -> int:
@@ -39,7 +32,7 @@ async def test_lifecycle_pause_snapshot_restore(life: Lifecycle, tmp_path: Path)
     assert await life.console("vm-a") == ""  # configured, not running: no guest output yet
     await life.start_vm("vm-a", o)
     assert "MICROVM-READY" in await life.console("vm-a")
-    await until(lambda: _gt(life, "vm-a", 1), 30, "the guest clock to tick")
+    await until(lambda: _gt(life, "vm-a", 1), 30, "the guest clock to tick", every=0.1)
     await life.stop_vm("vm-a", o)
     frozen = await tick_of(life, "vm-a")
     # the paused guest's clock stays frozen: wait until a running guest would have ticked twice
@@ -48,15 +41,15 @@ async def test_lifecycle_pause_snapshot_restore(life: Lifecycle, tmp_path: Path)
         assert await tick_of(life, "vm-a") == frozen
         await asyncio.sleep(0.25)
     await life.start_vm("vm-a", o)
-    await until(lambda: _gt(life, "vm-a", frozen), 30, "the guest clock to go on after resume")
+    await until(lambda: _gt(life, "vm-a", frozen), 30, "the guest clock to go on after resume", every=0.1)
     snap = await life.snapshot_vm("vm-a", "s1", o)
     assert snap.vm_status is VmStatus.RUNNING and snap.size_bytes > 1_000_000
     at_snapshot = await tick_of(life, "vm-a")
     assert (await life.get_vm("vm-a")).status is VmStatus.RUNNING
-    await until(lambda: _gt(life, "vm-a", at_snapshot), 30, "the source to keep running after the snapshot")
+    await until(lambda: _gt(life, "vm-a", at_snapshot), 30, "the source to keep running after the snapshot", every=0.1)
     restored = await life.restore_vm("vm-a", "s1", "vm-b", o)
     assert restored.status is VmStatus.RUNNING
-    await until(lambda: _gt(life, "vm-b", 0), 30, "the restored guest to tick")
+    await until(lambda: _gt(life, "vm-b", 0), 30, "the restored guest to tick", every=0.1)
     first = await tick_of(life, "vm-b")
     assert first >= at_snapshot - 1, (first, at_snapshot)  # continues from the snapshot, not from zero
     # its own disk: destroying the source leaves the restored guest running
@@ -65,7 +58,7 @@ async def test_lifecycle_pause_snapshot_restore(life: Lifecycle, tmp_path: Path)
     await life.destroy_vm("vm-a", o)
     assert (await life.get_vm("vm-a")).status is VmStatus.DESTROYED
     now = await tick_of(life, "vm-b")
-    await until(lambda: _gt(life, "vm-b", now), 30, "the restored guest to keep running")
+    await until(lambda: _gt(life, "vm-b", now), 30, "the restored guest to keep running", every=0.1)
     assert (await life.get_vm("vm-a")).snapshots == ("s1",)  # snapshots outlive destroy
 
 
@@ -84,7 +77,7 @@ async def test_stopped_and_created_snapshots_restore_in_their_status(life: Lifec
     v2 = await life.restore_vm("c", "paused", "c-paused", o)
     assert (v1.status, v2.status) == (VmStatus.CREATED, VmStatus.STOPPED)
     await life.start_vm("c-paused", o)  # a stopped restore resumes
-    await until(lambda: _gt(life, "c-paused", 0), 30, "the resumed restore to tick")
+    await until(lambda: _gt(life, "c-paused", 0), 30, "the resumed restore to tick", every=0.1)
     await life.start_vm("c-cold", o)  # a created restore boots
     assert "MICROVM-READY" in await life.console("c-cold")
 
@@ -97,7 +90,7 @@ async def test_two_vms_are_independent(life: Lifecycle) -> None:
     await life.stop_vm("one", o)
     frozen = await tick_of(life, "one")
     now = await tick_of(life, "two")
-    await until(lambda: _gt(life, "two", now + 1), 30, "the other VM to keep ticking")
+    await until(lambda: _gt(life, "two", now + 1), 30, "the other VM to keep ticking", every=0.1)
     assert await tick_of(life, "one") == frozen
 
 
@@ -112,7 +105,7 @@ async def test_killed_qemu_is_failed_and_destroy_cleans_up(life: Lifecycle) -> N
     async def failed() -> bool:
         return (await life.get_vm("victim")).status is VmStatus.FAILED
 
-    await until(failed, 15, "the killed VM to be marked failed")
+    await until(failed, 15, "the killed VM to be marked failed", every=0.1)
     assert "exited unexpectedly" in ((await life.get_vm("victim")).error or "")
     with pytest.raises(Exception, match="failed -> running"):
         await life.start_vm("victim", o)

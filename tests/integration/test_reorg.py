@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import pytest
@@ -27,16 +27,10 @@ from microvm_blueprint.tangle.devnet import Anvil, deploy_dev_tangle
 from microvm_blueprint.tangle.rpc import JsonRpc
 from microvm_blueprint.tangle.runner import BlueprintRunner
 
+from ..waiting import until
 from .conftest import Harness, HarnessFactory, RunningOperator, result_counts
 
 CREATE = JOBS_BY_NAME["create_vm"]
-
-
-async def until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 @dataclass

@@ -16,14 +16,9 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from microvm_blueprint.tangle.heads import MAX_FRAME, NewHeads
 from microvm_blueprint.tangle.rpc import redact_url
 
+from ..waiting import until
+
 Handler = Callable[[ServerConnection], Awaitable[None]]
-
-
-async def until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 class Node:

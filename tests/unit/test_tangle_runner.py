@@ -16,12 +16,7 @@ from microvm_blueprint.tangle.router import Router
 from microvm_blueprint.tangle.runner import BlueprintRunner
 from microvm_blueprint.tangle.state import Cursor, TangleState
 
-
-async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.005)
+from ..waiting import until
 
 
 def call(call_id: int, job: int = 0, inputs: bytes = b"") -> JobCall:
