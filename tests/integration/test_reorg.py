@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -116,10 +114,10 @@ async def test_a_result_the_reorg_dropped_is_sent_again(chain: Chain) -> None:
     assert await chain.rpc.receipt(str(out.result_tx)) is None
     assert await chain.results(out.call_id) is None  # the call is open again
     # the same result, nonce and gas again: often the very same transaction, mined once more
-    deadline = time.monotonic() + 30
-    while await chain.results(out.call_id) != 1:
-        assert time.monotonic() < deadline, "the result was not sent again"
-        await asyncio.sleep(0.05)
+    async def one_result() -> bool:
+        return await chain.results(out.call_id) == 1
+
+    await until(one_result, 30, "the result to be sent again", every=0.05)
     await until(lambda: (chain.outbox(out.call_id) or ("",))[0] == "done", 20, "the operator to see the new receipt")
     assert await chain.results(out.call_id) == 1
     assert chain.runner.handled == 1  # the job itself did not run again
