@@ -31,9 +31,6 @@ class Database:
         except sqlite3.Error as exc:
             raise error(f"cannot open {what} {self.path}: {exc}") from exc
         self.lock = threading.RLock()
-        #: bumped by every write transaction (committed or not): a reader that cached something at
-        #: one generation knows it may be stale at another (this process is the only writer)
-        self.generation = 0
 
     def close(self) -> None:
         with self.lock:
@@ -53,8 +50,6 @@ class Database:
                 self.conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise self.error(f"{self.what} error: {exc}") from exc
-            finally:
-                self.generation += 1
 
     def rows(self, sql: str, args: Sequence[object] = ()) -> list[tuple[object, ...]]:
         with self.lock:

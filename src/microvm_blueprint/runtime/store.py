@@ -128,8 +128,7 @@ class Store:
     def __init__(self, path: str | Path) -> None:
         self._dbx = Database(path, _SCHEMA, error=StoreError, what="state database")
         self.path = self._dbx.path
-        self._views: OrderedDict[str, VmView] = OrderedDict()
-        self._views_generation = -1
+        self._views: OrderedDict[str, VmView] = OrderedDict()  # kept read models (vm_view)
         row = self._read("SELECT value FROM meta WHERE key='schema'")
         if not row:
             with self._tx() as db:
@@ -144,16 +143,15 @@ class Store:
     def _tx(self, touches: tuple[str, ...] | None = None) -> Iterator[sqlite3.Connection]:
         """One write transaction. ``touches``: the VMs whose view it may change (only their kept
         views are dropped); ``None`` when that is not known, and every kept view is dropped."""
-        with self._dbx.lock:
-            current = self._views_generation == self._dbx.generation
+        with self._dbx.lock:  # the views change with the rows, as one step to a reader
             try:
                 with self._dbx.tx() as db:
                     yield db
             finally:
-                if touches is not None and current:
-                    for vm_id in touches:
-                        self._views.pop(vm_id, None)
-                    self._views_generation = self._dbx.generation  # the other views still hold
+                if touches is None:
+                    self._views.clear()
+                for vm_id in touches or ():
+                    self._views.pop(vm_id, None)
 
     def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
         return self._dbx.rows(sql, args)
@@ -208,11 +206,7 @@ class Store:
         costs a dictionary lookup, not three statements, even while jobs change other VMs. Unknown
         ids are not kept (they cost memory to anyone who asks).
         """
-        with self._dbx.lock:  # the generation and the rows it vouches for, read together
-            generation = self._dbx.generation
-            if generation != self._views_generation:
-                self._views.clear()
-                self._views_generation = generation
+        with self._dbx.lock:  # no write between reading the rows and keeping the view
             view = self._views.get(vm_id)
             if view is not None:
                 self._views.move_to_end(vm_id)
