@@ -93,9 +93,6 @@ class TangleCustomer:
         return SEL_SUBMIT_JOB + encode(["uint64", "uint8", "bytes"], [self.service_id, job.index, inputs])
 
     async def _take_nonce(self) -> int:
-        if self._chain_id is None:
-            self._chain_id = await self.rpc.chain_id()
-            self._gas_price = await self.rpc.gas_price()
         nonce = self._nonce if self._nonce is not None else await self.rpc.nonce(self.address)
         self._nonce = nonce + 1
         return nonce
@@ -104,17 +101,15 @@ class TangleCustomer:
         """A signed ``submitJob`` transaction, not sent; it takes the next local nonce, so calls signed
         in a row must be sent in that order (:meth:`send_signed`). ``nonce``: sign with this one
         instead, leaving the local count alone (to replace a transaction)."""
-        taken = await self._take_nonce()  # first: it also reads the chain id and gas price once
-        if nonce is not None:
-            self._nonce = taken
-        else:
-            nonce = taken
+        if self._chain_id is None:
+            self._chain_id = await self.rpc.chain_id()
+            self._gas_price = await self.rpc.gas_price()
         tx = {
             "to": self.contract,
             "data": self._tx_data(job, inputs),
             "gas": gas,
             "gasPrice": self._gas_price,
-            "nonce": nonce,
+            "nonce": nonce if nonce is not None else await self._take_nonce(),
             "chainId": self._chain_id,
             "value": 0,
         }
