@@ -122,7 +122,6 @@ class ChainWatcher:
 class Burst:
     """One burst of ``create_vm`` calls answered by the operator, and the bare loop's pace at its height."""
 
-    how: str  # "flood": signed beforehand, sent in JSON-RPC batches; "loop": signed and sent one by one
     jobs_per_s: float
     bare_per_s: float  # the bare baseline interpolated to this burst's chain height
     send_s: float
@@ -148,10 +147,6 @@ class Round:
     bare_cpu: dict[str, float]
     bare_before_after: tuple[float, float]
     heights: tuple[float, float]  # chain height at the middle of the bare run before, and after
-
-    @property
-    def ratio(self) -> float:
-        return self.flood.ratio
 
 
 async def run(jobs: int = 500, rounds: int = 5, steady_rate: float = 20.0, steady_seconds: float = 10.0) -> None:
@@ -256,11 +251,11 @@ async def _round(jobs: int, *, ws: bool = True) -> Round:
                 # the flood: the customer's calls signed beforehand and sent in JSON-RPC batches, so the
                 # chain, not the customer's HTTP client, sets the pace ("as fast as the chain takes them")
                 raws = [await customer.sign(CREATE, encode_args(CREATE.arg_types, [f"vm-{i}"])) for i in range(jobs)]
-                flood = await _burst("flood", customer, chain, op, watcher, list(range(first, first + jobs)),
+                flood = await _burst(customer, chain, op, watcher, list(range(first, first + jobs)),
                                      lambda: customer.send_signed(raws))
                 # the customer's own loop: each call signed and sent on its own, one request each
                 # (the same loop as the bare baseline's): its pace, not the operator's, sets this figure
-                loop = await _burst("loop", customer, chain, op, watcher, list(range(first + jobs, first + 2 * jobs)),
+                loop = await _burst(customer, chain, op, watcher, list(range(first + jobs, first + 2 * jobs)),
                                     lambda: _send_all(customer, [f"loop-{i}" for i in range(jobs)]))
         finally:
             await watcher.close()
@@ -281,7 +276,7 @@ async def _round(jobs: int, *, ws: bool = True) -> Round:
 
 
 async def _burst(
-    how: str, customer: TangleCustomer, chain: Anvil, op: Child, watcher: ChainWatcher, ids: list[int],
+    customer: TangleCustomer, chain: Anvil, op: Child, watcher: ChainWatcher, ids: list[int],
     send: Callable[[], Awaitable[object]],
 ) -> Burst:
     """Send one burst, wait for every result, and time it: from the first send to the last result seen."""
@@ -299,7 +294,7 @@ async def _burst(
            "operator": cpu_seconds(op.pid) - cpu1[2]}
     h1 = await customer.rpc.block_number()
     result_txs = await _count_txs(chain.rpc_url, h0 + 1, h1, ANVIL_ADDRESSES[1])
-    return Burst(how=how, jobs_per_s=len(ids) / burst_s, bare_per_s=float("nan"), send_s=sent_s, burst_s=burst_s,
+    return Burst(jobs_per_s=len(ids) / burst_s, bare_per_s=float("nan"), send_s=sent_s, burst_s=burst_s,
                  chain_took_s=chain_took_s, blocks=h1 - h0, height=(h0 + h1) / 2,
                  latencies=watcher.latencies(ids), result_txs=result_txs, cpu=cpu)
 

@@ -302,10 +302,10 @@ class TangleState:
 
     def reopen_due(self, key: str, next_block: int, *, caught_up: bool = False) -> int | None:
         """Called as the cursor moves: once it is back at the block where a reorg was noticed (or at
-        the head, ``caught_up``, of a chain that got shorter), results mined in the re-scanned range are put back to ``pending`` (the consumer simulates
-        first: one still on the chain is found completed and marked done without a transaction; one
-        whose call went too is refused, JobCallNotFound, and dropped). Returns how many, or None
-        when no reorg is waiting."""
+        the head, ``caught_up``, of a chain that got shorter), results mined in the re-scanned range
+        are put back to ``pending`` (the consumer simulates first: one still on the chain is found
+        completed and marked done without a transaction; one whose call went too is refused,
+        JobCallNotFound, and dropped). Returns how many, or None when no reorg is waiting."""
         with self._tx() as db:
             pending = db.execute("SELECT from_block, until_block FROM reorg WHERE key=?", (key,)).fetchone()
             if pending is None or (next_block < int(pending[1]) and not caught_up):
