@@ -108,48 +108,53 @@ async def run_crash_rounds(tmp_path: Path, vms: int, provider_env: dict[str, str
         hit: list[str] = []
         rounds = [("point", p) for p in crash_points] + [("kill", str(i)) for i in range(kills)] + [("clean", "")]
         chunk = -(-total // (len(rounds) - 1))
-        for n, (kind, what) in enumerate(rounds):
-            await submit_upto(total if kind == "clean" else min(total, (n + 1) * chunk))
-            round_env = dict(env)
-            if kind == "point":
-                round_env["MICROVM_CRASH_AT"] = what
-                # per-job points may let a few jobs pass first; per-window/per-batch points fire at once
-                per_job = what.split(".")[0] in {"create", "start", "snapshot", "destroy", "runner"}
-                round_env["MICROVM_CRASH_AFTER"] = str(rnd.randrange(0, after_max) if per_job else 0)
-            child = await Child.spawn(cli, tmp_path / f"operator-{n}.log", env=round_env)
-            deadline = asyncio.get_running_loop().time() + 120
-            if kind == "kill":
-                await asyncio.sleep(rnd.uniform(0.3, 2.5))  # a random moment mid-run: the point of kill -9
-                if child.returncode is None:
-                    os.kill(child.pid, signal.SIGKILL)
-                await child.wait(10)
-                continue
-            while child.returncode is None and not await done():
-                assert asyncio.get_running_loop().time() < deadline, child.log_tail()
-                await asyncio.sleep(0.2)
-            if kind == "point":
-                if child.returncode is None:  # point never reached (work done): stop politely
-                    await child.stop(grace=20)
-                else:
-                    assert child.returncode == EXIT_CODE, child.log_tail()
-                    hit.append(what)
-                continue
-            # the clean round: wait until everything is in and the API answers, then check it
-            while True:
-                try:
-                    if (await api_get(f"http://127.0.0.1:{port}/health"))[0] == 200:
-                        break
-                except Exception:  # noqa: BLE001 - not listening yet
-                    pass
-                assert child.returncode is None, child.log_tail()
-                assert asyncio.get_running_loop().time() < deadline, child.log_tail()
-                await asyncio.sleep(0.1)
-            status, views = await api_get(f"http://127.0.0.1:{port}/vms")
-            assert status == 200
-            assert {v["vm_id"]: (v["status"], v["snapshots"]) for v in views} == {
-                f"vm-{i}": ("destroyed", ["s"]) for i in range(vms)
-            }
-            assert await child.stop(grace=20) == 0, child.log_tail()
+        child: Child | None = None
+        try:
+            for n, (kind, what) in enumerate(rounds):
+                await submit_upto(total if kind == "clean" else min(total, (n + 1) * chunk))
+                round_env = dict(env)
+                if kind == "point":
+                    round_env["MICROVM_CRASH_AT"] = what
+                    # per-job points may let a few jobs pass first; per-window/per-batch points fire at once
+                    per_job = what.split(".")[0] in {"create", "start", "snapshot", "destroy", "runner"}
+                    round_env["MICROVM_CRASH_AFTER"] = str(rnd.randrange(0, after_max) if per_job else 0)
+                child = await Child.spawn(cli, tmp_path / f"operator-{n}.log", env=round_env)
+                deadline = asyncio.get_running_loop().time() + 120
+                if kind == "kill":
+                    await asyncio.sleep(rnd.uniform(0.3, 2.5))  # a random moment mid-run: the point of kill -9
+                    if child.returncode is None:
+                        os.kill(child.pid, signal.SIGKILL)
+                    await child.wait(10)
+                    continue
+                while child.returncode is None and not await done():
+                    assert asyncio.get_running_loop().time() < deadline, child.log_tail()
+                    await asyncio.sleep(0.2)
+                if kind == "point":
+                    if child.returncode is None:  # point never reached (work done): stop politely
+                        await child.stop(grace=20)
+                    else:
+                        assert child.returncode == EXIT_CODE, child.log_tail()
+                        hit.append(what)
+                    continue
+                # the clean round: wait until everything is in and the API answers, then check it
+                while True:
+                    try:
+                        if (await api_get(f"http://127.0.0.1:{port}/health"))[0] == 200:
+                            break
+                    except Exception:  # noqa: BLE001 - not listening yet
+                        pass
+                    assert child.returncode is None, child.log_tail()
+                    assert asyncio.get_running_loop().time() < deadline, child.log_tail()
+                    await asyncio.sleep(0.1)
+                status, views = await api_get(f"http://127.0.0.1:{port}/vms")
+                assert status == 200
+                assert {v["vm_id"]: (v["status"], v["snapshots"]) for v in views} == {
+                    f"vm-{i}": ("destroyed", ["s"]) for i in range(vms)
+                }
+                assert await child.stop(grace=20) == 0, child.log_tail()
+        finally:  # a failed round must not leave its operator (and its VMMs) running
+            if child is not None and child.returncode is None:
+                await child.stop(grace=20)
         print(f"crash points hit: {hit}")
         assert len(hit) >= len(crash_points) // 2, f"too few crash points were reached: {hit}"
         counts = await result_counts(chain.rpc_url, d.contract)
