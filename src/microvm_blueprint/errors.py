@@ -30,3 +30,20 @@ from __future__ import annotations
 
 class MicrovmBlueprintError(Exception):
     """Base class: everything this package raises deliberately."""
+
+
+class ConfigError(MicrovmBlueprintError):
+    """A setting (env var, flag) is missing or malformed; the one-line message names it.
+
+    Raised at start-up by every layer's settings parser, never for a job's input (that is
+    ``runtime.errors.InvalidInput``): a bad setting is the operator's to fix, a bad input the customer's.
+    """
+
+
+class TransientError(MicrovmBlueprintError):
+    """A failure that says nothing about the call itself (a locked database, a full disk for a moment).
+
+    Never recorded as a job's outcome: whoever runs the call retries it (with a deadline) or leaves it
+    unfinished so it runs again at the next start.
+    """
+

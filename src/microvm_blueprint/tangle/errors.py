@@ -3,8 +3,8 @@
 ::
 
     MicrovmBlueprintError            (microvm_blueprint.errors)
+    ├── ConfigError                  a missing or malformed setting (root class, re-exported here)
     └── TangleError
-        ├── ConfigError              a missing or malformed setting; the message names it
         ├── KeystoreError            keystore missing, unreadable or malformed
         ├── AbiDecodeError           calldata that does not decode as the job's argument tuple
         ├── RpcError                 the chain answered an error or garbage (retried)
@@ -16,15 +16,13 @@ web3/eth-abi/OSError exceptions are translated at the boundary with ``raise ... 
 
 from __future__ import annotations
 
-from ..errors import MicrovmBlueprintError
+from ..errors import ConfigError, MicrovmBlueprintError
+
+__all__ = ["AbiDecodeError", "ConfigError", "JobError", "KeystoreError", "RpcError", "RpcUnavailable", "TangleError"]
 
 
 class TangleError(MicrovmBlueprintError):
     """Base of the Tangle layer's errors."""
-
-
-class ConfigError(TangleError):
-    """A setting is missing or malformed."""
 
 
 class KeystoreError(TangleError):
