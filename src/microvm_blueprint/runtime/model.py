@@ -6,6 +6,7 @@ Everything here is a frozen dataclass or an enum; the state x job table of DESIG
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -89,18 +90,99 @@ def fs_name(value: str) -> str:
 
 @dataclass(frozen=True)
 class VmSpec:
-    """What a VM is made of. ``image`` names a built guest image (``default`` when empty)."""
+    """What a VM is made of. ``image`` names a built guest image (``default`` when empty).
+
+    ``disk_mib`` (0 = the image's size) grows the root disk; ``ssh_keys`` are installed for root
+    through the config drive; ``ports`` are the guest ports to publish (DESIGN.md §8, job 8).
+    """
 
     vcpus: int = DEFAULT_VCPUS
     mem_mib: int = DEFAULT_MEM_MIB
     image: str = DEFAULT_IMAGE
+    disk_mib: int = 0
+    ssh_keys: tuple[str, ...] = ()
+    ports: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"vcpus": self.vcpus, "mem_mib": self.mem_mib, "image": self.image}
+        """The stored form: every field (keys are public keys, never secrets)."""
+        out: dict[str, Any] = {"vcpus": self.vcpus, "mem_mib": self.mem_mib, "image": self.image}
+        if self.disk_mib:
+            out["disk_mib"] = self.disk_mib
+        if self.ssh_keys:
+            out["ssh_keys"] = list(self.ssh_keys)
+        if self.ports:
+            out["ports"] = list(self.ports)
+        return out
+
+    def to_api(self) -> dict[str, Any]:
+        """What the query API shows: the keys are counted, not listed (they are long and dull)."""
+        out = self.to_json()
+        if self.ssh_keys:
+            out["ssh_keys"] = len(self.ssh_keys)
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> VmSpec:
-        return cls(vcpus=int(data["vcpus"]), mem_mib=int(data["mem_mib"]), image=str(data["image"]))
+        return cls(
+            vcpus=int(data["vcpus"]),
+            mem_mib=int(data["mem_mib"]),
+            image=str(data["image"]),
+            disk_mib=int(data.get("disk_mib", 0)),
+            ssh_keys=tuple(str(k) for k in data.get("ssh_keys", ())),
+            ports=tuple(int(p) for p in data.get("ports", ())),
+        )
+
+
+class NetworkMode(str, Enum):
+    """``MICROVM_NETWORK``: how a guest is wired (DESIGN.md §8, §10); the value is the API word."""
+
+    NONE = "none"
+    USER = "user"
+    BRIDGE = "bridge"
+
+    @property
+    def guest_ip(self) -> str | None:
+        """The address the guest always has in this mode (so a restored clone never renumbers)."""
+        return {NetworkMode.NONE: None, NetworkMode.USER: USER_GUEST_IP, NetworkMode.BRIDGE: BRIDGE_GUEST_IP}[self]
+
+
+USER_GUEST_IP = "10.0.2.15"
+USER_GATEWAY = "10.0.2.2"
+BRIDGE_GUEST_IP = "172.16.0.2"
+BRIDGE_GATEWAY = "172.16.0.1"
+
+
+@dataclass(frozen=True)
+class PortMapping:
+    """A published guest port: reachable at ``host:host_port`` while the VM runs."""
+
+    guest_port: int
+    host: str
+    host_port: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"guest_port": self.guest_port, "host": self.host, "host_port": self.host_port}
+
+
+@dataclass(frozen=True)
+class VmNetwork:
+    """A VM's network as recorded in the store: its mode and its published ports."""
+
+    mode: NetworkMode = NetworkMode.NONE
+    ports: tuple[PortMapping, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mode": self.mode.value, "guest_ip": self.mode.guest_ip, "ports": [p.to_json() for p in self.ports]}
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """Host-side networking choices (``MICROVM_NETWORK``, ``_PUBLISH_ADDR``, ``_PORT_RANGE``, ``_EGRESS``)."""
+
+    mode: NetworkMode = NetworkMode.NONE
+    publish_addr: str = "127.0.0.1"
+    port_range: tuple[int, int] = (40000, 49999)
+    egress: bool = False
 
 
 @dataclass(frozen=True)
@@ -127,7 +209,7 @@ class HostLimits:
         validate_id("image", image)
         if "/" in image or image in {".", ".."}:
             raise InvalidInput("image must be a name, not a path")
-        return VmSpec(vcpus=spec.vcpus, mem_mib=spec.mem_mib, image=image)
+        return dataclasses.replace(spec, image=image)
 
 
 @dataclass(frozen=True)
@@ -183,6 +265,7 @@ class VmRecord:
     spec: VmSpec
     workdir: str
     handle: VmHandle | None = None
+    network: VmNetwork = VmNetwork()
 
 
 @dataclass(frozen=True)
@@ -226,13 +309,15 @@ class VmView:
     updated_at: float
     error: str | None = None
     history: tuple[HistoryEntry, ...] = ()
+    network: VmNetwork = VmNetwork()
 
     def to_json(self, *, with_history: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
             "vm_id": self.vm_id,
             "status": self.status.value,
             "snapshots": list(self.snapshots),
-            "spec": self.spec.to_json(),
+            "spec": self.spec.to_api(),
+            "network": self.network.to_json(),
             "created_at": self.created_at,
             "updated_at": self.updated_at,
         }

@@ -10,23 +10,27 @@ Every state change is one SQLite transaction. ``path=":memory:"`` gives an ephem
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sqlite3
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..sqlitedb import Database
-from .errors import VmError
+from .errors import QuotaExceeded, VmError
 from .model import (
     HistoryEntry,
+    NetworkMode,
     Origin,
+    PortMapping,
     SnapshotRecord,
     VmHandle,
+    VmNetwork,
     VmSpec,
     VmStatus,
     VmView,
@@ -76,6 +80,18 @@ CREATE TABLE IF NOT EXISTS calls (
     ok       INTEGER NOT NULL,
     error    TEXT,
     at       REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS networks (
+    vm_id    TEXT PRIMARY KEY,
+    mode     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ports (
+    vm_id       TEXT NOT NULL,
+    guest_port  INTEGER NOT NULL,
+    host        TEXT NOT NULL,
+    host_port   INTEGER NOT NULL,
+    PRIMARY KEY (vm_id, guest_port),
+    UNIQUE (host, host_port)
 );
 CREATE TABLE IF NOT EXISTS intents (
     seq      INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -216,6 +232,7 @@ class Store:
                 return None
             snaps = self._read("SELECT snapshot_id FROM snapshots WHERE vm_id=? ORDER BY seq", (vm_id,))
             view = self._view(rows[0], tuple(str(r[0]) for r in snaps), tuple(self.history(vm_id)))
+            view = dataclasses.replace(view, network=self.network(vm_id))
             self._views[vm_id] = view
             if len(self._views) > VIEW_CACHE:
                 self._views.popitem(last=False)
@@ -232,7 +249,97 @@ class Store:
                 "SELECT vm_id, snapshot_id FROM snapshots WHERE vm_id BETWEEN ? AND ? ORDER BY seq", (first, last)
             ):
                 snaps.setdefault(str(vm_id), []).append(str(snapshot_id))
-        return [self._view(r, tuple(snaps.get(str(r[0]), ())), ()) for r in rows]
+            nets = self._networks(first, last)
+        else:
+            nets = {}
+        return [
+            dataclasses.replace(self._view(r, tuple(snaps.get(str(r[0]), ())), ()), network=nets[str(r[0])])
+            if str(r[0]) in nets
+            else self._view(r, tuple(snaps.get(str(r[0]), ())), ())
+            for r in rows
+        ]
+
+    # ---- networks and published ports (DESIGN.md §8) ------------------------------------------
+
+    def _networks(self, first: str, last: str) -> dict[str, VmNetwork]:
+        """The recorded networks of the VMs with ids in ``[first, last]``: two statements."""
+        modes = {
+            str(v): NetworkMode(str(m))
+            for v, m in self._read("SELECT vm_id, mode FROM networks WHERE vm_id BETWEEN ? AND ?", (first, last))
+        }
+        ports: dict[str, list[PortMapping]] = {}
+        for vm_id, guest, host, host_port in self._read(
+            "SELECT vm_id, guest_port, host, host_port FROM ports WHERE vm_id BETWEEN ? AND ? "
+            "ORDER BY vm_id, guest_port",
+            (first, last),
+        ):
+            ports.setdefault(str(vm_id), []).append(PortMapping(int(guest), str(host), int(host_port)))  # type: ignore[call-overload]
+        return {v: VmNetwork(mode=m, ports=tuple(ports.get(v, ()))) for v, m in modes.items()}
+
+    def network(self, vm_id: str) -> VmNetwork:
+        """A VM's network: its mode and the host ports it holds (none once destroyed)."""
+        return self._networks(vm_id, vm_id).get(vm_id, VmNetwork())
+
+    def reserve_network(
+        self,
+        vm_id: str,
+        mode: NetworkMode,
+        guest_ports: Sequence[int],
+        *,
+        host: str,
+        port_range: tuple[int, int],
+        is_free: Callable[[str, int], bool],
+    ) -> VmNetwork:
+        """Record ``vm_id``'s network and take a host port for each guest port, in one transaction.
+
+        Ports never collide: one a VM (the table's UNIQUE constraint) and none that ``is_free`` says
+        something else on the host listens on. Called before the VMM is spawned (it needs the ports);
+        :meth:`release_network` gives them back if the create fails, and :meth:`drop_orphan_networks`
+        at start if the operator died in between. Raises :class:`QuotaExceeded` when the range is full.
+        """
+        lo, hi = port_range
+        span = hi - lo + 1
+        with self._tx((vm_id,)) as db:
+            db.execute("DELETE FROM ports WHERE vm_id=?", (vm_id,))
+            db.execute("INSERT OR REPLACE INTO networks (vm_id, mode) VALUES (?, ?)", (vm_id, mode.value))
+            taken = {int(r[0]) for r in db.execute("SELECT host_port FROM ports WHERE host=?", (host,))}
+            # start where the last allocation stopped, so a port just released is not handed out at once
+            start = int(db.execute("SELECT coalesce(max(host_port), ?) FROM ports WHERE host=?", (lo - 1, host))
+                        .fetchone()[0]) + 1 - lo
+            mapped: list[PortMapping] = []
+            tried = 0
+            for guest in sorted(set(guest_ports)):
+                while True:
+                    if tried >= span:
+                        raise QuotaExceeded(
+                            f"quota exceeded: no free host port left in {lo}-{hi} on {host}"
+                        )
+                    candidate = lo + (start + tried) % span
+                    tried += 1
+                    if candidate in taken or not is_free(host, candidate):
+                        continue
+                    taken.add(candidate)
+                    mapped.append(PortMapping(guest, host, candidate))
+                    db.execute(
+                        "INSERT INTO ports (vm_id, guest_port, host, host_port) VALUES (?,?,?,?)",
+                        (vm_id, guest, host, candidate),
+                    )
+                    break
+        return VmNetwork(mode=mode, ports=tuple(mapped))
+
+    def release_network(self, vm_id: str, *, forget: bool = False) -> None:
+        """Give ``vm_id``'s host ports back (destroy); ``forget`` also drops its mode (an undone create)."""
+        with self._tx((vm_id,)) as db:
+            db.execute("DELETE FROM ports WHERE vm_id=?", (vm_id,))
+            if forget:
+                db.execute("DELETE FROM networks WHERE vm_id=?", (vm_id,))
+
+    def drop_orphan_networks(self) -> int:
+        """Release what a create or restore reserved before the operator died (no VM row): at start."""
+        with self._tx() as db:
+            gone = db.execute("DELETE FROM ports WHERE vm_id NOT IN (SELECT vm_id FROM vms)").rowcount
+            db.execute("DELETE FROM networks WHERE vm_id NOT IN (SELECT vm_id FROM vms)")
+        return int(gone)
 
     @staticmethod
     def _view(row: tuple[object, ...], snapshots: tuple[str, ...], history: tuple[HistoryEntry, ...]) -> VmView:
@@ -308,6 +415,8 @@ class Store:
                     "UPDATE vms SET status=?, error=?, updated_at=?, handle=? WHERE vm_id=?",
                     (status.value, error, now, _handle(handle if isinstance(handle, VmHandle) else None), vm_id),
                 )
+            if status is VmStatus.DESTROYED:  # a tombstone holds no host port
+                db.execute("DELETE FROM ports WHERE vm_id=?", (vm_id,))
             self._history(db, vm_id, now, action, status, origin)
             if call_ok:
                 self._call_ok(db, origin, action, vm_id, now)
