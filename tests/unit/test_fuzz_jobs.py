@@ -24,8 +24,8 @@ from microvm_blueprint.runtime.lifecycle import Lifecycle
 from microvm_blueprint.runtime.model import validate_id
 from microvm_blueprint.runtime.store import Store
 from microvm_blueprint.tangle.abi import decode_args
+from microvm_blueprint.tangle.calls import JobCall
 from microvm_blueprint.tangle.errors import AbiDecodeError, JobError
-from microvm_blueprint.tangle.producer import JobCall
 
 settings.register_profile("ci", max_examples=3500, deadline=None, suppress_health_check=list(HealthCheck))
 settings.register_profile("dev", max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
@@ -58,11 +58,15 @@ def _fingerprint() -> tuple[object, ...]:
 
 
 def _run(job_index: int, inputs: bytes) -> str | None:
-    route = _router.lookup(job_index)
-    assert route is not None
+    """As the runner does: the router decodes the inputs once (inputs that do not decode are the job's
+    failure), then the handler runs with the decoded arguments."""
     call = JobCall(service_id=0, call_id=next(_calls), job_index=job_index, caller="0x" + "c" * 40, inputs=inputs)
+    routed = _router.prepare(call)
+    assert routed.route is not None
+    if routed.refused is not None:
+        return routed.refused
     try:
-        _loop.run_until_complete(route.handler(call))
+        _loop.run_until_complete(routed.route.handler(call, routed.args))
     except JobError as exc:
         return str(exc)
     return None

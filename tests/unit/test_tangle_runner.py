@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from microvm_blueprint.tangle.calls import JobCall
 from microvm_blueprint.tangle.consumer import TangleConsumer
 from microvm_blueprint.tangle.errors import JobError, TangleError
-from microvm_blueprint.tangle.producer import JobCall
-from microvm_blueprint.tangle.router import Router
+from microvm_blueprint.tangle.router import Args, Router
 from microvm_blueprint.tangle.runner import BlueprintRunner
 from microvm_blueprint.tangle.state import Cursor, TangleState
 
@@ -33,7 +33,7 @@ class ListProducer:
 
     async def run(self, deliver: Callable[[JobCall], Awaitable[None]], stop: asyncio.Event) -> None:
         self.started.set()
-        self.state.advance("k", Cursor(1000, None), [c.to_row() for c in self.calls])
+        self.state.advance("k", Cursor(1000, None), self.calls)
         for c in self.calls:
             if self.gate is not None:
                 await self.gate.wait()
@@ -73,12 +73,12 @@ def make(tmp: Path, router: Router, calls: list[JobCall], **kw: object) -> tuple
 # ---- router ----
 
 
-async def ok(c: JobCall) -> bytes:
+async def ok(c: JobCall, args: Args) -> bytes:
     return b"\x01"
 
 
 def test_router_lookup_and_validation() -> None:
-    router = Router().route(0, ok, name="create_vm").route(5, ok, name="restore_vm", key=lambda c: "k")
+    router = Router().route(0, ok, name="create_vm").route(5, ok, name="restore_vm", key=lambda c, a: "k")
     route = router.lookup(5)
     assert route is not None and route.name == "restore_vm" and route.handler is ok
     assert router.lookup(1) is None and router.name_of(1) == "unknown(1)"
@@ -89,17 +89,17 @@ def test_router_lookup_and_validation() -> None:
 
 
 def test_ordering_keys() -> None:
-    def key(c: JobCall) -> str | None:
+    def key(c: JobCall, args: Args) -> str | None:
         if c.inputs == b"boom":
             raise ValueError("undecodable")
         return None if c.inputs == b"" else c.inputs.decode()
 
     router = Router().route(0, ok, name="keyed", key=key).route(1, ok, name="plain")
-    assert router.ordering_key(call(1, 0, b"vm-a")) == router.ordering_key(call(2, 0, b"vm-a")) == "key:vm-a"
-    assert router.ordering_key(call(3, 0, b"")) == "call:3"  # None: its own key
-    assert router.ordering_key(call(4, 0, b"boom")) == "call:4"  # raising: its own key
-    assert router.ordering_key(call(5, 1, b"vm-a")) == "call:5"  # no key function
-    assert router.ordering_key(call(6, 9)) == "call:6"  # unknown job
+    assert router.prepare(call(1, 0, b"vm-a")).key == router.prepare(call(2, 0, b"vm-a")).key == "key:vm-a"
+    assert router.prepare(call(3, 0, b"")).key == "call:3"  # None: its own key
+    assert router.prepare(call(4, 0, b"boom")).key == "call:4"  # raising: its own key
+    assert router.prepare(call(5, 1, b"vm-a")).key == "call:5"  # no key function
+    assert router.prepare(call(6, 9)).key == "call:6"  # unknown job
 
 
 # ---- runner ----
@@ -109,7 +109,7 @@ async def test_concurrency_is_bounded(tmp_path: Path) -> None:
     running, peak = 0, 0
     release = asyncio.Event()
 
-    async def slow(c: JobCall) -> bytes:
+    async def slow(c: JobCall, args: Args) -> bytes:
         nonlocal running, peak
         running += 1
         peak = max(peak, running)
@@ -117,7 +117,7 @@ async def test_concurrency_is_bounded(tmp_path: Path) -> None:
         running -= 1
         return b"\x01"
 
-    router = Router().route(0, slow, name="slow", key=lambda c: str(c.call_id))
+    router = Router().route(0, slow, name="slow", key=lambda c, a: str(c.call_id))
     runner, state = make(tmp_path, router, [call(i) for i in range(6)], max_concurrency=2)
     task = asyncio.create_task(runner.run())
     await until(lambda: running == 2)
@@ -132,7 +132,7 @@ async def test_concurrency_is_bounded(tmp_path: Path) -> None:
 
 
 async def test_failures_are_recorded_and_never_sent(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    async def handler(c: JobCall) -> bytes:
+    async def handler(c: JobCall, args: Args) -> bytes:
         if c.call_id == 0:
             raise JobError("vm 'x' not found")
         if c.call_id == 1:
@@ -212,14 +212,14 @@ async def test_stop_finishes_in_flight_jobs_and_leaves_the_rest_for_the_next_sta
     started: list[int] = []
     release = asyncio.Event()
 
-    async def handler(c: JobCall) -> bytes:
+    async def handler(c: JobCall, args: Args) -> bytes:
         started.append(c.call_id)
         await release.wait()
         return b"\x01"
 
     # one key: call 1 waits behind call 0; calls 2.. are never taken once stopping
     gate = asyncio.Event()
-    router = Router().route(0, handler, name="h", key=lambda c: "same")
+    router = Router().route(0, handler, name="h", key=lambda c, a: "same")
     runner, state = make(tmp_path, router, [call(i) for i in range(4)], gate=gate, max_concurrency=4)
     task = asyncio.create_task(runner.run())
     gate.set()
@@ -232,7 +232,7 @@ async def test_stop_finishes_in_flight_jobs_and_leaves_the_rest_for_the_next_sta
 
 
 async def test_the_drain_deadline_cancels_a_stuck_job(tmp_path: Path) -> None:
-    async def stuck(c: JobCall) -> bytes:
+    async def stuck(c: JobCall, args: Args) -> bytes:
         await asyncio.Event().wait()
         return b""
 
@@ -248,7 +248,7 @@ async def test_the_drain_deadline_cancels_a_stuck_job(tmp_path: Path) -> None:
 async def test_cancelling_the_runner_leaves_no_job_behind(tmp_path: Path) -> None:
     cancelled = asyncio.Event()
 
-    async def long(c: JobCall) -> bytes:
+    async def long(c: JobCall, args: Args) -> bytes:
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
