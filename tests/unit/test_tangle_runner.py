@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from microvm_blueprint.errors import TransientError
 from microvm_blueprint.tangle.calls import JobCall
 from microvm_blueprint.tangle.consumer import TangleConsumer
 from microvm_blueprint.tangle.errors import JobError, TangleError
@@ -264,3 +265,118 @@ async def test_cancelling_the_runner_leaves_no_job_behind(tmp_path: Path) -> Non
         await task
     assert cancelled.is_set()
     assert not any(t.get_name().startswith("job:") for t in asyncio.all_tasks())
+
+
+# ---- backpressure: a slot before a task ----
+
+
+def live_handler_tasks() -> int:
+    return sum(1 for t in asyncio.all_tasks() if t.get_name().startswith("job:") and not t.done())
+
+
+async def test_a_large_backlog_never_has_more_live_handler_tasks_than_the_bound(tmp_path: Path) -> None:
+    """3,000 calls waiting at once, each job waiting briefly: the live handler tasks, counted from inside
+    every handler, never exceed ``max_concurrency`` (the runner used to create a task per call at once)."""
+    bound, n = 8, 3000
+    peak = 0
+
+    async def brief(c: JobCall, args: Args) -> bytes:
+        nonlocal peak
+        peak = max(peak, live_handler_tasks())
+        await asyncio.sleep(0.001)
+        return b"\x01"
+
+    runner, state = make(tmp_path, Router().route(0, brief, name="brief"), [call(i) for i in range(n)],
+                         max_concurrency=bound, queue_size=64)
+    task = asyncio.create_task(runner.run())
+    await until(lambda: runner.handled == n, timeout=120, what="the backlog handled")
+    runner.stop()
+    await asyncio.wait_for(task, 10)
+    assert 0 < peak <= bound
+    assert state.unfinished() == []
+
+
+async def test_a_backlog_on_few_keys_keeps_order_and_bounds_without_deadlock(tmp_path: Path) -> None:
+    """More keys than slots, and long runs of calls per key: calls waiting for their key hold no slot
+    (no deadlock), each key's calls run in call order, and the calls held behind their key are bounded
+    by ``queue_size``."""
+    n, bound, queue_size = 1500, 2, 16
+    keys = ["a", "b", "c"]
+    ran: dict[str, list[int]] = {k: [] for k in keys}
+    peak_tasks = peak_waiting = 0
+
+    async def handler(c: JobCall, args: Args) -> bytes:
+        nonlocal peak_tasks, peak_waiting
+        peak_tasks = max(peak_tasks, live_handler_tasks())
+        peak_waiting = max(peak_waiting, sum(len(w) for w in runner._chains.values()))
+        ran[c.inputs.decode()].append(c.call_id)
+        await asyncio.sleep(0)
+        return b"\x01"
+
+    calls = [call(i, inputs=keys[(i // 7) % 3].encode()) for i in range(n)]
+    router = Router().route(0, handler, name="h", key=lambda c, a: c.inputs.decode())
+    runner, state = make(tmp_path, router, calls, max_concurrency=bound, queue_size=queue_size)
+    task = asyncio.create_task(runner.run())
+    await until(lambda: runner.handled == n, timeout=120, what="the backlog handled")
+    runner.stop()
+    await asyncio.wait_for(task, 10)
+    for k in keys:
+        assert ran[k] == [c.call_id for c in calls if c.inputs.decode() == k]
+    assert 0 < peak_tasks <= bound
+    assert peak_waiting <= queue_size
+    assert state.unfinished() == []
+
+
+# ---- transient errors: retried, never recorded ----
+
+
+async def test_a_transient_error_is_retried_and_the_job_then_succeeds(tmp_path: Path) -> None:
+    attempts = 0
+
+    async def flaky(c: JobCall, args: Args) -> bytes:
+        nonlocal attempts
+        attempts += 1
+        if attempts <= 2:
+            raise TransientError("database is locked")
+        return b"\x01"
+
+    journal = Journal()
+    runner, state = make(tmp_path, Router().route(0, flaky, name="flaky"), [call(0)], observer=journal,
+                         retry_attempts=4, retry_backoff=0.01)
+    task = asyncio.create_task(runner.run())
+    await until(lambda: runner.handled == 1)
+    runner.stop()
+    await asyncio.wait_for(task, 10)
+    assert attempts == 3
+    assert journal.done == [0] and journal.failed == {}
+    assert state.call_status(0, 0) == "done" and state.outbox_status(0, 0) == ("done", None)  # (dry run)
+
+
+async def test_a_transient_error_that_persists_leaves_the_call_and_its_key_for_the_next_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    attempts = 0
+    ran: list[int] = []
+
+    async def handler(c: JobCall, args: Args) -> bytes:
+        nonlocal attempts
+        if c.call_id == 0:
+            attempts += 1
+            raise TransientError("database is locked")
+        ran.append(c.call_id)
+        return b"\x01"
+
+    # calls 0 and 1 change the same VM: 1 must not overtake 0; call 2 is another VM's
+    journal = Journal()
+    router = Router().route(0, handler, name="h", key=lambda c, a: "vm-a" if c.call_id < 2 else "vm-b")
+    runner, state = make(tmp_path, router, [call(0), call(1), call(2)], observer=journal,
+                         retry_attempts=3, retry_backoff=0.01)
+    task = asyncio.create_task(runner.run())
+    await until(lambda: runner.handled == 2 and attempts == 3)
+    runner.stop()
+    await asyncio.wait_for(task, 10)
+    assert ran == [2]
+    assert journal.failed == {} and journal.done == [2]  # never recorded as a failure
+    assert [c.call_id for c in state.unfinished()] == [0, 1]  # both run again at the next start
+    assert state.outbox_status(0, 0) is None
+    assert "left unfinished" in caplog.text and "database is locked" in caplog.text
