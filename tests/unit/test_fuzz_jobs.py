@@ -17,7 +17,8 @@ from eth_abi import encode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from microvm_blueprint.blueprint.jobs import JOBS, build_router
+from microvm_blueprint.blueprint.jobs import JOBS, JOBS_BY_NAME, build_router, make_handler
+from microvm_blueprint.errors import TransientError
 from microvm_blueprint.runtime.adapters.in_memory import InMemoryDriver
 from microvm_blueprint.runtime.errors import InvalidInput
 from microvm_blueprint.runtime.lifecycle import Lifecycle
@@ -140,3 +141,17 @@ def test_huge_inputs_refused(size: int) -> None:
     error = _run(0, b"\x00" * size)
     assert error == f"inputs of {size} bytes exceed the limit of {64 * 1024} bytes"
     assert _fingerprint() == before
+
+
+def test_a_transient_error_passes_through_the_handler_for_the_runner_to_retry() -> None:
+    """A locked database says nothing about the call: the handler lets it through (the runner retries
+    it or leaves the call for the next start) instead of turning it into the job's failure."""
+
+    class LockedProvider:
+        async def create_vm(self, vm_id: str, spec: object, origin: object) -> None:
+            raise TransientError("database is locked")
+
+    handler = make_handler(JOBS_BY_NAME["create_vm"], LockedProvider())  # type: ignore[arg-type]
+    call = JobCall(service_id=0, call_id=next(_calls), job_index=0, caller="0x" + "c" * 40, inputs=b"")
+    with pytest.raises(TransientError, match="database is locked"):
+        _loop.run_until_complete(handler(call, ("vm-1",)))
