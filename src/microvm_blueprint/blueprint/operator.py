@@ -15,11 +15,12 @@ from ..runtime.errors import ImageError
 from ..runtime.lifecycle import Lifecycle
 from ..runtime.model import VmSpec
 from ..runtime.store import Store
+from ..tangle.calls import JobCall
 from ..tangle.consumer import TangleConsumer
 from ..tangle.environment import BlueprintEnvironment
 from ..tangle.heads import NewHeads
 from ..tangle.keystore import OperatorKey, load_operator_key
-from ..tangle.producer import JobCall, TangleProducer
+from ..tangle.producer import TangleProducer
 from ..tangle.rpc import JsonRpc
 from ..tangle.runner import BlueprintRunner
 from ..tangle.state import TangleState
@@ -82,7 +83,8 @@ def build_provider(settings: OperatorSettings, driver: VmmDriver | None = None) 
 
 
 class JournalObserver:
-    """Feeds the runner's job outcomes into the journal behind ``GET /jobs/{call_id}``."""
+    """The :class:`~microvm_blueprint.tangle.calls.JobObserver` that feeds the runner's and the result
+    sender's events into the journal behind ``GET /jobs/{call_id}``."""
 
     def __init__(self, journal: JobJournal) -> None:
         self.journal = journal
@@ -144,7 +146,7 @@ class Operator:
         heads = NewHeads(env.ws_rpc_url) if env.ws_rpc_url else None
         consumer = TangleConsumer(
             rpc, state, key, contract=env.tangle_contract, dry_run=env.dry_run,
-            on_submitted=observer.on_submitted, on_dropped=observer.on_dropped,
+            observer=observer,
             blocks=(lambda: heads.heads) if heads else None, linger=env.result_linger,
         )
         producer = TangleProducer(
