@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from microvm_blueprint.errors import ConfigError
 from microvm_blueprint.runtime.adapters.firecracker import (
     FirecrackerApi,
     FirecrackerDriver,
@@ -413,9 +414,10 @@ def test_settings_from_env_parse_and_name_the_bad_variable(tmp_path: Path) -> No
     for name, value in [("MEM_MIB", "lots"), ("MEM_MIB", "64"), ("VCPU_COUNT", "0"), ("VCPU_COUNT", "33"),
                         ("API_TIMEOUT_MS", "-5"), ("SOCKET_READY_TIMEOUT_MS", "1.5"), ("ROOTFS_RO", "maybe"),
                         ("LOG_LEVEL", "loud"), ("SOCKET_DIR", "/" + "d" * 90)]:
-        with pytest.raises(InvalidInput, match=f"MICROVM_FIRECRACKER_{name}="):
+        with pytest.raises(ConfigError, match=f"MICROVM_FIRECRACKER_{name}=") as err:
             FirecrackerSettings.from_env({f"MICROVM_FIRECRACKER_{name}": value})
-    with pytest.raises(InvalidInput, match="107-byte limit"):
+        assert not isinstance(err.value, InvalidInput)  # the operator's setting, not a job's input
+    with pytest.raises(ConfigError, match="107-byte limit"):
         FirecrackerSettings(socket_dir="/" + "x" * 80)
 
 

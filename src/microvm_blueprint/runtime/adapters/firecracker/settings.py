@@ -8,7 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import ImageError, InvalidInput
+from ....envparse import Env, check_int
+from ....errors import ConfigError
+from ...errors import ImageError
 from ...model import DEFAULT_IMAGE, VmSpec
 
 ENV_PREFIX = "MICROVM_FIRECRACKER_"
@@ -49,61 +51,39 @@ class FirecrackerSettings:
     stop_timeout_ms: int = 3000  # SIGTERM grace before SIGKILL
 
     def __post_init__(self) -> None:
-        def at_least(name: str, value: int, lo: int, hi: int | None = None) -> None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-                bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
-                raise InvalidInput(f"{ENV_PREFIX}{name.upper()}={value!r} must be an integer {bound}")
+        def bounded(name: str, value: int, lo: int, hi: int | None = None) -> None:
+            var = f"{ENV_PREFIX}{name.upper()}"
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{var}={value!r} is not an integer")
+            check_int(var, value, lo, hi)
 
-        at_least("vcpu_count", self.vcpu_count, 1, MAX_VCPUS)
-        at_least("mem_mib", self.mem_mib, 128)
-        at_least("api_timeout_ms", self.api_timeout_ms, 1)
-        at_least("socket_ready_timeout_ms", self.socket_ready_timeout_ms, 1)
-        at_least("boot_timeout_ms", self.boot_timeout_ms, 1)
-        at_least("stop_timeout_ms", self.stop_timeout_ms, 0)
+        bounded("vcpu_count", self.vcpu_count, 1, MAX_VCPUS)
+        bounded("mem_mib", self.mem_mib, 128)
+        bounded("api_timeout_ms", self.api_timeout_ms, 1)
+        bounded("socket_ready_timeout_ms", self.socket_ready_timeout_ms, 1)
+        bounded("boot_timeout_ms", self.boot_timeout_ms, 1)
+        bounded("stop_timeout_ms", self.stop_timeout_ms, 0)
         if not self.bin:
-            raise InvalidInput(f"{ENV_PREFIX}BIN must not be empty")
+            raise ConfigError(f"{ENV_PREFIX}BIN must not be empty")
         if self.log_level and self.log_level not in LOG_LEVELS:
-            raise InvalidInput(f"{ENV_PREFIX}LOG_LEVEL={self.log_level!r} must be one of: {', '.join(LOG_LEVELS)}")
+            raise ConfigError(f"{ENV_PREFIX}LOG_LEVEL={self.log_level!r} is not one of: {', '.join(LOG_LEVELS)}")
         longest = len(os.fsencode(self.socket_dir)) + 1 + SOCKET_NAME_LEN + len(".sock")
         if longest > MAX_SOCKET_PATH:
-            raise InvalidInput(
+            raise ConfigError(
                 f"{ENV_PREFIX}SOCKET_DIR={self.socket_dir!r} is too long: socket paths in it would be {longest} bytes, "
                 f"over the {MAX_SOCKET_PATH}-byte limit of Unix sockets"
             )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, image_dir: Path | None = None) -> FirecrackerSettings:
-        """Parse ``MICROVM_FIRECRACKER_*``; errors (:class:`InvalidInput`) name the bad variable.
+        """Parse ``MICROVM_FIRECRACKER_*``; errors (:class:`~microvm_blueprint.errors.ConfigError`)
+        name the bad variable.
 
         Kernel, rootfs and initrd default to the built default image (in ``image_dir``, else the
         image cache) when one exists; a missing file is reported, naming its variable, by
         :meth:`check_host` when a VM is created."""
-        p = ENV_PREFIX
-
-        def text(name: str, default: str) -> str:
-            return env.get(p + name, "").strip() or default
-
-        def num(name: str, default: int, lo: int, hi: int | None = None) -> int:
-            raw = env.get(p + name, "").strip()
-            if not raw:
-                return default
-            ok = raw.isascii() and raw.isdigit() and int(raw) >= lo and (hi is None or int(raw) <= hi)
-            if not ok:
-                bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
-                raise InvalidInput(f"{p}{name}={raw!r} must be an integer {bound}")
-            return int(raw)
-
-        def flag(name: str, default: bool) -> bool:
-            raw = env.get(p + name, "").strip().lower()
-            if not raw:
-                return default
-            if raw in {"1", "true", "yes", "on"}:
-                return True
-            if raw in {"0", "false", "no", "off"}:
-                return False
-            raise InvalidInput(f"{p}{name}={raw!r} must be true or false")
-
-        kernel, rootfs, initrd = text("KERNEL", ""), text("ROOTFS", ""), text("INITRD", "")
+        e = Env(env, ENV_PREFIX)
+        kernel, rootfs, initrd = e.text("KERNEL", ""), e.text("ROOTFS", ""), e.text("INITRD", "")
         if not (kernel and rootfs):
             from ... import images  # the default guest image, if one is built
 
@@ -116,26 +96,22 @@ class FirecrackerSettings:
                     initrd = manifest.initramfs  # the image's kernel needs its initramfs
                 kernel = kernel or manifest.vmlinux
                 rootfs = rootfs or manifest.rootfs
-        level = text("LOG_LEVEL", "")
-        matched = [lv for lv in LOG_LEVELS if lv.lower() == level.lower()]
-        if level and not matched:
-            raise InvalidInput(f"{p}LOG_LEVEL={level!r} must be one of: {', '.join(LOG_LEVELS)}")
         return cls(
-            bin=text("BIN", "firecracker"),
+            bin=e.text("BIN", "firecracker"),
             kernel=kernel,
             rootfs=rootfs,
             initrd=initrd,
-            boot_args=text("BOOT_ARGS", DEFAULT_BOOT_ARGS),
-            socket_dir=text("SOCKET_DIR", DEFAULT_SOCKET_DIR),
-            state_dir=text("STATE_DIR", ""),
-            vcpu_count=num("VCPU_COUNT", 2, 1, MAX_VCPUS),
-            mem_mib=num("MEM_MIB", 1024, 128),
-            rootfs_ro=flag("ROOTFS_RO", True),
-            api_timeout_ms=num("API_TIMEOUT_MS", 5000, 1),
-            socket_ready_timeout_ms=num("SOCKET_READY_TIMEOUT_MS", 5000, 1),
-            boot_timeout_ms=num("BOOT_TIMEOUT_MS", 60000, 1),
-            ready_line=env.get(p + "READY_LINE", READY_LINE),
-            log_level=matched[0] if matched else "",
+            boot_args=e.text("BOOT_ARGS", DEFAULT_BOOT_ARGS),
+            socket_dir=e.text("SOCKET_DIR", DEFAULT_SOCKET_DIR),
+            state_dir=e.text("STATE_DIR", ""),
+            vcpu_count=e.integer("VCPU_COUNT", 2, 1, MAX_VCPUS),
+            mem_mib=e.integer("MEM_MIB", 1024, 128),
+            rootfs_ro=e.boolean("ROOTFS_RO", True),
+            api_timeout_ms=e.integer("API_TIMEOUT_MS", 5000, 1),
+            socket_ready_timeout_ms=e.integer("SOCKET_READY_TIMEOUT_MS", 5000, 1),
+            boot_timeout_ms=e.integer("BOOT_TIMEOUT_MS", 60000, 1),
+            ready_line=env.get(ENV_PREFIX + "READY_LINE", READY_LINE),
+            log_level=e.choice("LOG_LEVEL", "", LOG_LEVELS),
         )
 
     def default_spec(self) -> VmSpec:
