@@ -6,6 +6,7 @@ lifecycle that completes here sent only requests Firecracker would accept."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -39,7 +40,7 @@ from microvm_blueprint.runtime.lifecycle import Lifecycle
 from microvm_blueprint.runtime.model import Origin, SnapshotRecord, VmRecord, VmSpec, VmStatus, fs_name
 from microvm_blueprint.runtime.store import Store
 
-from ..fakes.firecracker_support import kill_stand_ins, stand_in_driver, stand_ins
+from ..fakes.firecracker_support import kill_stand_ins, short_socket_dir, stand_in_driver, stand_ins
 from ..waiting import until
 
 ANON = Origin()
@@ -389,6 +390,44 @@ async def test_snapshot_record_of_a_running_vm_restores_in_a_new_driver(make: Ca
     await other.restore(new, snap)
     assert await other.alive(new)
     await other.destroy(new)
+
+
+# ---- cancellation -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["close", "destroy"])
+async def test_a_cancel_while_a_watcher_winds_down_reaches_the_caller(tmp_path: Path, how: str) -> None:
+    """close()/destroy() stop a VM's watcher task; a cancellation of *their* caller meanwhile is the
+    caller's and must propagate (it was swallowed with the watcher's own CancelledError)."""
+    from microvm_blueprint.runtime.adapters.firecracker.driver import _Vm
+
+    driver = FirecrackerDriver(FirecrackerSettings(socket_dir=short_socket_dir(tmp_path)))
+    winding, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_to_stop() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            winding.set()
+            await release.wait()  # a watcher that takes a moment to wind down
+            raise
+
+    vm = record(tmp_path, "a")
+    sock = Path(driver.settings.socket_dir) / "a.sock"
+    q = _Vm("a", Path(vm.workdir), sock, FirecrackerApi(str(sock), 500), None, None, tmp_path / "disk", False)
+    watcher = q.watcher = asyncio.create_task(slow_to_stop())
+    driver._vms["a"] = q
+    caller = asyncio.create_task(driver.close(stop_vms=False) if how == "close" else driver.destroy(vm))
+    try:
+        await asyncio.wait_for(winding.wait(), 5)
+        caller.cancel()
+        done, _ = await asyncio.wait({caller}, timeout=5)
+        assert caller in done and caller.cancelled()
+        assert not watcher.done()  # the watcher still ends on its own ...
+    finally:
+        release.set()
+        await asyncio.wait({watcher, caller}, timeout=5)
+    assert watcher.cancelled()  # ... once it has wound down
 
 
 # ---- settings -----------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ class FirecrackerDriver:
             (workdir / PID).write_text(str(child.pid))
             await self._wait_api(vm)
         except BaseException as exc:
-            await self._kill(record.vm_id, workdir)
+            await asyncio.shield(self._kill(record.vm_id, workdir))
             if isinstance(exc, OSError):
                 raise VmmError(f"cannot start firecracker ({type(exc).__name__}: {exc})") from exc
             raise
@@ -250,9 +250,7 @@ class FirecrackerDriver:
             elif vm.pid and _is_ours(vm.pid, workdir):
                 await kill_pid(vm.pid, grace=grace)
             if vm.watcher is not None:
-                vm.watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await vm.watcher
+                await _stop_task(vm.watcher)
             await vm.api.aclose()
             sockets = {vm.socket}
         else:  # not ours in this process (operator restarted, never adopted): find it by its pid file
@@ -313,7 +311,7 @@ class FirecrackerDriver:
             await self._configure(q, config)
             self._save_config(q, config)
         except BaseException as exc:
-            await self._kill(vm.vm_id, workdir)
+            await asyncio.shield(self._kill(vm.vm_id, workdir))
             if isinstance(exc, OSError):
                 raise VmmError(f"cannot write the firecracker configuration ({exc})") from exc
             raise
@@ -414,7 +412,7 @@ class FirecrackerDriver:
                                      {"drive_id": DRIVE_ID, "path_on_host": str(q.disk)})
                 except VmmError as exc:
                     # Resumed, the guest would write into the snapshot's disk: stop it instead.
-                    await self._kill(q.vm_id, q.workdir)
+                    await asyncio.shield(self._kill(q.vm_id, q.workdir))
                     raise VmmError(f"firecracker could not switch the disk back after a snapshot, "
                                    f"so it was stopped: {exc}", log_tail=exc.log_tail) from exc
             if running:
@@ -461,7 +459,7 @@ class FirecrackerDriver:
                     await self._wait_state(q, "Paused", self.settings.api_timeout_ms)
             self._save_config(q, config)
         except BaseException as exc:
-            await self._kill(vm.vm_id, workdir)
+            await asyncio.shield(self._kill(vm.vm_id, workdir))
             if isinstance(exc, OSError):
                 raise VmmError(f"cannot write the firecracker configuration ({exc})") from exc
             raise
@@ -528,9 +526,7 @@ class FirecrackerDriver:
             q.stopping = True
             self._vms.pop(vm_id, None)
             if q.watcher is not None:
-                q.watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await q.watcher
+                await _stop_task(q.watcher)
             await q.api.aclose()
 
 
@@ -592,6 +588,18 @@ async def _place(src: Path, dst: Path, *, link: bool) -> None:
         raise ImageError(f"disk image not found: {exc.filename}") from exc
     except OSError as exc:
         raise VmmError(f"cannot copy the disk {src.name} ({type(exc).__name__}: {exc})") from exc
+
+
+async def _stop_task(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait for it to end.
+
+    The task's own end (cancelled, or an error, which is logged) is not the caller's; a cancellation
+    of the *caller* while it waits propagates (``asyncio.wait`` does not swallow it, as awaiting the
+    task under ``suppress(CancelledError)`` would), and the task still ends on its own."""
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.warning("%s failed: %s", task.get_name(), exc)
 
 
 async def _wait_pid_exit(pid: int | None) -> None:
