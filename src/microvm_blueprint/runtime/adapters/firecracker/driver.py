@@ -17,11 +17,14 @@ Lifecycle:
 
 * create = spawn + ``PUT /machine-config``, ``/boot-source``, ``/drives/rootfs`` (+ ``/logger`` if a
   log level is set); not started.
-* boot = ``InstanceStart``; ready when ``GET /`` says ``Running`` and the guest's ready line
-  (``settings.ready_line``) shows on its serial console in ``firecracker.log`` — this needs
-  ``console=ttyS0`` in the boot args (the default has it) and a guest that prints the line (the
-  project's images do). With ``ready_line=""`` a cold boot is ready as soon as ``GET /`` says
-  ``Running``. A boot that misses ``boot_timeout_ms`` is a :class:`VmmTimeout` with the console tail.
+* boot = ``InstanceStart``; ready when ``GET /`` says ``Running`` and, if the VM has a ready line,
+  that line shows on its serial console in ``firecracker.log`` (this needs ``console=ttyS0`` in the
+  boot args; the default has it). The ready line is decided at create
+  (:meth:`FirecrackerSettings.guest_ready_line`) and kept in ``vm.json``: ``MICROVM_FIRECRACKER_READY_LINE``
+  if set, else the image's own for one of this project's images (which print it), else none — a
+  stock distribution rootfs prints a kernel transcript and a login prompt, so for it the VMM's own
+  word (``InstanceStart`` accepted, ``GET /`` says ``Running``) is the ready signal. A boot that
+  misses ``boot_timeout_ms`` is a :class:`VmmTimeout` with the console tail.
 * stop / start = ``PATCH /vm`` ``Paused`` / ``Resumed`` (resume ready = ``GET /`` says ``Running``).
 * snapshot of a running or stopped VM: pause if running, copy the disk into the snapshot folder
   (disks are not part of a Firecracker snapshot), point the drive at that copy
@@ -92,6 +95,7 @@ class _Vm:
     stopping: bool = False
     watcher: asyncio.Task[None] | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    ready_line: str = ""  # "" = ready when the VMM says Running (see FirecrackerSettings.guest_ready_line)
 
     def exit_code(self) -> int | None:
         return self.child.returncode if self.child is not None else None
@@ -154,6 +158,13 @@ class FirecrackerDriver:
                 raise VmmTimeout(f"firecracker stayed {state!r} for {timeout_ms} ms, wanted {want!r}",
                                  log_tail=tail(vm.workdir / LOG, LOG_TAIL))
             await asyncio.sleep(0.02)
+
+    def _ready_line(self, saved: object) -> str:
+        """The ready line of a VM made earlier (kept in vm.json or a snapshot manifest): the setting
+        wins when set; a record without one gets what the current rootfs would."""
+        if self.settings.ready_line is None and isinstance(saved, str):
+            return saved
+        return self.settings.guest_ready_line()
 
     def _vm(self, record: VmRecord) -> _Vm:
         vm = self._vms.get(record.vm_id)
@@ -290,7 +301,8 @@ class FirecrackerDriver:
 
     def _save_config(self, vm: _Vm, config: Mapping[str, Any]) -> None:
         vm.config = dict(config)
-        data = {"config": config, "disk": str(vm.disk), "disk_read_only": vm.disk_read_only}
+        data = {"config": config, "disk": str(vm.disk), "disk_read_only": vm.disk_read_only,
+                "ready_line": vm.ready_line}
         (vm.workdir / CONFIG).write_text(json.dumps(data, indent=1))
 
     # ---- VmmDriver -----------------------------------------------------------------------------------
@@ -305,6 +317,7 @@ class FirecrackerDriver:
         if not read_only:
             await _place(Path(s.rootfs), disk, link=False)
         q = await self._spawn(vm, disk, read_only)
+        q.ready_line = s.guest_ready_line()  # decided by the rootfs the VM boots, kept in vm.json
         config = self._config(vm.spec, disk, read_only, str(Path(s.kernel).resolve()),
                               str(Path(s.initrd).resolve()) if s.initrd else "", s.boot_args)
         try:
@@ -331,13 +344,13 @@ class FirecrackerDriver:
             raise VmmError(f"firecracker of a created vm is {state!r}", log_tail=tail(log_path, LOG_TAIL))
         timeout_ms = self.settings.boot_timeout_ms
         await self._wait_state(q, "Running", timeout_ms)
-        if self.settings.ready_line:
+        if q.ready_line:
             await self._wait_ready_line(q, offset, timeout_ms)
         return self._handle(q)
 
     async def _wait_ready_line(self, vm: _Vm, offset: int, timeout_ms: int) -> None:
         """Scan the console (``firecracker.log``) from ``offset`` for the ready line, with a deadline."""
-        needle = self.settings.ready_line.encode()
+        needle = vm.ready_line.encode()
         deadline = time.monotonic() + timeout_ms / 1000
         carry = b""
         while True:
@@ -357,7 +370,8 @@ class FirecrackerDriver:
                                log_tail=tail(vm.workdir / LOG, LOG_TAIL))
             if time.monotonic() > deadline:
                 raise VmmTimeout(
-                    f"guest did not print its ready line {self.settings.ready_line!r} within {timeout_ms} ms",
+                    f"guest did not print its ready line {vm.ready_line!r} within {timeout_ms} ms "
+                    f"(it is {ENV_PREFIX}READY_LINE, or this project's image's own)",
                     log_tail=tail(vm.workdir / LOG, LOG_TAIL),
                 )
             await asyncio.sleep(0.05)
@@ -377,7 +391,7 @@ class FirecrackerDriver:
             "format": SNAP_FORMAT, "vm_status": vm.status.value, "spec": vm.spec.to_json(),
             "config": q.config or self._config(vm.spec, q.disk, q.disk_read_only, self.settings.kernel,
                                                self.settings.initrd, self.settings.boot_args),
-            "disk": SNAP_DISK, "disk_read_only": q.disk_read_only,
+            "disk": SNAP_DISK, "disk_read_only": q.disk_read_only, "ready_line": q.ready_line,
         }
         if vm.status is VmStatus.CREATED:
             await _place(q.disk, out / SNAP_DISK, link=False)  # config + disk only
@@ -439,6 +453,7 @@ class FirecrackerDriver:
         disk = workdir / DISK
         await _place(src / SNAP_DISK, disk, link=read_only)  # the new VM's own copy (a link if read-only)
         q = await self._spawn(vm, disk, read_only)
+        q.ready_line = self._ready_line(manifest.get("ready_line"))
         try:
             config = {**config, "drives": [{**d, "path_on_host": str(disk)} if d.get("drive_id") == DRIVE_ID else d
                                            for d in config.get("drives", [])]}
@@ -497,7 +512,8 @@ class FirecrackerDriver:
         saved = _read_json(workdir / CONFIG)
         disk = Path(saved.get("disk") or workdir / DISK)
         q = _Vm(vm.vm_id, workdir, sock, self._new_api(sock), None, pid, disk,
-                bool(saved.get("disk_read_only", False)), config=dict(saved.get("config") or {}))
+                bool(saved.get("disk_read_only", False)), config=dict(saved.get("config") or {}),
+                ready_line=self._ready_line(saved.get("ready_line")))
         try:
             await self._state(q)
         except VmError:

@@ -46,7 +46,10 @@ class FirecrackerSettings:
     api_timeout_ms: int = 5000
     socket_ready_timeout_ms: int = 5000
     boot_timeout_ms: int = 60000
-    ready_line: str = READY_LINE
+    #: the console line that says the guest is up: ``None`` (``MICROVM_FIRECRACKER_READY_LINE`` unset)
+    #: = the image's own for one of this project's images, else none (ready = the VMM says Running);
+    #: ``""`` = never wait for a line
+    ready_line: str | None = None
     log_level: str = ""  # "" = Firecracker's default logger (to stdout, i.e. firecracker.log)
     stop_timeout_ms: int = 3000  # SIGTERM grace before SIGKILL
 
@@ -110,13 +113,23 @@ class FirecrackerSettings:
             api_timeout_ms=e.integer("API_TIMEOUT_MS", 5000, 1),
             socket_ready_timeout_ms=e.integer("SOCKET_READY_TIMEOUT_MS", 5000, 1),
             boot_timeout_ms=e.integer("BOOT_TIMEOUT_MS", 60000, 1),
-            ready_line=env.get(ENV_PREFIX + "READY_LINE", READY_LINE),
+            ready_line=e.text("READY_LINE", "") or None,
             log_level=e.choice("LOG_LEVEL", "", LOG_LEVELS),
         )
 
     def default_spec(self) -> VmSpec:
         """The spec of ``MICROVM_FIRECRACKER_VCPU_COUNT``/``_MEM_MIB`` (for the operator's default)."""
         return VmSpec(vcpus=self.vcpu_count, mem_mib=self.mem_mib, image=DEFAULT_IMAGE)
+
+    def guest_ready_line(self, rootfs: str | None = None) -> str:
+        """The line to wait for on the console of a guest booting ``rootfs`` (default: ``self.rootfs``).
+
+        ``MICROVM_FIRECRACKER_READY_LINE`` if set; else the ready line of one of this project's
+        images (:func:`project_ready_line`); else ``""``: a stock distribution image prints no such
+        line, and its guest is ready when Firecracker accepted ``InstanceStart`` and says ``Running``."""
+        if self.ready_line is not None:
+            return self.ready_line
+        return project_ready_line(self.rootfs if rootfs is None else rootfs) or ""
 
     def check_binary(self) -> None:
         """Raise :class:`ImageError` naming ``MICROVM_FIRECRACKER_BIN`` if the binary cannot be run."""
@@ -141,3 +154,22 @@ class FirecrackerSettings:
         if initrd and not Path(initrd).is_file():
             raise ImageError(f"initrd not found: {initrd} (set {ENV_PREFIX}INITRD)")
 
+
+
+def project_ready_line(rootfs: str) -> str | None:
+    """The ready line of this project's image whose root filesystem is ``rootfs``, ``None`` for any other.
+
+    A project image is a folder with the ``manifest.json`` :func:`~microvm_blueprint.runtime.images.build_image`
+    writes, naming this very file as its rootfs (the default image, or ``MICROVM_FIRECRACKER_ROOTFS``
+    pointed at a built one)."""
+    if not rootfs:
+        return None
+    from ... import images
+
+    try:
+        path = Path(rootfs).resolve()
+        manifest = images.ImageManifest.load(path.parent)
+        same = Path(manifest.rootfs).resolve() == path
+    except (ImageError, OSError):
+        return None
+    return manifest.ready_line or None if same else None
