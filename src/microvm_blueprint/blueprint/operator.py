@@ -9,6 +9,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..runtime.driver import VmmDriver
 from ..runtime.errors import ImageError
@@ -29,6 +30,9 @@ from .journal import JobJournal
 from .query import QueryApp
 from .server import QueryServer
 from .settings import OperatorSettings, ProviderKind
+
+if TYPE_CHECKING:
+    from ..runtime.adapters.firecracker.settings import FirecrackerSettings
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +59,10 @@ def make_driver(settings: OperatorSettings) -> VmmDriver:
             )
         )
     try:
-        from ..runtime.adapters.firecracker import FirecrackerDriver, FirecrackerSettings
+        from ..runtime.adapters.firecracker import FirecrackerDriver
     except ImportError as exc:
         raise ImageError(f"the Firecracker provider is not available: {exc}") from exc
-    fc = FirecrackerSettings.from_env(settings.env, image_dir=settings.image_dir)
+    fc = firecracker_settings(settings)
     if fc.state_dir:
         # pointing VM folders at it would let reconciliation remove whatever else lives there
         log.warning("MICROVM_FIRECRACKER_STATE_DIR=%s is accepted for compatibility and not used: VM folders "
@@ -66,14 +70,21 @@ def make_driver(settings: OperatorSettings) -> VmmDriver:
     return FirecrackerDriver(fc)
 
 
+def firecracker_settings(settings: OperatorSettings) -> FirecrackerSettings:
+    """The Firecracker settings parsed at the entry point (defaults if the settings were built by hand)."""
+    if settings.firecracker is not None:
+        return settings.firecracker
+    from ..runtime.adapters.firecracker.settings import FirecrackerSettings
+
+    return FirecrackerSettings.from_env({}, image_dir=settings.image_dir)
+
+
 def default_spec(settings: OperatorSettings) -> VmSpec | None:
     """The spec of ``create_vm`` (no spec given): Firecracker's ``MICROVM_FIRECRACKER_VCPU_COUNT`` /
     ``_MEM_MIB``; the built-in default (1 vCPU, 256 MiB) for the others."""
     if settings.provider is not ProviderKind.FIRECRACKER:
         return None
-    from ..runtime.adapters.firecracker import FirecrackerSettings
-
-    return FirecrackerSettings.from_env(settings.env, image_dir=settings.image_dir).default_spec()
+    return firecracker_settings(settings).default_spec()
 
 
 def build_provider(settings: OperatorSettings, driver: VmmDriver | None = None) -> Lifecycle:
