@@ -57,18 +57,28 @@ def _ssh(key: Path, port: int, command: str, timeout: float = 30) -> subprocess.
         capture_output=True, text=True, timeout=timeout, check=False)
 
 
-async def test_debian_guest_answers_ssh_with_the_config_drive_key(tmp_path: Path) -> None:
-    manifest = _debian_image()
-    assert manifest.recipe == "debian" and manifest.ready_line == images.READY_LINE
-    key = tmp_path / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "test@microvm", "-f", str(key)],
+def _keygen(path: Path) -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "test@microvm", "-f", str(path)],
                    check=True, timeout=30)
+    return path
+
+
+def _prepare(tmp_path: Path, manifest: images.ImageManifest) -> tuple[Path, str]:
+    """A test key, a config drive with it, and a qcow2 overlay of DISK_MIB on the image's root."""
+    key = _keygen(tmp_path / "id_ed25519")
     instance_id = new_instance_id()
     cfg = GuestConfig.make(instance_id, "deb-test", [key.with_suffix(".pub").read_text().strip()],
                            GuestNetwork.user())
     build_config_drive(cfg, tmp_path / "cidata.img")
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", manifest.rootfs,
                     str(tmp_path / "disk.qcow2"), f"{DISK_MIB}M"], check=True, timeout=30)
+    return key, instance_id
+
+
+async def test_debian_guest_answers_ssh_with_the_config_drive_key(tmp_path: Path) -> None:
+    manifest = _debian_image()
+    assert manifest.recipe == "debian" and manifest.ready_line == images.READY_LINE
+    key, instance_id = await asyncio.to_thread(_prepare, tmp_path, manifest)
     port = _free_port()
     argv = [a for a in qemu_argv(QemuSettings(), manifest, vcpus=1, mem_mib=256, accel="tcg") if a != "-S"]
     argv[argv.index("-serial") - 1] = "file,id=console,path=console.log"  # the -chardev value
@@ -98,7 +108,8 @@ async def test_debian_guest_answers_ssh_with_the_config_drive_key(tmp_path: Path
 
         async def ssh_works() -> bool:
             r = await asyncio.to_thread(_ssh, key, port, "hostname; nproc; cat /var/lib/cloud/data/instance-id;"
-                                        " df -m --output=size / | tail -1; ip -4 addr show eth0; echo ok-$((6*7))")
+                                        " df -m --output=size / | tail -1; ip -4 addr show eth0; echo ok-$((6*7));"
+                                        " echo root=$(awk '$2==\"/\"{print $1}' /proc/mounts)")
             result[:] = [r]
             return r.returncode == 0
 
@@ -115,11 +126,12 @@ async def test_debian_guest_answers_ssh_with_the_config_drive_key(tmp_path: Path
         assert int(lines[3]) > 900  # the root grew from the image's 512 MiB to the 1 GiB disk
         assert "inet 10.0.2.15/24" in result[0].stdout
         assert "ok-42" in result[0].stdout  # a command ran in the guest's shell
-        other = tmp_path / "other"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True, timeout=30)
+        other = await asyncio.to_thread(_keygen, tmp_path / "other")
         denied = await asyncio.to_thread(_ssh, other, port, "true")
         assert denied.returncode != 0  # only the drive's key gets in
-        print(f"\ndebian boot: ready line {ready_at:.1f} s, ssh answered {ssh_at:.1f} s after launch (TCG)")
+        root = result[0].stdout.split("root=")[-1].strip()
+        print(f"\ndebian boot: ready line {ready_at:.1f} s, ssh answered {ssh_at:.1f} s after launch (TCG);"
+              f" root on {root}")
     finally:
         if proc.returncode is None:
             proc.terminate()

@@ -12,6 +12,14 @@
   line :data:`READY_LINE` and then ``tick N`` once a second (so tests see a paused guest's clock stop
   and a restored guest carry on).
 
+The ``debian`` recipe (``microvm-blueprint image build debian``) shares that kernel, adds ``virtio_net``
+and the FAT/ISO modules to the initramfs (whose ``/init`` takes whichever virtio disk holds ext4 as the
+root), and makes the root with ``mmdebstrap --variant=minbase`` from the host's own apt mirror (bookworm
++ dropbear-bin, iproute2, python3-minimal; downloaded ``.deb`` files are kept in ``.apt-archives`` for
+the next build). Its ``/sbin/init`` runs :mod:`.guestinit` (config drive: instance-id, hostname, root's
+authorized_keys, network, ``resize2fs``), starts dropbear and only then prints :data:`READY_LINE`.
+:func:`import_image` registers a user's own kernel + ext4 root (+ initrd) after checking them.
+
 Images are cached under a folder named by a hash of their inputs (package versions, build recipe,
 size) with a ``manifest.json``; a build happens in a temporary folder renamed into place.
 """
@@ -208,6 +216,20 @@ def _package_field(package: str, field: str) -> str:
     )
 
 
+def _versions(packages: tuple[str, ...]) -> dict[str, str]:
+    """Candidate versions of ``packages`` in one ``apt-cache show`` (each call reads every package list)."""
+    out = _run([_tool("apt-cache"), "show", "--no-all-versions", *packages], what="apt-cache show")
+    found: dict[str, str] = {}
+    for stanza in out.decode().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line and line[:1] != " ")
+        if fields.get("Package") in packages and "Version" in fields:
+            found.setdefault(fields["Package"], fields["Version"])
+    missing = [p for p in packages if p not in found]
+    if missing:
+        raise ImageError(f"packages {', '.join(missing)} have no Version (run `apt-get update` first)")
+    return found
+
+
 def resolve_inputs() -> dict[str, str]:
     """The exact packages a default image is built from (needs apt package lists)."""
     depends = _package_field(KERNEL_META, "Depends")
@@ -366,7 +388,7 @@ def build_image(
     if recipe == "debian":
         sources = host_debian_sources()
         inputs = {**inputs, "recipe_name": "debian", "sources": "|".join(sources),
-                  **{f"pkg:{p}": _package_field(p, "Version") for p in DEBIAN_PACKAGES}}
+                  **{f"pkg:{p}": v for p, v in _versions(DEBIAN_PACKAGES).items()}}
     key = image_key(inputs, size)
     final = cache / f"{name}-{key}"
     if (final / "manifest.json").exists():
