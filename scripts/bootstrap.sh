@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PKGS=(qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio zstd lz4 xz-utils kmod nodejs npm)
+APT_PKGS=(qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio zstd lz4 xz-utils kmod nodejs npm
+          mmdebstrap dosfstools mtools openssh-client)
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
@@ -14,6 +15,11 @@ command -v cpio >/dev/null || need+=(cpio)
 command -v zstd >/dev/null || need+=(zstd)
 command -v lz4 >/dev/null || need+=(lz4)
 command -v xz >/dev/null || need+=(xz-utils)
+# the `debian` image (mmdebstrap), config drives (mkfs.vfat + mcopy), `vms ssh` and the SSH tests
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+command -v mkfs.vfat >/dev/null || [ -x /usr/sbin/mkfs.vfat ] || [ -x /sbin/mkfs.vfat ] || need+=(dosfstools)
+command -v mcopy >/dev/null || need+=(mtools)
+command -v ssh >/dev/null && command -v ssh-keygen >/dev/null || need+=(openssh-client)
 command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)
 SUDO=""

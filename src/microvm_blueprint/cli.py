@@ -100,8 +100,16 @@ def cmd_image(args: argparse.Namespace) -> int:
 
     cache = Path(args.image_dir) if args.image_dir else images.default_cache_dir()
     if args.image_cmd == "build":
-        manifest = images.build_image(args.name, cache_dir=cache, progress=lambda line: print(f"  {line}", flush=True))
-        print(f"image {args.name!r} ready: {manifest.root}")
+        name = args.image_name or args.name
+        manifest = images.build_image(name, cache_dir=cache, progress=lambda line: print(f"  {line}", flush=True))
+        print(f"image {name!r} ready: {manifest.root}")
+        return 0
+    if args.image_cmd == "import":
+        manifest = images.import_image(
+            args.image_name, kernel=Path(args.kernel), rootfs=Path(args.rootfs),
+            initrd=Path(args.initrd) if args.initrd else None, cmdline=args.cmdline,
+            ready_line=args.ready_line, cache_dir=cache, progress=lambda line: print(f"  {line}", flush=True))
+        print(f"image {manifest.name!r} imported: {manifest.root}")
         return 0
     if args.image_cmd == "list":
         for m in images.list_images(cache):
@@ -376,10 +384,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     image = sub.add_parser("image", help="guest images built from Debian packages")
     isub = image.add_subparsers(dest="image_cmd", required=True)
-    ib = isub.add_parser("build")
-    ib.add_argument("--name", default="default")
+    ib = isub.add_parser("build", help="build `default` (busybox) or `debian` (bookworm with SSH)")
+    ib.add_argument("image_name", nargs="?", default=None, metavar="NAME")
+    ib.add_argument("--name", default="default", help="same as NAME")
+    ii = isub.add_parser("import", help="register your own kernel and ext4 root file system")
+    ii.add_argument("image_name", metavar="NAME")
+    ii.add_argument("--kernel", required=True, help="bzImage (or ELF vmlinux)")
+    ii.add_argument("--rootfs", required=True, help="ext4 file system image")
+    ii.add_argument("--initrd", default=None)
+    ii.add_argument("--cmdline", default=None, help="kernel command line (default: root=/dev/vda on ttyS0)")
+    ii.add_argument("--ready-line", default="MICROVM-READY", help="console line that means the guest is ready")
     il = isub.add_parser("list")
-    for i in (ib, il):
+    for i in (ib, ii, il):
         i.add_argument("--image-dir", default=os.environ.get("MICROVM_IMAGE_DIR"))
     return p
 

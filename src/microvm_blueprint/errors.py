@@ -1,28 +1,43 @@
-"""The root of every error this package raises on purpose.
+"""The root of every error this package raises on purpose, and the whole tree below it.
 
-Each layer hangs its own tree below :class:`MicrovmBlueprintError`::
+Every class that subclasses :class:`MicrovmBlueprintError` anywhere in the package is drawn here
+(``tests/unit/test_error_tree.py`` fails when one is missing, or when a drawn name is no class)::
 
-    MicrovmBlueprintError
-    ├── runtime.errors.VmError            VM lifecycle and VMM backends (L0)
-    │   ├── InvalidInput                  bad id / spec (the job's input)
-    │   ├── VmNotFound, VmAlreadyExists
-    │   ├── SnapshotNotFound, SnapshotAlreadyExists
-    │   ├── InvalidTransition             a forbidden cell of the state x job table
-    │   ├── QuotaExceeded
-    │   ├── ImageError                    missing kernel / image / build tool
-    │   └── VmmError                      the VMM misbehaved (exit code + log tail kept)
-    │       ├── VmmTimeout                a deadline passed (boot not ready, API silent)
-    │       └── VmmApiError               the VMM's API refused a request
-    ├── tangle.errors.TangleError         chain side (SDK port)
-    │   ├── ConfigError                   a missing or malformed setting (one line, names it)
-    │   ├── KeystoreError
-    │   ├── AbiDecodeError                calldata that does not decode
-    │   ├── RpcError                      transport trouble talking to the chain (retried)
-    │   └── JobError                      a job handler refused a call (recorded, not sent)
-    └── (blueprint layer reuses the two trees; the CLI catches this root and exits 1)
+    MicrovmBlueprintError                       errors              the root; the CLI catches it and exits 1
+    ├── ConfigError                             errors              a missing or malformed setting (names it, one line)
+    ├── TransientError                          errors              says nothing about the call: retried, never recorded
+    │   └── StoreError                          runtime.errors      state database locked / busy / I/O hiccup / disk full
+    ├── StoreUnusable                           runtime.errors      state database corrupt, not a database, other schema
+    ├── VmError                                 runtime.errors      VM lifecycle and VMM backends (L0); a call's outcome
+    │   ├── InvalidInput                        runtime.errors      bad id / spec (the job's input); nothing changed
+    │   ├── VmNotFound                          runtime.errors      "vm '<id>' not found"
+    │   ├── VmAlreadyExists                     runtime.errors      "vm '<id>' already exists" (tombstones count)
+    │   ├── SnapshotNotFound                    runtime.errors
+    │   ├── SnapshotAlreadyExists               runtime.errors
+    │   ├── InvalidTransition                   runtime.errors      a forbidden cell of the state x job table
+    │   ├── QuotaExceeded                       runtime.errors      over a configured host limit
+    │   ├── RecordedFailure                     runtime.errors      a replayed call that failed the first time (same text)
+    │   ├── ImageError                          runtime.errors      missing kernel / image / build tool
+    │   └── VmmError                            runtime.errors      the VMM misbehaved (exit code + log tail kept)
+    │       ├── VmmTimeout                      runtime.errors      a deadline passed (boot not ready, API silent)
+    │       └── VmmApiError                     runtime.errors      the VMM's API refused a request (status + body)
+    ├── TangleError                             tangle.errors       chain side (SDK port)
+    │   ├── KeystoreError                       tangle.errors       keystore missing, unreadable or malformed
+    │   ├── AbiDecodeError                      tangle.errors       calldata that does not decode
+    │   ├── RpcError                            tangle.errors       the chain answered an error or garbage (retried)
+    │   │   └── RpcUnavailable                  tangle.errors       the chain could not be reached (connection, timeout, 5xx)
+    │   ├── ContractRevert                      tangle.rpc          a call or gas estimate reverted (custom error's name)
+    │   ├── JobError                            tangle.errors       a job handler refused a call (recorded, not sent)
+    │   └── DevnetError                         tangle.devnet       the local chain could not be started or set up
+    ├── JournalError                            blueprint.journal   the job journal database is unusable
+    ├── BadRequest                              blueprint.query     a query API parameter out of range (HTTP 400)
+    ├── ClientError                             blueprint.client    the customer client: unknown job, bad argument, tx refused
+    └── CliError                                cli                 a command-line usage or client-side failure
 
-Adapters translate foreign exceptions (OSError, httpx, QMP, web3) into this tree with
-``raise ... from exc`` so callers only ever catch ours.
+Adapters translate foreign exceptions (OSError, sqlite3, httpx, QMP) into this tree with
+``raise ... from exc`` so callers only ever catch ours. A ``TransientError`` is the one kind whose
+text is never a job's outcome: whoever runs the call retries it (with a deadline) or leaves it
+unfinished so it runs again at the next start.
 """
 
 from __future__ import annotations

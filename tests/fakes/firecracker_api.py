@@ -27,9 +27,14 @@ Every response body is validated against the operation's response schema too (a 
 answer 500). ``GET /`` is ``InstanceInfo`` with state ``Not started`` / ``Running`` / ``Paused``.
 
 The "guest" writes to stdout, Firecracker's serial console, only if its boot args name
-``console=ttyS0``: a kernel banner and ``MICROVM-READY`` at ``InstanceStart``, then ``tick N``
-every 0.2 s while running. A snapshot records the configuration and the tick count (its memory file
-has ``mem_size_mib`` KiB: a scaled-down fake), so a restore carries on counting.
+``console=ttyS0``. What it writes depends on the root drive, as a real guest's output depends on
+its init: a rootfs holding this project's init (the text ``echo MICROVM-READY``, as the ext4 image
+``images.build_image`` makes does) prints a kernel banner and ``MICROVM-READY`` at
+``InstanceStart``, then ``tick N`` every 0.2 s while running; any other rootfs (a stock
+distribution image) prints what such a guest prints: a kernel transcript (none with ``quiet``) and
+a getty login prompt, and nothing after. A snapshot records the configuration, the kind of guest and
+the tick count (its memory file has ``mem_size_mib`` KiB: a scaled-down fake), so a restore carries
+on counting.
 
     firecracker_api.py --api-sock PATH [--id ID] [--fake-spec YAML] [--fake-never-listen]
 """
@@ -52,6 +57,8 @@ from typing import Any
 
 VERSION = "1.12.1"
 READY_LINE = "MICROVM-READY"
+PROJECT_INIT = b"echo " + READY_LINE.encode()  # in the /sbin/init of this project's images
+PROJECT, STOCK = "project", "stock"
 STATE_FORMAT = "fake-firecracker-vmstate/1"
 MEM_HEADER = b"fake-firecracker-memory\n"
 NOT_STARTED, RUNNING, PAUSED = "Not started", "Running", "Paused"
@@ -170,6 +177,7 @@ class Vmm:
         self.loaded = False
         self.exit_after_reply: int | None = None
         self.ticks = 0
+        self.guest = ""  # PROJECT or STOCK, from the root drive at InstanceStart
         self.lock = threading.Lock()
         threading.Thread(target=self._clock, daemon=True).start()
 
@@ -182,9 +190,55 @@ class Vmm:
         while True:
             time.sleep(0.2)
             with self.lock:
-                if self.state == RUNNING and self._console():
+                if self.state == RUNNING and self._console() and self.guest == PROJECT:
                     self.ticks += 1
                     print(f"tick {self.ticks}", flush=True)
+
+    def _root_guest(self) -> str:
+        """PROJECT if the root drive holds this project's init, else STOCK (read in chunks, bounded)."""
+        root = next((d for d in self.drives.values() if d.get("is_root_device")), None)
+        if root is None:
+            return STOCK
+        keep = len(PROJECT_INIT) - 1
+        tail = b""
+        try:
+            with open(root["path_on_host"], "rb") as fh:
+                for _ in range(256):  # at most 256 MiB
+                    chunk = fh.read(1 << 20)
+                    if not chunk:
+                        break
+                    if PROJECT_INIT in tail + chunk:
+                        return PROJECT
+                    tail = (tail + chunk)[-keep:]
+        except OSError:
+            pass
+        return STOCK
+
+    def _boot_transcript(self) -> None:
+        """What the guest prints on ttyS0 at boot."""
+        if self.guest == PROJECT:
+            print("[    0.000000] Linux version 6.1.0-fake (stand-in guest)", flush=True)
+            print(READY_LINE, flush=True)
+            return
+        args = str((self.boot_source or {}).get("boot_args", ""))
+        if "quiet" not in args.split():
+            for line in (
+                "[    0.000000] Linux version 6.1.0-28-cloud-amd64 (debian-kernel@lists.debian.org) "
+                "(x86_64-linux-gnu-gcc-12 (Debian 12.2.0-14) 12.2.0) #1 SMP PREEMPT_DYNAMIC Debian 6.1.119-1",
+                f"[    0.000000] Command line: {args}",
+                "[    0.000000] BIOS-provided physical RAM map:",
+                f"[    0.004120] Memory: {self.machine['mem_size_mib'] * 1024}K available",
+                "[    0.183334] virtio_blk virtio0: [vda] 2097152 512-byte logical blocks (1.07 GB/1.00 GiB)",
+                "[    0.221079] EXT4-fs (vda): mounted filesystem with ordered data mode. Quota mode: none.",
+                "[    0.224810] Run /sbin/init as init process",
+                "[    0.498553] systemd[1]: Detected virtualization kvm.",
+                "[  OK  ] Reached target multi-user.target - Multi-User System.",
+            ):
+                print(line, flush=True)
+        print("", flush=True)
+        print("Debian GNU/Linux 12 localhost ttyS0", flush=True)
+        print("", flush=True)
+        print("localhost login: ", end="", flush=True)
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -301,9 +355,9 @@ class Vmm:
             if self.boot_source is None:
                 raise Refused("Cannot start microvm without kernel configuration.")
             self.state = RUNNING
+            self.guest = self._root_guest()
             if self._console():
-                print("[    0.000000] Linux version 6.1.0-fake (stand-in guest)", flush=True)
-                print(READY_LINE, flush=True)
+                self._boot_transcript()
             return 204, None
         if action == "SendCtrlAltDel":
             if self.state != RUNNING:
@@ -326,7 +380,7 @@ class Vmm:
         if body.get("snapshot_type") == "Diff" and not self.machine.get("track_dirty_pages"):
             raise Refused("Diff snapshots are not allowed on uVMs with dirty page tracking disabled.")
         state = {
-            "format": STATE_FORMAT, "id": self.id, "ticks": self.ticks, "machine-config": self.machine,
+            "format": STATE_FORMAT, "id": self.id, "ticks": self.ticks, "guest": self.guest, "machine-config": self.machine,
             "boot-source": self.boot_source, "drives": self.drives, "network-interfaces": self.nets,
         }
         try:
@@ -359,6 +413,7 @@ class Vmm:
             raise Refused(f"Load snapshot error: Failed to restore from snapshot: {exc}") from exc
         self.machine, self.boot_source = state["machine-config"], state["boot-source"]
         self.drives, self.nets, self.ticks = state["drives"], state["network-interfaces"], state["ticks"]
+        self.guest = state["guest"]
         self.loaded = True
         self.state = RUNNING if body.get("resume_vm") else PAUSED
         return 204, None

@@ -13,9 +13,10 @@ from eth_abi import decode, encode
 from eth_utils import to_checksum_address
 
 from microvm_blueprint.tangle import contracts
+from microvm_blueprint.tangle.calls import JobCall
 from microvm_blueprint.tangle.consumer import TangleConsumer, submit_result_data
 from microvm_blueprint.tangle.keystore import OperatorKey, import_key
-from microvm_blueprint.tangle.producer import JobCall, TangleProducer
+from microvm_blueprint.tangle.producer import TangleProducer
 from microvm_blueprint.tangle.rpc import JsonRpc
 from microvm_blueprint.tangle.state import TangleState
 
@@ -112,11 +113,15 @@ def operator_key(tmp: Path, secret: str) -> OperatorKey:
 
 
 class Recorder:
-    """Collects the consumer's callbacks."""
+    """Collects what the consumer reports to its observer."""
 
     def __init__(self) -> None:
         self.submitted: dict[int, str] = {}
         self.dropped: dict[int, str] = {}
+
+    def on_received(self, call: JobCall, job: str) -> None: ...
+    def on_done(self, call: JobCall, output: bytes) -> None: ...
+    def on_failed(self, call: JobCall, error: str) -> None: ...
 
     def on_submitted(self, call_id: int, tx_hash: str) -> None:
         assert call_id not in self.submitted, f"call {call_id} reported submitted twice"
@@ -144,7 +149,7 @@ class Pipeline:
         )
         self.consumer = TangleConsumer(
             self.rpc, self.state, key, contract=chain.tangle, dry_run=dry_run or key is None, backoff_cap=0.4,
-            on_submitted=self.recorder.on_submitted, on_dropped=self.recorder.on_dropped, drain_timeout=5,
+            observer=self.recorder, drain_timeout=5,
         )
         self.answer = answer
         self.received: list[JobCall] = []
@@ -173,6 +178,11 @@ class Pipeline:
 
     def ids(self) -> list[int]:
         return [c.call_id for c in self.received]
+
+    def finish(self, call_id: int, output: bytes) -> None:
+        """Record a call handled with ``output`` (which queues the result), as the runner does."""
+        self.state.finish(self.chain.service_id, call_id, output)
+        self.consumer.wake()
 
     async def close(self) -> None:
         self.stop_event.set()

@@ -6,6 +6,7 @@ lifecycle that completes here sent only requests Firecracker would accept."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from microvm_blueprint.errors import ConfigError
 from microvm_blueprint.runtime.adapters.firecracker import (
     FirecrackerApi,
     FirecrackerDriver,
@@ -38,7 +40,14 @@ from microvm_blueprint.runtime.lifecycle import Lifecycle
 from microvm_blueprint.runtime.model import Origin, SnapshotRecord, VmRecord, VmSpec, VmStatus, fs_name
 from microvm_blueprint.runtime.store import Store
 
-from ..fakes.firecracker_support import kill_stand_ins, stand_in_driver, stand_ins
+from ..fakes.firecracker_support import (
+    fake_project_image,
+    fake_stock_image,
+    kill_stand_ins,
+    short_socket_dir,
+    stand_in_driver,
+    stand_ins,
+)
 from ..waiting import until
 
 ANON = Origin()
@@ -197,6 +206,94 @@ async def test_boot_waits_for_the_ready_line_with_a_deadline(make: Callable[...,
     await no_line.boot(vm)  # a replayed start of a VM already running is answered, not refused
     await no_line.destroy(vm)
     assert not Path(vm.workdir).exists()
+
+
+async def test_a_stock_rootfs_is_ready_when_the_vmm_says_running(make: Callable[..., FirecrackerDriver],
+                                                                 tmp_path: Path) -> None:
+    """A distribution image never prints MICROVM-READY: its guest is ready on the VMM's own word."""
+    driver = make(sub="stock", stock=True, boot_timeout_ms=3000)
+    assert driver.settings.ready_line is None  # MICROVM_FIRECRACKER_READY_LINE unset
+    vm = record(tmp_path / "stock", "a")
+    await driver.create(vm)
+    try:
+        assert json.loads((Path(vm.workdir) / "vm.json").read_text())["ready_line"] == ""
+        started = time.monotonic()
+        await driver.boot(vm)  # before: waited for MICROVM-READY and failed after the boot timeout
+        assert time.monotonic() - started < 3
+        assert await driver.alive(vm)
+
+        async def prompt() -> bool:
+            return "localhost login:" in await driver.console(vm, 4000)
+
+        await until(prompt, 10, "the stock guest's login prompt", every=0.05)
+        console = await driver.console(vm, 4000)
+        assert "MICROVM-READY" not in console and "Run /sbin/init" not in console  # quiet: no transcript
+    finally:
+        await driver.destroy(vm)
+
+
+async def test_a_set_ready_line_is_waited_for(make: Callable[..., FirecrackerDriver], tmp_path: Path) -> None:
+    found = make(sub="found", stock=True, boot_args="console=ttyS0 reboot=k panic=1 pci=off",
+                 ready_line="localhost login:")
+    vm = record(tmp_path / "found", "a")
+    await found.create(vm)
+    try:
+        await found.boot(vm)  # returns once the line is on the console
+        console = await found.console(vm, 4000)
+        assert "localhost login:" in console and "Run /sbin/init as init process" in console  # the transcript
+    finally:
+        await found.destroy(vm)
+    absent = make(sub="absent", stock=True, ready_line="Welcome to my distro", boot_timeout_ms=800)
+    vm = record(tmp_path / "absent", "a")
+    await absent.create(vm)
+    try:
+        with pytest.raises(VmmTimeout, match="ready line 'Welcome to my distro' within 800 ms") as err:
+            await absent.boot(vm)
+        assert "localhost login:" in err.value.log_tail  # the console tail says what the guest printed
+    finally:
+        await absent.destroy(vm)
+    assert stand_ins(absent.settings.socket_dir) == []
+
+
+def test_which_ready_line_a_rootfs_gets(tmp_path: Path) -> None:
+    kernel, project = fake_project_image(tmp_path / "image")
+    _, stock = fake_stock_image(tmp_path / "stock")
+    copy = tmp_path / "copy.ext4"
+    copy.write_bytes(project.read_bytes())  # the same bytes, but not the image's own file
+    base = FirecrackerSettings(kernel=str(kernel), rootfs=str(project))
+    assert base.guest_ready_line() == "MICROVM-READY"  # this project's image keeps its ready line
+    assert base.guest_ready_line(str(stock)) == "" and base.guest_ready_line(str(copy)) == ""
+    assert replace(base, rootfs=str(stock)).guest_ready_line() == ""
+    assert replace(base, ready_line="login:").guest_ready_line() == "login:"  # the setting wins
+    assert replace(base, ready_line="").guest_ready_line() == ""
+    assert FirecrackerSettings.from_env({"MICROVM_FIRECRACKER_READY_LINE": "login:"}).ready_line == "login:"
+    assert FirecrackerSettings.from_env({"MICROVM_FIRECRACKER_READY_LINE": " "}).ready_line is None
+    env = {"MICROVM_FIRECRACKER_KERNEL": str(kernel), "MICROVM_FIRECRACKER_ROOTFS": str(project)}
+    assert FirecrackerSettings.from_env(env).guest_ready_line() == "MICROVM-READY"
+
+
+async def test_a_restored_vm_keeps_the_ready_line_of_its_rootfs(make: Callable[..., FirecrackerDriver],
+                                                                tmp_path: Path) -> None:
+    """The ready line is decided when a VM is created (by the rootfs it boots) and travels with its
+    snapshot: restored by an operator now configured for this project's image, a created stock VM
+    still boots on the VMM's word."""
+    stock = make(sub="stock", stock=True)
+    vm = record(tmp_path, "a")
+    await stock.create(vm)
+    out = _snapdir(tmp_path)
+    size = await stock.snapshot(vm, str(out))
+    assert json.loads((out / "manifest.json").read_text())["ready_line"] == ""
+    await stock.destroy(vm)
+    project = make(sub="project", boot_timeout_ms=3000)
+    assert project.settings.guest_ready_line() == "MICROVM-READY"
+    snap = SnapshotRecord("a", "s", str(out), VmStatus.CREATED, VmSpec(), time.time(), size)
+    new = record(tmp_path, "b")
+    await project.restore(new, snap)
+    try:
+        await project.boot(new)  # would wait for MICROVM-READY, which a stock guest never prints
+        assert await project.alive(new) and "localhost login:" in await project.console(new, 4000)
+    finally:
+        await project.destroy(new)
 
 
 async def test_unknown_field_surfaces_as_vmm_api_error(make: Callable[..., FirecrackerDriver], tmp_path: Path) -> None:
@@ -390,6 +487,44 @@ async def test_snapshot_record_of_a_running_vm_restores_in_a_new_driver(make: Ca
     await other.destroy(new)
 
 
+# ---- cancellation -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["close", "destroy"])
+async def test_a_cancel_while_a_watcher_winds_down_reaches_the_caller(tmp_path: Path, how: str) -> None:
+    """close()/destroy() stop a VM's watcher task; a cancellation of *their* caller meanwhile is the
+    caller's and must propagate (it was swallowed with the watcher's own CancelledError)."""
+    from microvm_blueprint.runtime.adapters.firecracker.driver import _Vm
+
+    driver = FirecrackerDriver(FirecrackerSettings(socket_dir=short_socket_dir(tmp_path)))
+    winding, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_to_stop() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            winding.set()
+            await release.wait()  # a watcher that takes a moment to wind down
+            raise
+
+    vm = record(tmp_path, "a")
+    sock = Path(driver.settings.socket_dir) / "a.sock"
+    q = _Vm("a", Path(vm.workdir), sock, FirecrackerApi(str(sock), 500), None, None, tmp_path / "disk", False)
+    watcher = q.watcher = asyncio.create_task(slow_to_stop())
+    driver._vms["a"] = q
+    caller = asyncio.create_task(driver.close(stop_vms=False) if how == "close" else driver.destroy(vm))
+    try:
+        await asyncio.wait_for(winding.wait(), 5)
+        caller.cancel()
+        done, _ = await asyncio.wait({caller}, timeout=5)
+        assert caller in done and caller.cancelled()
+        assert not watcher.done()  # the watcher still ends on its own ...
+    finally:
+        release.set()
+        await asyncio.wait({watcher, caller}, timeout=5)
+    assert watcher.cancelled()  # ... once it has wound down
+
+
 # ---- settings -----------------------------------------------------------------------------------
 
 
@@ -413,9 +548,10 @@ def test_settings_from_env_parse_and_name_the_bad_variable(tmp_path: Path) -> No
     for name, value in [("MEM_MIB", "lots"), ("MEM_MIB", "64"), ("VCPU_COUNT", "0"), ("VCPU_COUNT", "33"),
                         ("API_TIMEOUT_MS", "-5"), ("SOCKET_READY_TIMEOUT_MS", "1.5"), ("ROOTFS_RO", "maybe"),
                         ("LOG_LEVEL", "loud"), ("SOCKET_DIR", "/" + "d" * 90)]:
-        with pytest.raises(InvalidInput, match=f"MICROVM_FIRECRACKER_{name}="):
+        with pytest.raises(ConfigError, match=f"MICROVM_FIRECRACKER_{name}=") as err:
             FirecrackerSettings.from_env({f"MICROVM_FIRECRACKER_{name}": value})
-    with pytest.raises(InvalidInput, match="107-byte limit"):
+        assert not isinstance(err.value, InvalidInput)  # the operator's setting, not a job's input
+    with pytest.raises(ConfigError, match="107-byte limit"):
         FirecrackerSettings(socket_dir="/" + "x" * 80)
 
 

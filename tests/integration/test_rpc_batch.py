@@ -28,6 +28,15 @@ async def test_a_batch_answers_each_call_and_maps_each_error(anvil: Anvil) -> No
         assert isinstance(answers[1], ContractRevert) and answers[1].name == "JobCallNotFound"
         assert answers[2] is None
         assert isinstance(answers[3], RpcError) and "no_such_method" in str(answers[3])
+        # each keeps what was asked and answered; a revert is told by its code (3) or its data
+        assert answers[1].method == "eth_estimateGas" and answers[1].code == 3
+        assert answers[3].method == "no_such_method" and answers[3].code == -32601
+        empty, broke = await rpc.batch([
+            ("eth_call", [{"to": d.contract, "data": "0xdeadbeef"}, "latest"]),  # no such function: bare revert
+            ("eth_estimateGas", [{"to": d.contract, "data": "0x", "from": ANVIL_ADDRESSES[1], "value": hex(2**130)}]),
+        ])
+        assert isinstance(empty, ContractRevert) and empty.code == 3 and empty.name is None
+        assert type(broke) is RpcError and broke.method == "eth_estimateGas" and broke.code not in (None, 3)
         assert await rpc.batch([]) == []
         receipts = await rpc.receipts(["0x" + "00" * 32, "0xnot-a-hash"])
         assert receipts[0] is None and isinstance(receipts[1], RpcError)

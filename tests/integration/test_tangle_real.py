@@ -12,8 +12,9 @@ from eth_abi import encode
 
 from microvm_blueprint.tangle import contracts
 from microvm_blueprint.tangle.abi import encode_result
-from microvm_blueprint.tangle.consumer import GAS_MULTIPLIER, JobResult, submit_results_data
-from microvm_blueprint.tangle.producer import JobCall, TangleProducer
+from microvm_blueprint.tangle.calls import JobCall
+from microvm_blueprint.tangle.consumer import GAS_MULTIPLIER, submit_results_data
+from microvm_blueprint.tangle.producer import TangleProducer
 from microvm_blueprint.tangle.rpc import ContractRevert, JsonRpc
 from microvm_blueprint.tangle.state import TangleState
 
@@ -89,8 +90,9 @@ async def test_several_pending_results_go_in_one_submit_results(
     ids = [(await submit_job(rpc, chain, 0, vm_args(f"vm-{i}")))[0] for i in range(3)]
     pipe = Pipeline(chain, chain.rpc_url, tmp_path / "t.sqlite3", operator_key(tmp_path, chain.operator_key))
     for call_id in ids:
-        assert pipe.consumer.enqueue(JobResult(0, call_id, TRUE))
-    assert not pipe.consumer.enqueue(JobResult(0, ids[0], TRUE))  # queued once only
+        pipe.finish(call_id, TRUE)
+    pipe.finish(ids[0], b"\x02")  # queued once only: the first result stays
+    assert [(r.call_id, r.output) for r in pipe.state.pending(10)] == [(i, TRUE) for i in ids]
     await pipe.start()
     try:
         await wait_for(lambda: len(pipe.recorder.submitted) == 3, 20, "three results")
@@ -122,13 +124,13 @@ async def test_duplicates_are_success_without_a_paid_failure(
     nonce_before = await rpc.nonce(chain.operator)
 
     pipe = Pipeline(chain, chain.rpc_url, tmp_path / "t.sqlite3", operator_key(tmp_path, chain.operator_key))
-    pipe.consumer.enqueue(JobResult(0, done_a, TRUE))
+    pipe.finish(done_a, TRUE)
     await pipe.start()
     try:
         await wait_for(lambda: pipe.state.outbox_status(0, done_a) == ("done", None), 20, "call a settled")
         assert await rpc.nonce(chain.operator) == nonce_before  # nothing sent for it
-        pipe.consumer.enqueue(JobResult(0, done_b, TRUE))
-        pipe.consumer.enqueue(JobResult(0, open_c, TRUE))
+        pipe.finish(done_b, TRUE)
+        pipe.finish(open_c, TRUE)
         await wait_for(lambda: open_c in pipe.recorder.submitted, 20, "call c sent")
         await wait_for(lambda: pipe.consumer.idle, 20, "the outbox drained")
         assert pipe.state.outbox_status(0, done_b) == ("done", None)
@@ -146,7 +148,7 @@ async def test_permanent_reverts_are_dropped(real_tangle: RealTangleChain, rpc: 
     start = await rpc.block_number()
     unknown = 1_000_000
     pipe = Pipeline(chain, chain.rpc_url, tmp_path / "t.sqlite3", operator_key(tmp_path, chain.operator_key))
-    pipe.consumer.enqueue(JobResult(0, unknown, TRUE))
+    pipe.finish(unknown, TRUE)
     await pipe.start()
     try:
         await wait_for(lambda: unknown in pipe.recorder.dropped, 20, "the unknown call dropped")
@@ -159,7 +161,7 @@ async def test_permanent_reverts_are_dropped(real_tangle: RealTangleChain, rpc: 
     call_id = (await submit_job(rpc, chain, 0, vm_args("x")))[0]
     stranger = tmp_path / "stranger"
     pipe = Pipeline(chain, chain.rpc_url, tmp_path / "s.sqlite3", operator_key(stranger, chain.stranger_key))
-    pipe.consumer.enqueue(JobResult(0, call_id, TRUE))
+    pipe.finish(call_id, TRUE)
     await pipe.start()
     try:
         await wait_for(lambda: call_id in pipe.recorder.dropped, 20, "the result dropped")
@@ -331,7 +333,7 @@ async def test_a_result_sent_before_a_crash_is_watched_not_sent_again(
     receipt = await submit_result_directly(rpc, chain, call_id, TRUE)  # what the dead process had sent
     db = tmp_path / "t.sqlite3"
     state = TangleState(db)
-    state.enqueue(0, call_id, TRUE)
+    state.finish(0, call_id, TRUE)
     state.mark(0, [call_id], "sent", tx_hash=receipt["transactionHash"])
     state.close()
     nonce = await rpc.nonce(chain.operator)

@@ -13,7 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from microvm_blueprint.runtime import images
+
 from ..fakes.firecracker_support import STAND_IN, kill_stand_ins, short_socket_dir, stand_ins
+
+PROJECT_ROOTFS = b"\0" * 1000 + images.ROOT_INIT.format(ready=images.READY_LINE).encode()
 
 
 @dataclass
@@ -62,7 +66,7 @@ def start(tmp: Path, name: str = "fc") -> Api:
         assert time.monotonic() < deadline, "stand-in did not start"
         time.sleep(0.02)
     (tmp / "k").write_bytes(b"k")
-    (tmp / "d").write_bytes(b"d")
+    (tmp / "d").write_bytes(PROJECT_ROOTFS)  # this project's image unless a test says otherwise
     client = httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://localhost", timeout=5)
     return Api(client, tmp, proc, out)
 
@@ -265,6 +269,39 @@ def test_console_output_needs_console_on_ttys0(tmp_path: Path, shared: Path) -> 
         assert "MICROVM-READY" not in without.out.read_text() and "tick" not in without.out.read_text()
     finally:
         for a in (with_console, without):
+            a.c.close()
+            a.proc.kill()
+            a.proc.wait()
+    assert stand_ins(str(tmp_path)) == []
+
+
+def test_a_stock_rootfs_boots_to_a_login_prompt_not_the_ready_line(tmp_path: Path, shared: Path) -> None:
+    """A guest prints what its rootfs's init prints: a stock distribution image, a kernel transcript
+    (none with ``quiet``) and a login prompt; never MICROVM-READY, never ticks."""
+    loud, quiet, project = start(tmp_path, "a"), start(tmp_path / "q", "q"), start(tmp_path / "p", "p")
+    try:
+        for a in (loud, quiet):
+            (a.tmp / "d").write_bytes(b"\0" * 4096 + b"/lib/systemd/systemd\0")
+        loud.boot("console=ttyS0 reboot=k panic=1")
+        quiet.boot("console=ttyS0 quiet")
+        project.boot("console=ttyS0 quiet")  # this project's image, as a clock for the others
+        deadline = time.monotonic() + 10
+        while not all("localhost login: " in a.out.read_text() for a in (loud, quiet)):
+            assert time.monotonic() < deadline, (loud.out.read_text(), quiet.out.read_text())
+            time.sleep(0.05)
+        assert "Linux version" in loud.out.read_text() and "Run /sbin/init as init process" in loud.out.read_text()
+        assert "Linux version" not in quiet.out.read_text()
+        while "tick 2" not in project.out.read_text():  # a project guest booted as early has ticked twice
+            assert time.monotonic() < deadline, project.out.read_text()
+            time.sleep(0.05)
+        for a in (loud, quiet):
+            text = a.out.read_text()
+            assert "MICROVM-READY" not in text and "tick" not in text, text
+        ok(loud.c.patch("/vm", json={"state": "Paused"}))  # a snapshot keeps the kind of guest
+        ok(loud.c.put("/snapshot/create", json=loud.snap()))
+        assert json.loads((loud.tmp / "state").read_text())["guest"] == "stock"
+    finally:
+        for a in (loud, quiet, project):
             a.c.close()
             a.proc.kill()
             a.proc.wait()

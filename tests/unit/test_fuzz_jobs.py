@@ -17,15 +17,16 @@ from eth_abi import encode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from microvm_blueprint.blueprint.jobs import JOBS, build_router
+from microvm_blueprint.blueprint.jobs import JOBS, JOBS_BY_NAME, build_router, make_handler
+from microvm_blueprint.errors import TransientError
 from microvm_blueprint.runtime.adapters.in_memory import InMemoryDriver
 from microvm_blueprint.runtime.errors import InvalidInput
 from microvm_blueprint.runtime.lifecycle import Lifecycle
 from microvm_blueprint.runtime.model import validate_id
 from microvm_blueprint.runtime.store import Store
 from microvm_blueprint.tangle.abi import decode_args
+from microvm_blueprint.tangle.calls import JobCall
 from microvm_blueprint.tangle.errors import AbiDecodeError, JobError
-from microvm_blueprint.tangle.producer import JobCall
 
 settings.register_profile("ci", max_examples=3500, deadline=None, suppress_health_check=list(HealthCheck))
 settings.register_profile("dev", max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
@@ -58,11 +59,15 @@ def _fingerprint() -> tuple[object, ...]:
 
 
 def _run(job_index: int, inputs: bytes) -> str | None:
-    route = _router.lookup(job_index)
-    assert route is not None
+    """As the runner does: the router decodes the inputs once (inputs that do not decode are the job's
+    failure), then the handler runs with the decoded arguments."""
     call = JobCall(service_id=0, call_id=next(_calls), job_index=job_index, caller="0x" + "c" * 40, inputs=inputs)
+    routed = _router.prepare(call)
+    assert routed.route is not None
+    if routed.refused is not None:
+        return routed.refused
     try:
-        _loop.run_until_complete(route.handler(call))
+        _loop.run_until_complete(routed.route.handler(call, routed.args))
     except JobError as exc:
         return str(exc)
     return None
@@ -136,3 +141,17 @@ def test_huge_inputs_refused(size: int) -> None:
     error = _run(0, b"\x00" * size)
     assert error == f"inputs of {size} bytes exceed the limit of {64 * 1024} bytes"
     assert _fingerprint() == before
+
+
+def test_a_transient_error_passes_through_the_handler_for_the_runner_to_retry() -> None:
+    """A locked database says nothing about the call: the handler lets it through (the runner retries
+    it or leaves the call for the next start) instead of turning it into the job's failure."""
+
+    class LockedProvider:
+        async def create_vm(self, vm_id: str, spec: object, origin: object) -> None:
+            raise TransientError("database is locked")
+
+    handler = make_handler(JOBS_BY_NAME["create_vm"], LockedProvider())  # type: ignore[arg-type]
+    call = JobCall(service_id=0, call_id=next(_calls), job_index=0, caller="0x" + "c" * 40, inputs=b"")
+    with pytest.raises(TransientError, match="database is locked"):
+        _loop.run_until_complete(handler(call, ("vm-1",)))

@@ -280,3 +280,164 @@ def test_tsc_khz_prefers_the_kernels_refined_calibration() -> None:
     assert qemu.tsc_khz_from_kernel_log(log) == 2_099_998
     assert qemu.tsc_khz_from_kernel_log(log[:2]) == 2_100_000
     assert qemu.tsc_khz_from_kernel_log(["nothing"]) is None
+
+
+# ---- image import ---------------------------------------------------------------------------
+
+
+def _bzimage(path: Path, size: int = 600 * 1024) -> Path:
+    data = bytearray(size)
+    data[0x1FE:0x200] = b"\x55\xaa"
+    data[0x202:0x206] = b"HdrS"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _ext4(path: Path, mib: int = 2) -> Path:
+    with open(path, "wb") as fh:
+        fh.truncate(mib * 1024 * 1024)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(path)], check=True, capture_output=True, timeout=60)
+    return path
+
+
+needs_mkfs = pytest.mark.skipif(shutil.which("mkfs.ext4") is None and not Path("/usr/sbin/mkfs.ext4").exists()
+                                and not Path("/sbin/mkfs.ext4").exists(), reason="e2fsprogs is not installed")
+
+
+@needs_mkfs
+def test_import_registers_a_users_kernel_and_ext4_root(tmp_path: Path) -> None:
+    kernel, rootfs = _bzimage(tmp_path / "vmlinuz"), _ext4(tmp_path / "root.ext4")
+    initrd = tmp_path / "initrd.img"
+    initrd.write_bytes(images.cpio_newc([("init", 0o100755, b"#!/bin/sh\n")]))
+    cache = tmp_path / "cache"
+    lines: list[str] = []
+    m = images.import_image("mine", kernel=kernel, rootfs=rootfs, initrd=initrd, cache_dir=cache,
+                            progress=lines.append)
+    assert m.recipe == "imported" and m.name == "mine"
+    assert images.resolve_image("mine", cache) == m
+    assert Path(m.rootfs).read_bytes() == rootfs.read_bytes() and Path(m.rootfs) != rootfs  # a copy
+    assert Path(m.bzimage).read_bytes() == kernel.read_bytes()
+    assert Path(m.initramfs).read_bytes() == initrd.read_bytes()
+    assert m.rootfs_size_mib == 2 and "root=/dev/vda" in m.cmdline and m.ready_line == images.READY_LINE
+    assert m.vmlinux == ""  # no LZ4 payload in this fake bzImage: no Firecracker kernel
+    assert lines and all(line.startswith("[") and "s] " in line for line in lines)  # elapsed time per step
+    again = images.import_image("mine", kernel=kernel, rootfs=rootfs, cache_dir=cache, cmdline="console=ttyS0 x")
+    assert again.initramfs == "" and again.cmdline == "console=ttyS0 x" and again.root != m.root
+    assert images.resolve_image("mine", cache) == again  # no initrd is fine
+    assert [x.name for x in images.list_images(cache)] == ["mine"]
+
+
+@needs_mkfs
+def test_import_takes_an_elf_kernel_as_vmlinux(tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"\x7fELF\x02\x01\x01" + b"\0" * (600 * 1024))
+    m = images.import_image("elfk", kernel=kernel, rootfs=_ext4(tmp_path / "r.ext4"), cache_dir=tmp_path / "c")
+    assert m.vmlinux == m.bzimage and m.vmlinux.endswith("vmlinux")
+
+
+@needs_mkfs
+@pytest.mark.parametrize(("case", "message"), [
+    ("kernel missing", r"kernel .*/nope does not exist"),
+    ("rootfs missing", r"rootfs .*/nope does not exist"),
+    ("initrd missing", r"initrd .*/nope does not exist"),
+    ("kernel is a folder", r"kernel .* is not a regular file"),
+    ("kernel too small", r"kernel .* is 1000 bytes; expected 524288-268435456 bytes"),
+    ("kernel not a kernel", r"kernel .* is neither a bzImage \(no HdrS boot header\) nor an ELF vmlinux"),
+    ("rootfs not ext4", r"rootfs .* is not an ext4 file system \(no superblock magic at byte 1080\)"),
+    ("rootfs too small", r"rootfs .* is 4096 bytes; expected 1048576-"),
+    ("initrd garbage", r"initrd .* is neither a cpio archive nor a compressed one"),
+    ("initrd empty", r"initrd .* is 0 bytes; expected 1-"),
+    ("built-in name", r"'debian' is a built-in image"),
+    ("path name", r"must be a plain name"),
+    ("multi-line cmdline", r"cmdline must be one line"),
+])
+def test_import_refuses_bad_files_with_a_clear_error(tmp_path: Path, case: str, message: str) -> None:
+    good_kernel, good_root = _bzimage(tmp_path / "k"), _ext4(tmp_path / "r.ext4")
+    args: dict[str, object] = {"kernel": good_kernel, "rootfs": good_root}
+    name = "mine"
+    bad = tmp_path / "bad"
+    if case == "kernel missing":
+        args["kernel"] = tmp_path / "nope"
+    elif case == "rootfs missing":
+        args["rootfs"] = tmp_path / "nope"
+    elif case == "initrd missing":
+        args["initrd"] = tmp_path / "nope"
+    elif case == "kernel is a folder":
+        bad.mkdir()
+        args["kernel"] = bad
+    elif case == "kernel too small":
+        bad.write_bytes(b"x" * 1000)
+        args["kernel"] = bad
+    elif case == "kernel not a kernel":
+        bad.write_bytes(b"MZ" + b"\0" * (600 * 1024))
+        args["kernel"] = bad
+    elif case == "rootfs not ext4":
+        bad.write_bytes(b"\0" * (2 * 1024 * 1024))
+        args["rootfs"] = bad
+    elif case == "rootfs too small":
+        bad.write_bytes(b"\0" * 4096)
+        args["rootfs"] = bad
+    elif case == "initrd garbage":
+        bad.write_bytes(b"hello world")
+        args["initrd"] = bad
+    elif case == "initrd empty":
+        bad.write_bytes(b"")
+        args["initrd"] = bad
+    elif case == "built-in name":
+        name = "debian"
+    elif case == "path name":
+        name = "../x"
+    elif case == "multi-line cmdline":
+        args["cmdline"] = "console=ttyS0\ninit=/bin/sh"
+    cache = tmp_path / "cache"
+    with pytest.raises(ImageError, match=message):
+        images.import_image(name, cache_dir=cache, **args)  # type: ignore[arg-type]
+    assert not cache.exists() or images.list_images(cache) == []  # nothing registered
+
+
+# ---- debian recipe pieces that need no network ----------------------------------------------
+
+
+def test_host_debian_sources_reads_list_and_deb822(tmp_path: Path) -> None:
+    lst = tmp_path / "sources.list"
+    lst.write_text("# comment\ndeb [signed-by=/k.gpg arch=amd64] http://mirror.example/debian/ bookworm main contrib\n"
+                   "deb-src http://mirror.example/debian bookworm main\n"
+                   "deb http://mirror.example/debian bullseye main\n")
+    d822 = tmp_path / "debian.sources"
+    d822.write_text("Types: deb\n# note\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\n"
+                    "Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n"
+                    "Types: deb\nURIs: http://sec.example/debian-security\nSuites: bookworm-security\n"
+                    "Components: main\n\nTypes: deb\nEnabled: no\nURIs: http://off.example/d\nSuites: bookworm\n")
+    other = tmp_path / "nodesource.sources"
+    other.write_text("Types: deb\nURIs: https://deb.nodesource.com/node_20.x\nSuites: nodistro\n")
+    assert images.host_debian_sources([lst, d822, other, tmp_path / "absent.list"]) == [
+        "deb http://mirror.example/debian bookworm main",
+        "deb http://mirror.example/debian bookworm-updates main",
+        "deb http://sec.example/debian-security bookworm-security main",
+    ]
+    assert images.host_debian_sources([tmp_path / "absent.list"])[0] == "deb http://deb.debian.org/debian bookworm main"
+
+
+def test_dpkg_versions_lists_installed_packages(tmp_path: Path) -> None:
+    status = tmp_path / "var" / "lib" / "dpkg" / "status"
+    status.parent.mkdir(parents=True)
+    status.write_text("Package: dropbear-bin\nStatus: install ok installed\nVersion: 2022.83-1+deb12u2\n"
+                      "Description: x\n continued: line\n\nPackage: gone\nStatus: deinstall ok config-files\n"
+                      "Version: 1\n\nPackage: iproute2\nStatus: install ok installed\nVersion: 6.1.0-3\n")
+    assert images.dpkg_versions(tmp_path) == {"dropbear-bin": "2022.83-1+deb12u2", "iproute2": "6.1.0-3"}
+    assert images.dpkg_versions(tmp_path / "none") == {}
+
+
+def test_debian_recipe_is_chosen_by_name_and_unknown_recipes_refused(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="unknown image recipe 'alpine'"):
+        images.build_image("x", cache_dir=tmp_path, recipe="alpine")
+    # the debian init prints the same ready line as the default image, after sshd starts
+    init = images.DEBIAN_INIT.format(ready=images.READY_LINE)
+    assert init.index("dropbear") < init.index(images.READY_LINE) and "guestinit.py" in init
+    assert init.index("guestinit.py") < init.index("dropbear")
+    assert "vfat" in images.DEBIAN_MODULES and "virtio_net" in images.DEBIAN_MODULES
+
+
+def test_default_image_key_is_unchanged_by_the_debian_recipe() -> None:
+    # the default image's cache address must not move (recipe 2, same inputs): built images stay valid
+    assert images.image_key(INPUTS, 64) == "ae07cb59b4ab2f4b"  # what the code before the debian recipe gave

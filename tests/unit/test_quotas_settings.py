@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -44,14 +45,42 @@ async def test_snapshot_disk_quota(tmp_path: Path) -> None:
 
 
 def test_operator_settings_errors(tmp_path: Path) -> None:
-    with pytest.raises(InvalidInput, match="MICROVM_PROVIDER='kvm-magic' is not one of: in-memory, qemu, firecracker"):
-        OperatorSettings.from_env({"MICROVM_PROVIDER": "kvm-magic"}, tmp_path)
-    with pytest.raises(InvalidInput, match="MICROVM_MAX_VMS='many' is not an integer"):
-        OperatorSettings.from_env({"MICROVM_MAX_VMS": "many"}, tmp_path)
-    with pytest.raises(InvalidInput, match="MICROVM_API_ADDR"):
-        OperatorSettings.from_env({"MICROVM_API_ADDR": "localhost"}, tmp_path)
+    # a bad setting is the operator's ConfigError, never the customer's InvalidInput
+    for env, message in [
+        ({"MICROVM_PROVIDER": "kvm-magic"}, "MICROVM_PROVIDER='kvm-magic' is not one of: in-memory, qemu, firecracker"),
+        ({"MICROVM_MAX_VMS": "many"}, "MICROVM_MAX_VMS='many' is not an integer"),
+        ({"MICROVM_API_ADDR": "localhost"}, "MICROVM_API_ADDR"),
+        ({"MICROVM_MAX_VCPUS": "0"}, "MICROVM_MAX_VCPUS='0' must be at least 1"),
+        ({"MICROVM_EPHEMERAL": "sometimes"}, "MICROVM_EPHEMERAL='sometimes' is not a boolean"),
+        ({"MICROVM_QEMU_ACCEL": "hvf"}, "MICROVM_QEMU_ACCEL='hvf' is not one of: auto, kvm, tcg"),
+        ({"MICROVM_BOOT_TIMEOUT_S": "soon"}, "MICROVM_BOOT_TIMEOUT_S='soon' is not a number of seconds"),
+        ({"MICROVM_PROVIDER": "firecracker", "MICROVM_FIRECRACKER_VCPU_COUNT": "64"},
+         "MICROVM_FIRECRACKER_VCPU_COUNT='64' must be between 1 and 32"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)) as err:
+            OperatorSettings.from_env(env, tmp_path)
+        assert not isinstance(err.value, InvalidInput) and "\n" not in str(err.value)
     s = OperatorSettings.from_env({"MICROVM_PROVIDER": "QEMU", "MICROVM_MAX_VMS": "3"}, tmp_path)
     assert (s.provider, s.limits.max_vms) == (ProviderKind.QEMU, 3)
+    assert s.firecracker is None  # MICROVM_FIRECRACKER_* is parsed only for that provider
+    fc = OperatorSettings.from_env({"MICROVM_PROVIDER": "firecracker", "MICROVM_FIRECRACKER_MEM_MIB": "512"}, tmp_path)
+    assert fc.firecracker is not None and fc.firecracker.mem_mib == 512  # parsed once, here
+
+
+def test_a_bad_microvm_setting_makes_the_cli_exit_1_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from microvm_blueprint.cli import main
+
+    for name, value in {**BASE, "DATA_DIR": str(tmp_path), "KEYSTORE_URI": str(tmp_path / "none")}.items():
+        monkeypatch.setenv(name, value)
+    for bad, value in (("MICROVM_MAX_VMS", "many"), ("MICROVM_FIRECRACKER_ROOTFS_RO", "maybe")):
+        monkeypatch.setenv("MICROVM_PROVIDER", "firecracker")
+        monkeypatch.setenv(bad, value)
+        assert main(["run", "--dry-run"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {bad}={value!r} ") and err.count("\n") == 1, err
+        monkeypatch.delenv(bad)
 
 
 BASE = {"DATA_DIR": "/tmp/x", "BLUEPRINT_ID": "1", "SERVICE_ID": "2",

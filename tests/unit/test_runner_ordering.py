@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from microvm_blueprint.tangle.calls import JobCall
 from microvm_blueprint.tangle.consumer import TangleConsumer
-from microvm_blueprint.tangle.producer import JobCall
-from microvm_blueprint.tangle.router import Router
+from microvm_blueprint.tangle.router import Args, Router
 from microvm_blueprint.tangle.runner import BlueprintRunner
 from microvm_blueprint.tangle.state import TangleState
 
@@ -32,20 +32,20 @@ async def test_per_key_order_and_cross_key_concurrency(tmp_path: Path) -> None:
     release = {i: asyncio.Event() for i in range(5)}
     started = {i: asyncio.Event() for i in range(5)}
 
-    async def handler(c: JobCall) -> bytes:
+    async def handler(c: JobCall, args: Args) -> bytes:
         events.append(f"start {c.call_id}")
         started[c.call_id].set()
         await asyncio.wait_for(release[c.call_id].wait(), 10)
         events.append(f"end {c.call_id}")
         return b"\x01"
 
-    router = Router().route(0, handler, name="h", key=lambda c: c.inputs.decode())
+    router = Router().route(0, handler, name="h", key=lambda c, a: c.inputs.decode())
     state = TangleState(tmp_path / "t.sqlite3")
     consumer = TangleConsumer(None, state, None, contract="0x" + "0" * 40, dry_run=True)  # type: ignore[arg-type]
     calls = [call(0, "a"), call(1, "a"), call(2, "b"), call(3, "a"), call(4, "c")]
     for c in calls:  # the inbox holds them, as the producer would have recorded
         state.advance("k", __import__("microvm_blueprint.tangle.state", fromlist=["Cursor"]).Cursor(1, None),
-                      [c.to_row()])
+                      [c])
     runner = BlueprintRunner(router, ListProducer(calls), consumer, state)  # type: ignore[arg-type]
     task = asyncio.create_task(runner.run())
     # a, b and c start at once; the second and third "a" wait for the first
@@ -79,7 +79,7 @@ async def test_a_crashing_handler_does_not_stop_the_service(tmp_path: Path) -> N
         def on_submitted(self, call_id: int, tx: str) -> None: ...
         def on_dropped(self, call_id: int, why: str) -> None: ...
 
-    async def boom(c: JobCall) -> bytes:
+    async def boom(c: JobCall, args: Args) -> bytes:
         if c.call_id == 0:
             raise RuntimeError("kaboom with a secret 0xdeadbeef")
         return b"\x01"

@@ -15,7 +15,7 @@ from eth_abi import encode
 from eth_utils import keccak
 
 from microvm_blueprint.tangle import consumer as consumer_mod
-from microvm_blueprint.tangle.consumer import GAS_FALLBACK, JobResult, TangleConsumer
+from microvm_blueprint.tangle.consumer import GAS_FALLBACK, TangleConsumer
 from microvm_blueprint.tangle.errors import RpcError
 from microvm_blueprint.tangle.keystore import import_key
 from microvm_blueprint.tangle.rpc import ContractRevert
@@ -67,6 +67,34 @@ class FakeChain:
         return [await self.receipt(h) for h in tx_hashes]
 
 
+class Observer:
+    """Hears what the sender reports (the journal, in the operator)."""
+
+    def __init__(self, explode: bool = False) -> None:
+        self.explode = explode
+        self.submitted: dict[int, str] = {}
+        self.dropped: dict[int, str] = {}
+
+    def on_received(self, call: Any, job: str) -> None: ...
+    def on_done(self, call: Any, output: bytes) -> None: ...
+    def on_failed(self, call: Any, error: str) -> None: ...
+
+    def on_submitted(self, call_id: int, tx_hash: str) -> None:
+        self.submitted[call_id] = tx_hash
+        if self.explode:
+            raise RuntimeError("journal is gone")
+
+    def on_dropped(self, call_id: int, reason: str) -> None:
+        self.dropped[call_id] = reason
+
+
+def finish(consumer: TangleConsumer, call_id: int, output: bytes = b"\x01") -> None:
+    """What the runner does with a job's result: record the call handled (queueing its result in the
+    same transaction) and wake the sender."""
+    consumer.state.finish(0, call_id, output)
+    consumer.wake()
+
+
 def make(tmp: Path, chain: FakeChain, **kw: Any) -> tuple[TangleConsumer, TangleState]:
     state = TangleState(tmp / "t.sqlite3")
     key = import_key(tmp / "keystore", "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d")
@@ -91,9 +119,10 @@ async def test_an_unclassified_revert_is_held_back_then_dropped(tmp_path: Path, 
     monkeypatch.setattr(consumer_mod, "MAX_UNKNOWN_REVERTS", 3)
     monkeypatch.setattr(consumer_mod, "HOLD_CAP", 0.02)
     chain = FakeChain(estimate=ContractRevert("execution reverted", SERVICE_NOT_ACTIVE + "00" * 32))
-    dropped: dict[int, str] = {}
-    consumer, state = make(tmp_path, chain, on_dropped=lambda c, why: dropped.__setitem__(c, why))
-    consumer.enqueue(JobResult(0, 7, b"\x01"))
+    observer = Observer()
+    dropped = observer.dropped
+    consumer, state = make(tmp_path, chain, observer=observer)
+    finish(consumer, 7)
     await run_until(consumer, lambda: 7 in dropped)
     assert dropped[7] == "ServiceNotActive (after 3 attempts)"
     assert chain.sent == [] and state.outbox_status(0, 7) == ("dropped", None)
@@ -101,9 +130,10 @@ async def test_an_unclassified_revert_is_held_back_then_dropped(tmp_path: Path, 
 
 async def test_a_result_whose_transactions_keep_failing_is_dropped(tmp_path: Path) -> None:
     chain = FakeChain(receipt_status="0x0")
-    dropped: dict[int, str] = {}
-    consumer, _ = make(tmp_path, chain, on_dropped=lambda c, why: dropped.__setitem__(c, why))
-    consumer.enqueue(JobResult(0, 1, b"\x01"))
+    observer = Observer()
+    dropped = observer.dropped
+    consumer, _ = make(tmp_path, chain, observer=observer)
+    finish(consumer, 1)
     await run_until(consumer, lambda: 1 in dropped)
     assert len(chain.sent) == consumer_mod.MAX_SEND_ATTEMPTS
     assert "failed on-chain" in dropped[1]
@@ -113,9 +143,10 @@ async def test_a_refused_estimate_falls_back_to_a_fixed_limit_for_an_open_call(t
     from eth_account import Account
 
     chain = FakeChain(estimate=RpcError("eth_estimateGas: method not supported"))
-    submitted: dict[int, str] = {}
-    consumer, _ = make(tmp_path, chain, on_submitted=lambda c, tx: submitted.__setitem__(c, tx))
-    consumer.enqueue(JobResult(0, 3, b"\x01"))
+    observer = Observer()
+    submitted = observer.submitted
+    consumer, _ = make(tmp_path, chain, observer=observer)
+    finish(consumer, 3)
     await run_until(consumer, lambda: 3 in submitted)
     fields = rlp.decode(chain.sent[0]["raw"])
     assert int.from_bytes(fields[2], "big") == GAS_FALLBACK  # [nonce, gasPrice, gas, to, value, data, v, r, s]
@@ -126,15 +157,12 @@ async def test_a_refused_estimate_falls_back_to_a_fixed_limit_for_an_open_call(t
 async def test_callbacks_that_raise_do_not_stop_the_sender(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     chain = FakeChain()
 
-    def explode(call_id: int, tx: str) -> None:
-        raise RuntimeError("journal is gone")
-
-    consumer, state = make(tmp_path, chain, on_submitted=explode)
-    consumer.enqueue(JobResult(0, 1, b"\x01"))
+    consumer, state = make(tmp_path, chain, observer=Observer(explode=True))
+    finish(consumer, 1)
     await run_until(consumer, lambda: state.outbox_status(0, 1) is not None and state.outbox_status(0, 1)[0] == "done")
-    consumer.enqueue(JobResult(0, 2, b"\x01"))
+    finish(consumer, 2)
     await run_until(consumer, lambda: state.outbox_status(0, 2) is not None and state.outbox_status(0, 2)[0] == "done")
-    assert "result callback failed" in caplog.text
+    assert "job observer failed on on_submitted of call 1" in caplog.text
     assert [int.from_bytes(rlp.decode(s["raw"])[0], "big") for s in chain.sent] == [0, 1]  # local nonces
 
 
@@ -143,7 +171,7 @@ async def test_results_linger_to_share_one_transaction(tmp_path: Path) -> None:
     consumer, state = make(tmp_path, chain, linger=0.2)
     started = asyncio.get_running_loop().time()
     for call_id in (1, 2, 3):
-        consumer.enqueue(JobResult(0, call_id, b"\x01"))
+        finish(consumer, call_id)
     await run_until(consumer, lambda: all((state.outbox_status(0, c) or ("",))[0] == "done" for c in (1, 2, 3)))
     assert len(chain.sent) == 1  # submitResults with all three
     assert rlp.decode(chain.sent[0]["raw"])[5][:4] == consumer_mod.SEL_SUBMIT_RESULTS
@@ -153,8 +181,8 @@ async def test_results_linger_to_share_one_transaction(tmp_path: Path) -> None:
 async def test_a_full_batch_does_not_linger(tmp_path: Path) -> None:
     chain = FakeChain()
     consumer, _ = make(tmp_path, chain, linger=60.0, batch_max=2)
-    consumer.enqueue(JobResult(0, 1, b"\x01"))
-    consumer.enqueue(JobResult(0, 2, b"\x01"))
+    finish(consumer, 1)
+    finish(consumer, 2)
     await run_until(consumer, lambda: len(chain.sent) == 1, timeout=10)  # 60 s of lingering would time out
     assert rlp.decode(chain.sent[0]["raw"])[5][:4] == consumer_mod.SEL_SUBMIT_RESULTS
 
@@ -177,7 +205,7 @@ async def test_receipts_are_looked_for_ever_less_often_while_none_comes(
     chain = FakeChain()
     chain.mined = False
     consumer, state = make(tmp_path, chain, linger=0)
-    consumer.enqueue(JobResult(0, 1, b"\x01"))
+    finish(consumer, 1)
     await consumer._round()
     assert len(chain.sent) == 1
     asked: list[float] = []
@@ -206,7 +234,7 @@ async def test_a_new_block_is_looked_at_at_once(tmp_path: Path, monkeypatch: pyt
     chain.mined = False
     blocks = [0]
     consumer, state = make(tmp_path, chain, linger=0, blocks=lambda: blocks[0])
-    consumer.enqueue(JobResult(0, 1, b"\x01"))
+    finish(consumer, 1)
     await consumer._round()
     for _ in range(200):  # 2 s without a block: the wait has grown to the cap
         clock.now += 0.01
@@ -226,10 +254,10 @@ async def test_a_new_block_is_looked_at_at_once(tmp_path: Path, monkeypatch: pyt
 async def test_after_a_reorg_the_nonce_is_read_from_the_chain_again(tmp_path: Path) -> None:
     chain = FakeChain()
     consumer, state = make(tmp_path, chain, linger=0)
-    consumer.enqueue(JobResult(0, 1, b"\x01"))
+    finish(consumer, 1)
     await run_until(consumer, lambda: (state.outbox_status(0, 1) or ("",))[0] == "done")
     chain.nonce_value = 0  # the reorg took our transaction with nonce 0 away
     consumer.chain_reorged()
-    consumer.enqueue(JobResult(0, 2, b"\x01"))
+    finish(consumer, 2)
     await run_until(consumer, lambda: (state.outbox_status(0, 2) or ("",))[0] == "done")
     assert [int.from_bytes(rlp.decode(s["raw"])[0], "big") for s in chain.sent] == [0, 0]  # not 1

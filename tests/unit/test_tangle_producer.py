@@ -14,13 +14,14 @@ from eth_abi import encode
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from microvm_blueprint.tangle.calls import JobCall
 from microvm_blueprint.tangle.contracts import (
     TOPIC_JOB_SUBMITTED,
     TOPIC_JOB_SUBMITTED_FROM_QUOTE,
     TOPIC_SERVICE_ACTIVATED,
 )
 from microvm_blueprint.tangle.errors import RpcError, RpcUnavailable, TangleError
-from microvm_blueprint.tangle.producer import JobCall, TangleProducer, decode_job_log
+from microvm_blueprint.tangle.producer import TangleProducer, decode_job_log
 from microvm_blueprint.tangle.state import TangleState
 
 CONTRACT = "0x0165878A594ca255338adfa4d48449f69242Eb8F"

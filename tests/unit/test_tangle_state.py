@@ -8,20 +8,21 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from microvm_blueprint.tangle.state import Cursor, InboxRow, TangleState
+from microvm_blueprint.tangle.calls import JobCall
+from microvm_blueprint.tangle.state import Cursor, TangleState
 
 KEY = "jobs:0xabc:0"
 
 
-def call(call_id: int, tx: str, block: int = 25) -> InboxRow:
-    return InboxRow(service_id=0, call_id=call_id, job_index=0, caller="0x" + "11" * 20, inputs=b"in-" + tx.encode(),
+def call(call_id: int, tx: str, block: int = 25) -> JobCall:
+    return JobCall(service_id=0, call_id=call_id, job_index=0, caller="0x" + "11" * 20, inputs=b"in-" + tx.encode(),
                     block_number=block, block_hash="0x" + "22" * 32, log_index=0, tx_hash=tx, from_quote=False)
 
 
 def test_a_rewind_reopens_the_results_mined_from_there_on_once_the_scan_is_back(tmp_path: Path) -> None:
     state = TangleState(tmp_path / "t.sqlite3")
     for call_id in range(5):
-        state.enqueue(0, call_id, b"\x01")
+        state.finish(0, call_id, b"\x01")
     state.mark(0, [0], "done", tx_hash="0xa", block=10)  # before the rewind point
     state.mark(0, [1], "done", tx_hash="0xb", block=20)  # at it
     state.mark(0, [2], "done", tx_hash="0xc", block=25)  # after it
@@ -44,7 +45,7 @@ def test_a_rewind_reopens_the_results_mined_from_there_on_once_the_scan_is_back(
 def one_mined(path: Path, *, block: int, cursor: int, call_id: int = 1) -> TangleState:
     """A state with one result of ours mined in ``block``, and the cursor at ``cursor``."""
     state = TangleState(path)
-    state.enqueue(0, call_id, b"\x01")
+    state.finish(0, call_id, b"\x01")
     state.mark(0, [call_id], "done", tx_hash=f"0x{call_id}", block=block)
     state.set_cursor(KEY, Cursor(cursor, "0x" + "11" * 32))
     return state

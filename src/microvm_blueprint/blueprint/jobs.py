@@ -11,13 +11,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import MicrovmBlueprintError
+from ..errors import MicrovmBlueprintError, TransientError
 from ..runtime.model import Origin, VmSpec
 from ..runtime.provider import VmProvider
-from ..tangle.abi import decode_args, encode_result
+from ..tangle.abi import encode_result
+from ..tangle.calls import JobCall
 from ..tangle.errors import JobError
-from ..tangle.producer import JobCall
-from ..tangle.router import Router
+from ..tangle.router import Args, Handler, Router
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +70,12 @@ def _origin(call: JobCall) -> Origin:
     return Origin(call_id=call.call_id, caller=call.caller)
 
 
-def _key_for(job: JobDef) -> Callable[[JobCall], str | None]:
-    """Per-VM ordering key: the VM the job changes (restore: the new VM)."""
+def _key_for(job: JobDef) -> Callable[[JobCall, Args], str | None]:
+    """Per-VM ordering key: the VM the job changes (restore: the new VM), from the decoded arguments."""
     position = job.arg_names.index("new_vm_id") if "new_vm_id" in job.arg_names else 0
 
-    def key(call: JobCall) -> str | None:
-        try:
-            args = decode_args(job.arg_types, call.inputs)
-        except MicrovmBlueprintError:
-            return None
-        value = args[position]
+    def key(call: JobCall, args: Args) -> str | None:
+        value = args[position] if len(args) > position else None
         return value if isinstance(value, str) else None
 
     return key
@@ -99,14 +95,16 @@ _APPLY: dict[str, Apply] = {
 }
 
 
-def make_handler(job: JobDef, provider: VmProvider) -> Callable[[JobCall], Awaitable[bytes]]:
+def make_handler(job: JobDef, provider: VmProvider) -> Handler:
+    """The job's handler: ``args`` are its inputs, decoded once by the router (``job.arg_types``). A
+    :class:`TransientError` passes through (the runner retries it); any other error of ours is the job's
+    failure text."""
     apply = _APPLY[job.name]
 
-    async def handler(call: JobCall) -> bytes:
+    async def handler(call: JobCall, args: Args) -> bytes:
         try:
-            args = decode_args(job.arg_types, call.inputs)
             await apply(provider, args, _origin(call))
-        except JobError:
+        except (JobError, TransientError):
             raise
         except MicrovmBlueprintError as exc:
             raise JobError(str(exc)) from exc
@@ -120,5 +118,5 @@ def build_router(provider: VmProvider, *, jobs: Sequence[JobDef] = JOBS) -> Rout
     """A router with every lifecycle job wired to ``provider``."""
     router = Router()
     for job in jobs:
-        router.route(job.index, make_handler(job, provider), name=job.name, key=_key_for(job))
+        router.route(job.index, make_handler(job, provider), name=job.name, key=_key_for(job), args=job.arg_types)
     return router

@@ -9,17 +9,19 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..runtime.driver import VmmDriver
 from ..runtime.errors import ImageError
 from ..runtime.lifecycle import Lifecycle
 from ..runtime.model import VmSpec
 from ..runtime.store import Store
+from ..tangle.calls import JobCall
 from ..tangle.consumer import TangleConsumer
 from ..tangle.environment import BlueprintEnvironment
 from ..tangle.heads import NewHeads
 from ..tangle.keystore import OperatorKey, load_operator_key
-from ..tangle.producer import JobCall, TangleProducer
+from ..tangle.producer import TangleProducer
 from ..tangle.rpc import JsonRpc
 from ..tangle.runner import BlueprintRunner
 from ..tangle.state import TangleState
@@ -28,6 +30,9 @@ from .journal import JobJournal
 from .query import QueryApp
 from .server import QueryServer
 from .settings import OperatorSettings, ProviderKind
+
+if TYPE_CHECKING:
+    from ..runtime.adapters.firecracker.settings import FirecrackerSettings
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +59,10 @@ def make_driver(settings: OperatorSettings) -> VmmDriver:
             )
         )
     try:
-        from ..runtime.adapters.firecracker import FirecrackerDriver, FirecrackerSettings
+        from ..runtime.adapters.firecracker import FirecrackerDriver
     except ImportError as exc:
         raise ImageError(f"the Firecracker provider is not available: {exc}") from exc
-    fc = FirecrackerSettings.from_env(settings.env, image_dir=settings.image_dir)
+    fc = firecracker_settings(settings)
     if fc.state_dir:
         # pointing VM folders at it would let reconciliation remove whatever else lives there
         log.warning("MICROVM_FIRECRACKER_STATE_DIR=%s is accepted for compatibility and not used: VM folders "
@@ -65,14 +70,21 @@ def make_driver(settings: OperatorSettings) -> VmmDriver:
     return FirecrackerDriver(fc)
 
 
+def firecracker_settings(settings: OperatorSettings) -> FirecrackerSettings:
+    """The Firecracker settings parsed at the entry point (defaults if the settings were built by hand)."""
+    if settings.firecracker is not None:
+        return settings.firecracker
+    from ..runtime.adapters.firecracker.settings import FirecrackerSettings
+
+    return FirecrackerSettings.from_env({}, image_dir=settings.image_dir)
+
+
 def default_spec(settings: OperatorSettings) -> VmSpec | None:
     """The spec of ``create_vm`` (no spec given): Firecracker's ``MICROVM_FIRECRACKER_VCPU_COUNT`` /
     ``_MEM_MIB``; the built-in default (1 vCPU, 256 MiB) for the others."""
     if settings.provider is not ProviderKind.FIRECRACKER:
         return None
-    from ..runtime.adapters.firecracker import FirecrackerSettings
-
-    return FirecrackerSettings.from_env(settings.env, image_dir=settings.image_dir).default_spec()
+    return firecracker_settings(settings).default_spec()
 
 
 def build_provider(settings: OperatorSettings, driver: VmmDriver | None = None) -> Lifecycle:
@@ -82,7 +94,8 @@ def build_provider(settings: OperatorSettings, driver: VmmDriver | None = None) 
 
 
 class JournalObserver:
-    """Feeds the runner's job outcomes into the journal behind ``GET /jobs/{call_id}``."""
+    """The :class:`~microvm_blueprint.tangle.calls.JobObserver` that feeds the runner's and the result
+    sender's events into the journal behind ``GET /jobs/{call_id}``."""
 
     def __init__(self, journal: JobJournal) -> None:
         self.journal = journal
@@ -144,7 +157,7 @@ class Operator:
         heads = NewHeads(env.ws_rpc_url) if env.ws_rpc_url else None
         consumer = TangleConsumer(
             rpc, state, key, contract=env.tangle_contract, dry_run=env.dry_run,
-            on_submitted=observer.on_submitted, on_dropped=observer.on_dropped,
+            observer=observer,
             blocks=(lambda: heads.heads) if heads else None, linger=env.result_linger,
         )
         producer = TangleProducer(

@@ -3,6 +3,9 @@
 ::
 
     MicrovmBlueprintError                 (microvm_blueprint.errors)
+    ├── TransientError                    (microvm_blueprint.errors) retried, never recorded
+    │   └── StoreError                    the state database is locked / busy / had an I/O hiccup
+    ├── StoreUnusable                     the state database is corrupt, not a database, wrong schema
     └── VmError
         ├── InvalidInput                  bad id / spec; nothing changed
         ├── VmNotFound                    "vm '<id>' not found"
@@ -17,13 +20,16 @@
             ├── VmmTimeout                a deadline passed (boot not ready, socket absent, API silent)
             └── VmmApiError               the VMM's API refused a request (status + body)
 
+Store errors are not ``VmError``: they say nothing about the call (a locked database is not a
+customer's mistake), so the lifecycle never records them as a call's outcome.
+
 Every message is the exact text a customer sees in ``GET /jobs/{call_id}``; none carries a secret.
 Adapters translate foreign errors (OSError, httpx, QMP) with ``raise ... from exc``.
 """
 
 from __future__ import annotations
 
-from ..errors import MicrovmBlueprintError
+from ..errors import MicrovmBlueprintError, TransientError
 
 
 class VmError(MicrovmBlueprintError):
@@ -109,3 +115,13 @@ class VmmApiError(VmmError):
         super().__init__(message, **kw)  # type: ignore[arg-type]
         self.status = status
         self.body = body
+
+
+class StoreError(TransientError):
+    """The state database failed for now (locked or busy past the busy timeout, disk I/O error, disk
+    full): the step can succeed later, so it is retried and never recorded as the call's outcome."""
+
+
+class StoreUnusable(MicrovmBlueprintError):
+    """The state database cannot be used at all (corrupt, not a database, a schema this version does
+    not know): retrying does not help; the operator has to look at the file."""

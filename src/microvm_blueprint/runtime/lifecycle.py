@@ -12,12 +12,12 @@ import asyncio
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TypeVar
 
 from ..crashpoints import crash_point
+from ..errors import TransientError
 from .driver import VmmDriver
 from .errors import (
     QuotaExceeded,
@@ -48,9 +48,17 @@ from .store import Store, StoredVm
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 LIVE = (VmStatus.CREATED, VmStatus.RUNNING, VmStatus.STOPPED)
+
+
+class _VmLock:
+    """One VM's lock and how many calls hold or wait on it (the entry goes when that is 0)."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
 
 
 class Lifecycle:
@@ -74,39 +82,81 @@ class Lifecycle:
         self.snaps_dir = self.state_dir / "snapshots"
         self.vms_dir.mkdir(parents=True, exist_ok=True)
         self.snaps_dir.mkdir(parents=True, exist_ok=True)
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _VmLock] = {}  # only VMs a call holds or waits on (see _locked)
         driver.set_exit_listener(self._on_vmm_exit)
 
     # ---- plumbing ---------------------------------------------------------------------------
 
     @asynccontextmanager
     async def _locked(self, *vm_ids: str) -> AsyncIterator[None]:
-        locks = [self._locks.setdefault(v, asyncio.Lock()) for v in sorted(set(vm_ids))]
-        for lock in locks:
-            await lock.acquire()
+        """Hold the lock of every named VM (taken in sorted order, so two calls never wait on each
+        other crosswise). A VM's lock exists only while a call holds or waits on it: the table holds
+        the VMs in use, not every VM ever touched."""
+        ids = sorted(set(vm_ids))
+        entries: list[_VmLock] = []
+        for v in ids:
+            entry = self._locks.get(v)
+            if entry is None:
+                entry = self._locks[v] = _VmLock()
+            entry.users += 1
+            entries.append(entry)
+        held: list[_VmLock] = []
         try:
+            for entry in entries:
+                await entry.lock.acquire()
+                held.append(entry)
             yield
         finally:
-            for lock in reversed(locks):
-                lock.release()
+            for entry in reversed(held):
+                entry.lock.release()
+            for v, entry in zip(ids, entries, strict=True):
+                entry.users -= 1
+                if entry.users == 0:
+                    del self._locks[v]
 
-    async def _call(
-        self, origin: Origin, action: str, vm_id: str | None, body: Callable[[], Awaitable[T]],
-        replay: Callable[[], Awaitable[T]],
-    ) -> T:
-        """Run one state change: replay check, then ``body``; a VmError is recorded for replays."""
-        if origin.call_id is not None:
-            done = self.store.get_call(origin.call_id)
-            if done is not None:
-                log.info("call %s replayed; answering the recorded outcome", origin.call_id)
-                if not done.ok:
-                    raise RecordedFailure(done.error or "failed")
-                return await replay()
+    def _replayed(self, origin: Origin) -> bool:
+        """True when ``origin``'s call was already applied and succeeded (answer it as a replay);
+        :class:`RecordedFailure` with the same text when it was applied and failed."""
+        if origin.call_id is None:
+            return False
+        done = self.store.get_call(origin.call_id)
+        if done is None:
+            return False
+        log.info("call %s replayed; answering the recorded outcome", origin.call_id)
+        if not done.ok:
+            raise RecordedFailure(done.error or "failed")
+        return True
+
+    @asynccontextmanager
+    async def _recorded(self, origin: Origin, job: str, vm_id: object) -> AsyncIterator[None]:
+        """A ``VmError`` raised in the body is the call's final outcome: recorded, so a replay of the
+        call answers the same error. A ``TransientError`` (a locked database) says nothing about the
+        call: it is not recorded, and the same call id can run again and succeed."""
         try:
-            return await body()
-        except VmError as exc:
-            self.store.record_failure(origin, action, vm_id, str(exc))
+            yield
+        except TransientError:
             raise
+        except VmError as exc:
+            self.store.record_failure(origin, job, _safe(vm_id), str(exc))
+            raise
+
+    @asynccontextmanager
+    async def _transition(
+        self, origin: Origin, job: str, vm_id: str, action: Action | None, **ids: str
+    ) -> AsyncIterator[StoredVm]:
+        """The skeleton of every change to an existing VM: check ``vm_id`` and then ``ids`` (keyword =
+        the id's name in error texts), lock the VM, load it (:class:`VmNotFound`), guard ``action``
+        against the state x job table, and record a ``VmError`` from any of it or from the body as
+        the call's outcome (see :meth:`_recorded`). Yields the VM as stored when the lock was taken."""
+        async with self._recorded(origin, job, vm_id):
+            validate_id("vm_id", vm_id)
+            for kind, value in ids.items():
+                validate_id(kind, value)
+            async with self._locked(vm_id):
+                vm = self._require(vm_id)
+                if action is not None:
+                    guard(vm_id, vm.status, action)
+                yield vm
 
     def _require(self, vm_id: str) -> StoredVm:
         vm = self.store.get_vm(vm_id)
@@ -157,13 +207,13 @@ class Lifecycle:
     # ---- VmProvider ---------------------------------------------------------------------------
 
     async def create_vm(self, vm_id: str, spec: VmSpec | None, origin: Origin) -> VmView:
-        async def body() -> VmView:
+        if self._replayed(origin):
+            return await self.get_vm(vm_id)
+        async with self._recorded(origin, "create_vm", vm_id):
             validate_id("vm_id", vm_id)
             checked = self.limits.check_spec(spec or self.default_spec)
             async with self._locked(vm_id):
                 return await self._create_locked(vm_id, checked, origin)
-
-        return await self._call(origin, "create_vm", _safe(vm_id), body, lambda: self.get_vm(vm_id))
 
     async def _create_locked(self, vm_id: str, spec: VmSpec, origin: Origin) -> VmView:
         if self.store.get_vm(vm_id) is not None:
@@ -193,93 +243,44 @@ class Lifecycle:
         self.store.drop_intent(intent)
 
     async def start_vm(self, vm_id: str, origin: Origin) -> VmView:
-        async def body() -> VmView:
-            validate_id("vm_id", vm_id)
-            async with self._locked(vm_id):
-                vm = self._require(vm_id)
-                guard(vm_id, vm.status, Action.START)
-                try:
-                    if vm.status is VmStatus.CREATED:
-                        handle = await self.driver.boot(self._record(vm))
-                        crash_point("start.after_boot")
-                        self.store.update_vm(vm_id, VmStatus.RUNNING, origin, "start", handle=handle)
-                    else:
-                        await self.driver.resume(self._record(vm))
-                        self.store.update_vm(vm_id, VmStatus.RUNNING, origin, "start")
-                except VmmTimeout as exc:
-                    if vm.status is VmStatus.CREATED:  # a boot that misses its deadline is a failed start
-                        self.store.update_vm(
-                            vm_id, VmStatus.FAILED, origin, "start", error=exc.detail()[:2000], call_ok=False
-                        )
-                    else:
-                        await self._after_driver_error(vm, exc)
-                    raise
-                except VmmError as exc:
+        if self._replayed(origin):
+            return await self.get_vm(vm_id)
+        async with self._transition(origin, "start_vm", vm_id, Action.START) as vm:
+            try:
+                if vm.status is VmStatus.CREATED:
+                    handle = await self.driver.boot(self._record(vm))
+                    crash_point("start.after_boot")
+                    self.store.update_vm(vm_id, VmStatus.RUNNING, origin, "start", handle=handle)
+                else:
+                    await self.driver.resume(self._record(vm))
+                    self.store.update_vm(vm_id, VmStatus.RUNNING, origin, "start")
+            except VmmTimeout as exc:
+                if vm.status is VmStatus.CREATED:  # a boot that misses its deadline is a failed start
+                    self.store.update_vm(
+                        vm_id, VmStatus.FAILED, origin, "start", error=exc.detail()[:2000], call_ok=False
+                    )
+                else:
                     await self._after_driver_error(vm, exc)
-                    raise
-                return self._view(vm_id)
-
-        return await self._call(origin, "start_vm", _safe(vm_id), body, lambda: self.get_vm(vm_id))
+                raise
+            except VmmError as exc:
+                await self._after_driver_error(vm, exc)
+                raise
+            return self._view(vm_id)
 
     async def stop_vm(self, vm_id: str, origin: Origin) -> VmView:
-        async def body() -> VmView:
-            validate_id("vm_id", vm_id)
-            async with self._locked(vm_id):
-                vm = self._require(vm_id)
-                guard(vm_id, vm.status, Action.STOP)
-                try:
-                    await self.driver.pause(self._record(vm))
-                except VmmError as exc:
-                    await self._after_driver_error(vm, exc)
-                    raise
-                self.store.update_vm(vm_id, VmStatus.STOPPED, origin, "stop")
-                return self._view(vm_id)
-
-        return await self._call(origin, "stop_vm", _safe(vm_id), body, lambda: self.get_vm(vm_id))
+        if self._replayed(origin):
+            return await self.get_vm(vm_id)
+        async with self._transition(origin, "stop_vm", vm_id, Action.STOP) as vm:
+            try:
+                await self.driver.pause(self._record(vm))
+            except VmmError as exc:
+                await self._after_driver_error(vm, exc)
+                raise
+            self.store.update_vm(vm_id, VmStatus.STOPPED, origin, "stop")
+            return self._view(vm_id)
 
     async def snapshot_vm(self, vm_id: str, snapshot_id: str, origin: Origin) -> SnapshotView:
-        async def body() -> SnapshotView:
-            validate_id("vm_id", vm_id)
-            validate_id("snapshot_id", snapshot_id)
-            async with self._locked(vm_id):
-                vm = self._require(vm_id)
-                guard(vm_id, vm.status, Action.SNAPSHOT)
-                if self.store.get_snapshot(vm_id, snapshot_id) is not None:
-                    raise SnapshotAlreadyExists(vm_id, snapshot_id)
-                lim = self.limits.max_snapshot_bytes
-                if lim is not None and self.store.usage()[2] >= lim:
-                    raise QuotaExceeded(f"quota exceeded: snapshot disk limit of {lim} bytes reached")
-                snapdir = self.snaps_dir / fs_name(vm_id) / fs_name(snapshot_id)
-                shutil.rmtree(snapdir, ignore_errors=True)
-                intent = self.store.add_intent(vm_id, "snapshot", str(snapdir), origin.call_id)
-                snapdir.mkdir(parents=True)
-                try:
-                    crash_point("snapshot.after_intent")
-                    size = await self.driver.snapshot(self._record(vm), str(snapdir))
-                    crash_point("snapshot.after_save")
-                    if lim is not None and self.store.usage()[2] + size > lim:
-                        raise QuotaExceeded(
-                            f"quota exceeded: snapshot of {size} bytes would pass the limit of {lim} bytes"
-                        )
-                except BaseException as exc:
-                    shutil.rmtree(snapdir, ignore_errors=True)
-                    self.store.drop_intent(intent)
-                    if isinstance(exc, VmmError):
-                        await self._after_driver_error(vm, exc)
-                    raise
-                snap = SnapshotRecord(
-                    vm_id=vm_id,
-                    snapshot_id=snapshot_id,
-                    path=str(snapdir),
-                    vm_status=vm.status,
-                    spec=vm.spec,
-                    created_at=time.time(),
-                    size_bytes=size,
-                )
-                self.store.add_snapshot(snap, origin, intent=intent)
-                return _snap_view(snap)
-
-        async def replay() -> SnapshotView:
+        if self._replayed(origin):
             try:
                 return await self.get_snapshot(vm_id, snapshot_id)
             except SnapshotNotFound:
@@ -287,25 +288,57 @@ class Lifecycle:
                 taken = [h for h in self.store.history(vm_id) if h.call_id == origin.call_id]
                 at, status = (taken[0].at, taken[0].status) if taken else (0.0, self._require(vm_id).status)
                 return SnapshotView(snapshot_id=snapshot_id, created_at=at, size_bytes=0, vm_status=status)
-
-        return await self._call(origin, "snapshot_vm", _safe(vm_id), body, replay)
+        async with self._transition(origin, "snapshot_vm", vm_id, Action.SNAPSHOT, snapshot_id=snapshot_id) as vm:
+            if self.store.get_snapshot(vm_id, snapshot_id) is not None:
+                raise SnapshotAlreadyExists(vm_id, snapshot_id)
+            lim = self.limits.max_snapshot_bytes
+            if lim is not None and self.store.usage()[2] >= lim:
+                raise QuotaExceeded(f"quota exceeded: snapshot disk limit of {lim} bytes reached")
+            snapdir = self.snaps_dir / fs_name(vm_id) / fs_name(snapshot_id)
+            shutil.rmtree(snapdir, ignore_errors=True)
+            intent = self.store.add_intent(vm_id, "snapshot", str(snapdir), origin.call_id)
+            snapdir.mkdir(parents=True)
+            try:
+                crash_point("snapshot.after_intent")
+                size = await self.driver.snapshot(self._record(vm), str(snapdir))
+                crash_point("snapshot.after_save")
+                if lim is not None and self.store.usage()[2] + size > lim:
+                    raise QuotaExceeded(
+                        f"quota exceeded: snapshot of {size} bytes would pass the limit of {lim} bytes"
+                    )
+            except BaseException as exc:
+                shutil.rmtree(snapdir, ignore_errors=True)
+                self.store.drop_intent(intent)
+                if isinstance(exc, VmmError):
+                    await self._after_driver_error(vm, exc)
+                raise
+            snap = SnapshotRecord(
+                vm_id=vm_id,
+                snapshot_id=snapshot_id,
+                path=str(snapdir),
+                vm_status=vm.status,
+                spec=vm.spec,
+                created_at=time.time(),
+                size_bytes=size,
+            )
+            self.store.add_snapshot(snap, origin, intent=intent)
+            return _snap_view(snap)
 
     async def destroy_vm(self, vm_id: str, origin: Origin) -> VmView:
-        async def body() -> VmView:
-            validate_id("vm_id", vm_id)
-            async with self._locked(vm_id):
-                vm = self._require(vm_id)
-                guard(vm_id, vm.status, Action.DESTROY)
-                await self.driver.destroy(self._record(vm))
-                crash_point("destroy.after_vmm")
-                shutil.rmtree(vm.workdir, ignore_errors=True)
-                self.store.update_vm(vm_id, VmStatus.DESTROYED, origin, "destroy", handle=None, error=vm.error)
-                return self._view(vm_id)
-
-        return await self._call(origin, "destroy_vm", _safe(vm_id), body, lambda: self.get_vm(vm_id))
+        if self._replayed(origin):
+            return await self.get_vm(vm_id)
+        async with self._transition(origin, "destroy_vm", vm_id, Action.DESTROY) as vm:
+            await self.driver.destroy(self._record(vm))
+            crash_point("destroy.after_vmm")
+            shutil.rmtree(vm.workdir, ignore_errors=True)
+            self.store.update_vm(vm_id, VmStatus.DESTROYED, origin, "destroy", handle=None, error=vm.error)
+            return self._view(vm_id)
 
     async def restore_vm(self, source_vm_id: str, snapshot_id: str, new_vm_id: str, origin: Origin) -> VmView:
-        async def body() -> VmView:
+        if self._replayed(origin):
+            return await self.get_vm(new_vm_id)
+        # not a _transition: the call is about the new VM (recorded under it), loaded is the source
+        async with self._recorded(origin, "restore_vm", new_vm_id):
             validate_id("source_vm_id", source_vm_id)
             validate_id("snapshot_id", snapshot_id)
             validate_id("new_vm_id", new_vm_id)
@@ -333,25 +366,16 @@ class Lifecycle:
                 )
                 return self._view(new_vm_id)
 
-        return await self._call(origin, "restore_vm", _safe(new_vm_id), body, lambda: self.get_vm(new_vm_id))
-
     async def delete_snapshot(self, vm_id: str, snapshot_id: str, origin: Origin) -> None:
-        async def body() -> None:
-            validate_id("vm_id", vm_id)
-            validate_id("snapshot_id", snapshot_id)
-            async with self._locked(vm_id):
-                self._require(vm_id)
-                snap = self.store.get_snapshot(vm_id, snapshot_id)
-                if snap is None:
-                    raise SnapshotNotFound(vm_id, snapshot_id)
-                await self.driver.delete_snapshot(snap)
-                shutil.rmtree(snap.path, ignore_errors=True)
-                self.store.delete_snapshot(vm_id, snapshot_id, origin)
-
-        async def replay() -> None:
-            return None
-
-        await self._call(origin, "delete_snapshot", _safe(vm_id), body, replay)
+        if self._replayed(origin):
+            return
+        async with self._transition(origin, "delete_snapshot", vm_id, None, snapshot_id=snapshot_id):
+            snap = self.store.get_snapshot(vm_id, snapshot_id)
+            if snap is None:
+                raise SnapshotNotFound(vm_id, snapshot_id)
+            await self.driver.delete_snapshot(snap)
+            shutil.rmtree(snap.path, ignore_errors=True)
+            self.store.delete_snapshot(vm_id, snapshot_id, origin)
 
     async def reconcile(self) -> str:
         """Finish or undo intents, re-adopt live VMMs, mark vanished ones failed, remove orphans."""

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..sqlitedb import Database
-from .errors import QuotaExceeded, VmError
+from .errors import QuotaExceeded
+from .errors import StoreError as StoreError  # re-exported: callers know it as store.StoreError
+from .errors import StoreUnusable
 from .model import (
     HistoryEntry,
     NetworkMode,
@@ -134,15 +136,14 @@ class Intent:
     call_id: int | None
 
 
-class StoreError(VmError):
-    """The state database is unusable (corrupt, locked, wrong schema)."""
-
-
 class Store:
     """Synchronous SQLite store; cheap enough to call from the event loop (WAL, NORMAL sync)."""
 
     def __init__(self, path: str | Path) -> None:
-        self._dbx = Database(path, _SCHEMA, error=StoreError, what="state database")
+        """Open (or create) the store. A locked or failing database raises :class:`StoreError`
+        (transient: retried, never a call's outcome); a corrupt one, or one of another schema,
+        :class:`StoreUnusable`."""
+        self._dbx = Database(path, _SCHEMA, error=StoreUnusable, transient=StoreError, what="state database")
         self.path = self._dbx.path
         self._views: OrderedDict[str, VmView] = OrderedDict()  # kept read models (vm_view)
         row = self._read("SELECT value FROM meta WHERE key='schema'")
@@ -150,7 +151,7 @@ class Store:
             with self._tx() as db:
                 db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
         elif int(str(row[0][0])) != SCHEMA_VERSION:
-            raise StoreError(f"state database {self.path} has schema {row[0][0]}, expected {SCHEMA_VERSION}")
+            raise StoreUnusable(f"state database {self.path} has schema {row[0][0]}, expected {SCHEMA_VERSION}")
 
     def close(self) -> None:
         self._dbx.close()

@@ -26,6 +26,8 @@ from eth_abi import decode, encode
 from eth_account import Account
 
 from ..crashpoints import crash_point
+from .aio import wait_first
+from .calls import GuardedObserver, JobObserver
 from .contracts import ALREADY_DONE, GET_JOB_CALL, PERMANENT, SUBMIT_RESULT, SUBMIT_RESULTS, selector
 from .errors import RpcError, RpcUnavailable, TangleError
 from .keystore import OperatorKey
@@ -60,13 +62,6 @@ COLLECT_CAP = 1.0
 LINGER = 0.05
 
 
-@dataclass(frozen=True)
-class JobResult:
-    service_id: int
-    call_id: int
-    output: bytes
-
-
 @dataclass
 class _InFlight:
     tx_hash: str
@@ -90,13 +85,6 @@ def _batch_data(service_id: int, rows: Sequence[OutboxRow]) -> bytes:
     return submit_results_data(service_id, [r.call_id for r in rows], [r.output for r in rows])
 
 
-Callback = Callable[[int, str], None]
-
-
-def _ignore(call_id: int, text: str) -> None:
-    return None
-
-
 class TangleConsumer:
     def __init__(
         self,
@@ -108,8 +96,7 @@ class TangleConsumer:
         dry_run: bool = False,
         batch_max: int = 100,
         max_in_flight: int = 8,
-        on_submitted: Callback | None = None,
-        on_dropped: Callback | None = None,
+        observer: JobObserver | None = None,
         drain_timeout: float = 10.0,
         backoff_cap: float = 10.0,
         linger: float = LINGER,
@@ -124,8 +111,7 @@ class TangleConsumer:
         self.dry_run = dry_run
         self.batch_max = max(1, batch_max)
         self.max_in_flight = max(1, max_in_flight)
-        self.on_submitted: Callback = on_submitted or _ignore
-        self.on_dropped: Callback = on_dropped or _ignore
+        self.observer = GuardedObserver(observer)  # hears submitted / dropped
         self.drain_timeout = drain_timeout
         self.backoff_cap = backoff_cap
         self._wake = asyncio.Event()
@@ -141,13 +127,6 @@ class TangleConsumer:
         self._nonce: int | None = None
         self._chain_id: int | None = None
         self._gas_price: int | None = None
-        self.sent_tx = 0
-
-    def enqueue(self, result: JobResult) -> bool:
-        """Queue a result durably and wake the sender. False if this call's result is already queued."""
-        fresh = self.state.enqueue(result.service_id, result.call_id, result.output)
-        self.wake()
-        return fresh
 
     def chain_reorged(self) -> None:
         """The producer saw a reorg (it reopened the results mined in the replaced blocks): our
@@ -165,19 +144,11 @@ class TangleConsumer:
     def idle(self) -> bool:
         return not self._in_flight and not self.state.pending(1)
 
-    # ---- callbacks never break the sender ----
-
-    def _notify(self, fn: Callback, call_id: int, text: str) -> None:
-        try:
-            fn(call_id, text)
-        except Exception:
-            log.exception("result callback failed for call %d", call_id, extra={"call_id": call_id})
-
     def _drop(self, service_id: int, call_id: int, why: str) -> None:
         log.error("dropping result for call %d: %s (permanent)", call_id, why, extra={"call_id": call_id})
         self.state.mark(service_id, [call_id], "dropped", reason=why)
         self._holds.pop((service_id, call_id), None)
-        self._notify(self.on_dropped, call_id, why)
+        self.observer.on_dropped(call_id, why)
 
     def _already_done(self, service_id: int, call_id: int, why: str) -> None:
         log.info("result for call %d already on-chain (%s); nothing to send", call_id, why, extra={"call_id": call_id})
@@ -304,7 +275,6 @@ class TangleConsumer:
         self.state.mark(service_id, ids, "sent", tx_hash=tx_hash)
         self._in_flight[tx_hash] = _InFlight(tx_hash, service_id, ids, time.monotonic(), self._nonce)
         self._nonce += 1
-        self.sent_tx += 1
         self._collect_every = COLLECT_INTERVAL  # a new transaction: look for it soon
         log.info("sent %d result(s) in %s (gas limit %d)", len(ids), tx_hash, gas_limit,
                  extra={"call_ids": ",".join(map(str, ids))})
@@ -363,7 +333,7 @@ class TangleConsumer:
                 crash_point("consumer.after_receipt")
                 self.state.mark(fl.service_id, fl.call_ids, "done", tx_hash=tx_hash, block=_block_of(receipt))
                 for call_id in fl.call_ids:
-                    self._notify(self.on_submitted, call_id, tx_hash)
+                    self.observer.on_submitted(call_id, tx_hash)
             else:
                 log.warning("result transaction %s failed on-chain; re-checking its calls", tx_hash)
                 self.state.mark(fl.service_id, fl.call_ids, "pending")
@@ -460,7 +430,7 @@ class TangleConsumer:
             if stop.is_set():
                 await _wait(self._wake, 0.05)
             else:
-                await _wait_any((self._wake, stop), 0.05 if busy else 0.5)
+                await wait_first(self._wake.wait(), stop.wait(), timeout=0.05 if busy else 0.5)
             self._wake.clear()
 
 
@@ -489,20 +459,8 @@ def _clip(delay: float, deadline: float | None) -> float:
     return max(0.0, min(delay, deadline - time.monotonic()))
 
 
-async def _wait_any(events: Sequence[asyncio.Event], timeout: float) -> None:
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
-
-
 async def _wait(event: asyncio.Event | None, timeout: float) -> None:
     if event is None:
         await asyncio.sleep(timeout)
         return
-    try:
-        await asyncio.wait_for(event.wait(), timeout)
-    except TimeoutError:
-        pass
+    await wait_first(event.wait(), timeout=timeout)

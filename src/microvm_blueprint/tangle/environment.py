@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 
 from eth_utils import is_address, is_checksum_address, to_checksum_address
 
+from ..envparse import Env, parse_duration
 from .errors import ConfigError
 
 T = TypeVar("T")
@@ -100,27 +101,6 @@ FLAG_NAMES = frozenset(
 )
 
 
-def _seconds(name: str, raw: str, lo: float, hi: float) -> float:
-    try:
-        if not raw.strip().isascii():
-            raise ValueError(raw)
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
-    if not lo <= value <= hi:  # NaN fails this too
-        raise ConfigError(f"{name}={raw!r} must be between {lo:g} and {hi:g} seconds")
-    return value
-
-
-def _bool(name: str, raw: str) -> bool:
-    text = raw.strip().lower()
-    if text in {"1", "true", "yes", "on"}:
-        return True
-    if text in {"", "0", "false", "no", "off"}:
-        return False
-    raise ConfigError(f"{name}={raw!r} is not a boolean (true/false)")
-
-
 @dataclass(frozen=True)
 class BlueprintEnvironment:
     http_rpc_url: str
@@ -186,8 +166,8 @@ class BlueprintEnvironment:
         max_range = _uint("MAX_GETLOGS_RANGE", get("MAX_GETLOGS_RANGE", "max_getlogs_range") or "1000", 32)
         if max_range < 1:
             raise ConfigError("MAX_GETLOGS_RANGE must be at least 1")
-        poll = _seconds("POLL_INTERVAL", get("POLL_INTERVAL", "poll_interval") or "1.0", 0.01, 3600)
-        linger = _seconds("RESULT_LINGER", env.get("RESULT_LINGER") or "0.05", 0.0, 60)
+        poll = parse_duration("POLL_INTERVAL", get("POLL_INTERVAL", "poll_interval") or "1.0", 0.01, 3600)
+        linger = parse_duration("RESULT_LINGER", env.get("RESULT_LINGER") or "0.05", 0.0, 60)
         flag_bool = {k: flags.get(k) for k in ("test_mode", "dry_run")}
         return cls(
             http_rpc_url=http,
@@ -199,8 +179,8 @@ class BlueprintEnvironment:
             tangle_contract=_address("TANGLE_CONTRACT", tangle),
             chain=get("CHAIN", "chain"),
             protocol=protocol,
-            test_mode=bool(flag_bool["test_mode"]) or _bool("TEST_MODE", env.get("TEST_MODE", "")),
-            dry_run=bool(flag_bool["dry_run"]) or _bool("DRY_RUN", env.get("DRY_RUN", "")),
+            test_mode=bool(flag_bool["test_mode"]) or Env(env).boolean("TEST_MODE", False),
+            dry_run=bool(flag_bool["dry_run"]) or Env(env).boolean("DRY_RUN", False),
             staking_contract=_address("STAKING_CONTRACT", staking) if staking else None,
             status_registry_contract=_address("STATUS_REGISTRY_CONTRACT", registry) if registry else None,
             from_block=_uint("FROM_BLOCK", from_block) if from_block is not None else None,

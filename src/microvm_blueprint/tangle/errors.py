@@ -11,7 +11,7 @@
         │   └── RpcUnavailable       the chain could not be reached at all (connection, timeout, HTTP 5xx)
         └── JobError                 a handler refused a call; the text is recorded, never sent
 
-web3/eth-abi/OSError exceptions are translated at the boundary with ``raise ... from exc``.
+httpx/eth-abi/OSError exceptions are translated at the boundary with ``raise ... from exc``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,16 @@ class AbiDecodeError(TangleError):
 
 
 class RpcError(TangleError):
-    """The chain's RPC failed (transport or protocol)."""
+    """The chain's RPC failed (transport or protocol). Keeps what was asked and answered: ``method``
+    (the JSON-RPC method, or ``batch`` for a batch that failed whole), and the JSON-RPC error's
+    ``code`` and ``data`` when the node answered one (``None`` otherwise)."""
+
+    def __init__(self, message: str, *, method: str | None = None, code: int | None = None,
+                 data: object = None) -> None:
+        super().__init__(message)
+        self.method = method
+        self.code = code
+        self.data = data
 
 
 class RpcUnavailable(RpcError):

@@ -29,17 +29,18 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from eth_abi import decode
 from eth_utils import to_checksum_address
 
 from ..crashpoints import crash_point
+from .aio import wait_first
+from .calls import JobCall
 from .contracts import TOPIC_JOB_SUBMITTED, TOPIC_JOB_SUBMITTED_FROM_QUOTE, TOPIC_SERVICE_ACTIVATED
 from .errors import TangleError
 from .rpc import JsonRpc
-from .state import Cursor, InboxRow, TangleState
+from .state import Cursor, TangleState
 
 log = logging.getLogger(__name__)
 
@@ -47,27 +48,6 @@ REORG_REWIND = 64
 FRESH_LOOKBACK = 9
 #: How far back from the head a first start looks for ServiceActivated when the RPC refuses one wide query.
 ACTIVATION_SCAN_LIMIT = 1_000_000
-
-
-@dataclass(frozen=True)
-class JobCall:
-    service_id: int
-    call_id: int
-    job_index: int
-    caller: str
-    inputs: bytes
-    block_number: int = 0
-    block_hash: str = ""
-    log_index: int = 0
-    tx_hash: str = ""
-    from_quote: bool = False
-
-    @classmethod
-    def from_row(cls, row: InboxRow) -> JobCall:
-        return cls(**row.__dict__)
-
-    def to_row(self) -> InboxRow:
-        return InboxRow(**self.__dict__)
 
 
 def _word(topic: str) -> int:
@@ -316,10 +296,10 @@ class TangleProducer:
         head = await self._retry("eth_blockNumber", self.rpc.block_number, stop)
         cursor = await self._start_block(head, stop)  # first: a reorg forgets unhandled orphaned calls
         self._reorg_pending = self.state.reorg_pending(self.key)  # this start's, or one a crash interrupted
-        for row in self.state.unfinished():  # recorded earlier but never acknowledged: hand over again
+        for call in self.state.unfinished():  # recorded earlier but never acknowledged: hand over again
             if stop.is_set():
                 return
-            await deliver(JobCall.from_row(row))
+            await deliver(call)
         backoff = Backoff(cap=self.backoff_cap)
         while not stop.is_set():
             try:
@@ -349,12 +329,7 @@ class TangleProducer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), seconds)
             return
-        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())]
-        try:
-            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
+        await wait_first(stop.wait(), self.wake.wait(), timeout=seconds)
 
     async def _poll_head(self, cursor: Cursor) -> tuple[tuple[int, str], bool]:
         """The newest block's ``(number, hash)``, and whether the block the cursor read last has
@@ -404,11 +379,11 @@ class TangleProducer:
         to_block, last_hash, logs = await self._get_logs(cursor.next_block, safe_head, stop, head)
         calls = self._decode_window(logs)
         cursor = Cursor(to_block + 1, last_hash)
-        fresh = self.state.advance(self.key, cursor, [c.to_row() for c in calls])
+        fresh = self.state.advance(self.key, cursor, calls)
         if fresh:
             crash_point("producer.after_advance")
-        for row in fresh:
-            await deliver(JobCall.from_row(row))
+        for call in fresh:
+            await deliver(call)
         self._behind = to_block < safe_head
         if not self._behind:
             self.caught_up.set()

@@ -18,15 +18,27 @@ import httpx
 from .contracts import ERROR_BY_SELECTOR
 from .errors import RpcError, RpcUnavailable, TangleError
 
+#: JSON-RPC error codes that mean "the EVM reverted": 3 (geth, anvil, reth: execution reverted, with
+#: the revert data) and -32015 (OpenEthereum/Nethermind style "VM execution error").
+REVERT_CODES = frozenset({3, -32015})
+
 
 class ContractRevert(TangleError):
-    """A call or gas estimate reverted. ``name`` is the custom error's name when known."""
+    """A call or gas estimate reverted. ``data`` is the revert data (``0x`` + selector + arguments,
+    ``None`` when the node gave none), ``name`` the custom error's name when known; ``method`` and
+    ``code`` are what was asked and the JSON-RPC error code answered."""
 
-    def __init__(self, message: str, data: str | None) -> None:
+    def __init__(self, message: str, data: str | None, *, method: str | None = None, code: int | None = None) -> None:
         self.data = data
+        self.method = method
+        self.code = code
         self.selector = data[:10] if data and len(data) >= 10 else None
         self.name = ERROR_BY_SELECTOR.get(self.selector or "", None)
         super().__init__(f"reverted: {self.name or message}")
+
+
+def _fail(method: str, text: str, *, code: int | None = None, data: object = None) -> RpcError:
+    return RpcError(f"{method}: {text}", method=method, code=code, data=data)
 
 
 def redact_url(url: str) -> str:
@@ -62,25 +74,25 @@ class JsonRpc:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def _post(self, what: str, payload: Any) -> Any:
+    async def _post(self, method: str, what: str, payload: Any) -> Any:
         try:
             response = await self._client.post(self.url, json=payload)
         except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
             raise RpcUnavailable(
-                f"{what}: chain RPC unreachable at {redact_url(self.url)}: {type(exc).__name__}"
+                f"{what}: chain RPC unreachable at {redact_url(self.url)}: {type(exc).__name__}", method=method
             ) from exc
         if response.status_code >= 500 or response.status_code == 429:
-            raise RpcUnavailable(f"{what}: chain RPC answered HTTP {response.status_code}")
+            raise RpcUnavailable(f"{what}: chain RPC answered HTTP {response.status_code}", method=method)
         if response.status_code != 200:
-            raise RpcError(f"{what}: chain RPC answered HTTP {response.status_code}")
+            raise RpcError(f"{what}: chain RPC answered HTTP {response.status_code}", method=method)
         try:
             return response.json()
         except ValueError as exc:
-            raise RpcError(f"{what}: chain RPC answered non-JSON") from exc
+            raise RpcError(f"{what}: chain RPC answered non-JSON", method=method) from exc
 
     async def call(self, method: str, params: list[Any]) -> Any:
         payload = {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params}
-        result = _answer(method, await self._post(method, payload))
+        result = _answer(method, await self._post(method, method, payload))
         if isinstance(result, TangleError):
             raise result
         return result
@@ -94,14 +106,14 @@ class JsonRpc:
         ids = [next(self._ids) for _ in calls]
         payload = [{"jsonrpc": "2.0", "id": i, "method": m, "params": p} for i, (m, p) in zip(ids, calls, strict=True)]
         what = f"batch of {len(calls)} ({calls[0][0]}...)"
-        body = await self._post(what, payload)
+        body = await self._post("batch", what, payload)
         if not isinstance(body, list):
-            raise RpcError(f"{what}: chain RPC answered an unexpected shape")
+            raise RpcError(f"{what}: chain RPC answered an unexpected shape", method="batch")
         by_id = {e.get("id"): e for e in body if isinstance(e, dict)}
         out: list[Any] = []
         for i, (method, _) in zip(ids, calls, strict=True):
             entry = by_id.get(i)
-            out.append(RpcError(f"{method}: no answer in the batch") if entry is None else _answer(method, entry))
+            out.append(_fail(method, "no answer in the batch") if entry is None else _answer(method, entry))
         return out
 
     # ---- typed helpers (a malformed answer is an RpcError, never a bare ValueError) ----
@@ -116,7 +128,7 @@ class JsonRpc:
         tag = _hex(number) if isinstance(number, int) else number
         result = await self.call("eth_getBlockByNumber", [tag, False])
         if result is not None and not isinstance(result, dict):
-            raise RpcError("eth_getBlockByNumber: unexpected result")
+            raise _fail("eth_getBlockByNumber", "unexpected result")
         return result
 
     async def head_block(self) -> tuple[int, str]:
@@ -136,7 +148,7 @@ class JsonRpc:
         if block is None:
             return _head(head), None
         if not isinstance(block, dict):
-            raise RpcError("eth_getBlockByNumber: unexpected result")
+            raise _fail("eth_getBlockByNumber", "unexpected result")
         return _head(head), _block_hash(block)
 
     async def get_logs(self, *, address: str, topics: list[Any], from_block: int, to_block: int) -> list[dict[str, Any]]:
@@ -145,7 +157,7 @@ class JsonRpc:
             [{"address": address, "topics": topics, "fromBlock": _hex(from_block), "toBlock": _hex(to_block)}],
         )
         if not isinstance(result, list) or not all(isinstance(e, dict) for e in result):
-            raise RpcError("eth_getLogs: unexpected result")
+            raise _fail("eth_getLogs", "unexpected result")
         return result
 
     async def eth_call(self, to: str, data: bytes, sender: str | None = None, block: str = "latest") -> bytes:
@@ -167,7 +179,7 @@ class JsonRpc:
     async def send_raw(self, raw: bytes) -> str:
         result = await self.call("eth_sendRawTransaction", ["0x" + raw.hex()])
         if not isinstance(result, str) or not result.startswith("0x"):
-            raise RpcError("eth_sendRawTransaction: unexpected result")
+            raise _fail("eth_sendRawTransaction", "unexpected result")
         return result
 
     async def receipts(self, tx_hashes: Sequence[str]) -> list[dict[str, Any] | RpcError | None]:
@@ -178,47 +190,63 @@ class JsonRpc:
             if isinstance(a, RpcError) or a is None or isinstance(a, dict):
                 out.append(a)
             elif isinstance(a, TangleError):
-                out.append(RpcError(f"eth_getTransactionReceipt: {a}"))
+                out.append(_fail("eth_getTransactionReceipt", str(a)))
             else:
-                out.append(RpcError("eth_getTransactionReceipt: unexpected result"))
+                out.append(_fail("eth_getTransactionReceipt", "unexpected result"))
         return out
 
     async def receipt(self, tx_hash: str) -> dict[str, Any] | None:
         result = await self.call("eth_getTransactionReceipt", [tx_hash])
         if result is not None and not isinstance(result, dict):
-            raise RpcError("eth_getTransactionReceipt: unexpected result")
+            raise _fail("eth_getTransactionReceipt", "unexpected result")
         return result
 
 
 def _block_hash(block: dict[str, Any]) -> str:
     block_hash = block.get("hash")
     if not isinstance(block_hash, str) or not _HASH.fullmatch(block_hash):
-        raise RpcError("eth_getBlockByNumber: malformed block hash")
+        raise _fail("eth_getBlockByNumber", "malformed block hash")
     return block_hash
 
 
 def _head(block: Any) -> tuple[int, str]:
     if block is None:
-        raise RpcError("eth_getBlockByNumber(latest): no block")
+        raise _fail("eth_getBlockByNumber(latest)", "no block")
     if not isinstance(block, dict):
-        raise RpcError("eth_getBlockByNumber(latest): unexpected result")
+        raise _fail("eth_getBlockByNumber(latest)", "unexpected result")
     return _quantity("eth_getBlockByNumber", block.get("number")), _block_hash(block)
 
 
 def _answer(method: str, body: Any) -> Any:
     """A JSON-RPC response object -> its result, or the error it carries (returned, not raised)."""
     if not isinstance(body, dict):
-        return RpcError(f"{method}: chain RPC answered an unexpected shape")
+        return _fail(method, "chain RPC answered an unexpected shape")
     if body.get("error"):
         err = body["error"]
         message = str(err.get("message", "")) if isinstance(err, dict) else str(err)
+        raw_code = err.get("code") if isinstance(err, dict) else None
+        code = raw_code if isinstance(raw_code, int) and not isinstance(raw_code, bool) else None
         data = err.get("data") if isinstance(err, dict) else None
-        if isinstance(data, dict):
-            data = data.get("data")
-        if "revert" in message.lower() or (isinstance(data, str) and data.startswith("0x") and len(data) >= 10):
-            return ContractRevert(message, data if isinstance(data, str) else None)
-        return RpcError(f"{method}: {message[:300]}")
+        revert_data = _revert_data(data)
+        if code in REVERT_CODES or (revert_data is not None and len(revert_data) >= 10):
+            return ContractRevert(message, revert_data, method=method, code=code)
+        return _fail(method, message[:300], code=code, data=data)
     return body.get("result")
+
+
+_REVERT_DATA = re.compile(r"0x(?:[0-9a-fA-F]{2})*")
+
+
+def _revert_data(data: Any) -> str | None:
+    """The revert data in a JSON-RPC error's ``data`` (``0x``-hex; nested as ``{"data": ...}`` by some
+    nodes, prefixed ``Reverted `` by OpenEthereum-style ones), or ``None``."""
+    if isinstance(data, dict):
+        data = data.get("data")
+    if isinstance(data, str):
+        text = data.removeprefix("Reverted ").strip()
+        if _REVERT_DATA.fullmatch(text):
+            return text
+    return None
 
 
 def _quantity(method: str, value: Any) -> int:
@@ -228,7 +256,7 @@ def _quantity(method: str, value: Any) -> int:
             return int(value, 16)
         except ValueError:
             pass
-    raise RpcError(f"{method}: expected a hex quantity, got {str(value)[:40]!r}")
+    raise _fail(method, f"expected a hex quantity, got {str(value)[:40]!r}")
 
 
 def _data(method: str, value: Any) -> bytes:
@@ -237,4 +265,4 @@ def _data(method: str, value: Any) -> bytes:
             return bytes.fromhex(value[2:])
         except ValueError:
             pass
-    raise RpcError(f"{method}: expected hex data, got {str(value)[:40]!r}")
+    raise _fail(method, f"expected hex data, got {str(value)[:40]!r}")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..sqlitedb import Database
+from .calls import JobCall
 from .errors import TangleError
 
 log = logging.getLogger(__name__)
@@ -40,20 +41,6 @@ def u64(value: int) -> int:
 class Cursor:
     next_block: int
     last_hash: str | None
-
-
-@dataclass(frozen=True)
-class InboxRow:
-    service_id: int
-    call_id: int
-    job_index: int
-    caller: str
-    inputs: bytes
-    block_number: int
-    block_hash: str
-    log_index: int
-    tx_hash: str
-    from_quote: bool
 
 
 @dataclass(frozen=True)
@@ -119,9 +106,9 @@ class TangleState:
                 (key, cursor.next_block, cursor.last_hash),
             )
 
-    def advance(self, key: str, cursor: Cursor, calls: Sequence[InboxRow]) -> list[InboxRow]:
+    def advance(self, key: str, cursor: Cursor, calls: Sequence[JobCall]) -> list[JobCall]:
         """Record new calls and move the cursor, atomically. Returns the calls not seen before."""
-        fresh: list[InboxRow] = []
+        fresh: list[JobCall] = []
         now = time.time()
         with self._tx() as db:
             for c in calls:
@@ -179,14 +166,14 @@ class TangleState:
             self._rewind(db, key, to_block)
             return int(cur.rowcount)
 
-    def unfinished(self) -> list[InboxRow]:
+    def unfinished(self) -> list[JobCall]:
         """Calls recorded but not yet handled (a crash or shutdown interrupted them), in chain order."""
         rows = self._rows(
             "SELECT service_id, call_id, job_index, caller, inputs, block_number, block_hash, log_index, tx_hash, "
             "from_quote FROM inbox WHERE status='new' ORDER BY block_number, log_index"
         )
         return [
-            InboxRow(
+            JobCall(
                 service_id=u64(int(r[0])),  # type: ignore[call-overload]
                 call_id=u64(int(r[1])),  # type: ignore[call-overload]
                 job_index=int(r[2]),  # type: ignore[call-overload]
@@ -218,15 +205,6 @@ class TangleState:
                     "INSERT OR IGNORE INTO outbox (call_id, service_id, output, status, at) VALUES (?,?,?,?,?)",
                     (i64(call_id), i64(service_id), output, "pending", time.time()),
                 )
-
-    def enqueue(self, service_id: int, call_id: int, output: bytes) -> bool:
-        """Queue a result on its own (no inbox row). False if one for this call is already queued."""
-        with self._tx() as db:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO outbox (call_id, service_id, output, status, at) VALUES (?,?,?,?,?)",
-                (i64(call_id), i64(service_id), output, "pending", time.time()),
-            )
-            return bool(cur.rowcount)
 
     def call_status(self, service_id: int, call_id: int) -> str | None:
         rows = self._rows(

@@ -17,11 +17,14 @@ Lifecycle:
 
 * create = spawn + ``PUT /machine-config``, ``/boot-source``, ``/drives/rootfs`` (+ ``/logger`` if a
   log level is set); not started.
-* boot = ``InstanceStart``; ready when ``GET /`` says ``Running`` and the guest's ready line
-  (``settings.ready_line``) shows on its serial console in ``firecracker.log`` — this needs
-  ``console=ttyS0`` in the boot args (the default has it) and a guest that prints the line (the
-  project's images do). With ``ready_line=""`` a cold boot is ready as soon as ``GET /`` says
-  ``Running``. A boot that misses ``boot_timeout_ms`` is a :class:`VmmTimeout` with the console tail.
+* boot = ``InstanceStart``; ready when ``GET /`` says ``Running`` and, if the VM has a ready line,
+  that line shows on its serial console in ``firecracker.log`` (this needs ``console=ttyS0`` in the
+  boot args; the default has it). The ready line is decided at create
+  (:meth:`FirecrackerSettings.guest_ready_line`) and kept in ``vm.json``: ``MICROVM_FIRECRACKER_READY_LINE``
+  if set, else the image's own for one of this project's images (which print it), else none — a
+  stock distribution rootfs prints a kernel transcript and a login prompt, so for it the VMM's own
+  word (``InstanceStart`` accepted, ``GET /`` says ``Running``) is the ready signal. A boot that
+  misses ``boot_timeout_ms`` is a :class:`VmmTimeout` with the console tail.
 * stop / start = ``PATCH /vm`` ``Paused`` / ``Resumed`` (resume ready = ``GET /`` says ``Running``).
 * snapshot of a running or stopped VM: pause if running, copy the disk into the snapshot folder
   (disks are not part of a Firecracker snapshot), point the drive at that copy
@@ -56,23 +59,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from ...procs import Child, kill_pid, pid_alive, tail
-from ..driver import ExitListener
-from ..errors import ImageError, InvalidInput, VmError, VmmApiError, VmmError, VmmTimeout
-from ..model import DEFAULT_IMAGE, SnapshotRecord, VmHandle, VmRecord, VmSpec, VmStatus
+from ....procs import Child, kill_pid, pid_alive, tail
+from ...driver import ExitListener
+from ...errors import ImageError, InvalidInput, VmError, VmmApiError, VmmError, VmmTimeout
+from ...model import DEFAULT_IMAGE, SnapshotRecord, VmHandle, VmRecord, VmSpec, VmStatus
+from .api import FirecrackerApi
+from .settings import ENV_PREFIX, MAX_VCPUS, SOCKET_NAME_LEN, FirecrackerSettings
 
 log = logging.getLogger(__name__)
-
-ENV_PREFIX = "MICROVM_FIRECRACKER_"
-READY_LINE = "MICROVM-READY"
-DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off quiet"
-DEFAULT_SOCKET_DIR = "/tmp/microvm-firecracker"
-LOG_LEVELS = ("Error", "Warning", "Info", "Debug", "Trace", "Off")  # the spec's Logger.level enum
-MAX_SOCKET_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
-SOCKET_NAME_LEN = 24  # hex characters of the VM folder name (96 bits)
-MAX_VCPUS = 32  # MachineConfiguration.vcpu_count maximum in the spec
 
 LOG = "firecracker.log"
 PID = "firecracker.pid"
@@ -88,239 +82,6 @@ SNAP_FORMAT = "microvm-blueprint/firecracker-snapshot/1"
 LOG_TAIL = 2000
 
 
-# ---- settings -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FirecrackerSettings:
-    """Everything the driver needs, injected (the driver never reads the environment).
-
-    ``bin`` is a path or a name on ``PATH``; it is run as ``bin --api-sock SOCKET --id ID``.
-    ``vcpu_count``/``mem_mib`` are the defaults of ``MICROVM_FIRECRACKER_VCPU_COUNT``/``_MEM_MIB``:
-    a VM's :class:`VmSpec` overrides them (see :meth:`default_spec`). ``state_dir`` is parsed for
-    compatibility with the original; VM folders themselves are handed over by the lifecycle core.
-    """
-
-    bin: str = "firecracker"
-    kernel: str = ""
-    rootfs: str = ""
-    initrd: str = ""
-    boot_args: str = DEFAULT_BOOT_ARGS
-    socket_dir: str = DEFAULT_SOCKET_DIR
-    state_dir: str = ""
-    vcpu_count: int = 2
-    mem_mib: int = 1024
-    rootfs_ro: bool = True
-    api_timeout_ms: int = 5000
-    socket_ready_timeout_ms: int = 5000
-    boot_timeout_ms: int = 60000
-    ready_line: str = READY_LINE
-    log_level: str = ""  # "" = Firecracker's default logger (to stdout, i.e. firecracker.log)
-    stop_timeout_ms: int = 3000  # SIGTERM grace before SIGKILL
-
-    def __post_init__(self) -> None:
-        def at_least(name: str, value: int, lo: int, hi: int | None = None) -> None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-                bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
-                raise InvalidInput(f"{ENV_PREFIX}{name.upper()}={value!r} must be an integer {bound}")
-
-        at_least("vcpu_count", self.vcpu_count, 1, MAX_VCPUS)
-        at_least("mem_mib", self.mem_mib, 128)
-        at_least("api_timeout_ms", self.api_timeout_ms, 1)
-        at_least("socket_ready_timeout_ms", self.socket_ready_timeout_ms, 1)
-        at_least("boot_timeout_ms", self.boot_timeout_ms, 1)
-        at_least("stop_timeout_ms", self.stop_timeout_ms, 0)
-        if not self.bin:
-            raise InvalidInput(f"{ENV_PREFIX}BIN must not be empty")
-        if self.log_level and self.log_level not in LOG_LEVELS:
-            raise InvalidInput(f"{ENV_PREFIX}LOG_LEVEL={self.log_level!r} must be one of: {', '.join(LOG_LEVELS)}")
-        longest = len(os.fsencode(self.socket_dir)) + 1 + SOCKET_NAME_LEN + len(".sock")
-        if longest > MAX_SOCKET_PATH:
-            raise InvalidInput(
-                f"{ENV_PREFIX}SOCKET_DIR={self.socket_dir!r} is too long: socket paths in it would be {longest} bytes, "
-                f"over the {MAX_SOCKET_PATH}-byte limit of Unix sockets"
-            )
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str], *, image_dir: Path | None = None) -> FirecrackerSettings:
-        """Parse ``MICROVM_FIRECRACKER_*``; errors (:class:`InvalidInput`) name the bad variable.
-
-        Kernel, rootfs and initrd default to the built default image (in ``image_dir``, else the
-        image cache) when one exists; a missing file is reported, naming its variable, by
-        :meth:`check_host` when a VM is created."""
-        p = ENV_PREFIX
-
-        def text(name: str, default: str) -> str:
-            return env.get(p + name, "").strip() or default
-
-        def num(name: str, default: int, lo: int, hi: int | None = None) -> int:
-            raw = env.get(p + name, "").strip()
-            if not raw:
-                return default
-            ok = raw.isascii() and raw.isdigit() and int(raw) >= lo and (hi is None or int(raw) <= hi)
-            if not ok:
-                bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
-                raise InvalidInput(f"{p}{name}={raw!r} must be an integer {bound}")
-            return int(raw)
-
-        def flag(name: str, default: bool) -> bool:
-            raw = env.get(p + name, "").strip().lower()
-            if not raw:
-                return default
-            if raw in {"1", "true", "yes", "on"}:
-                return True
-            if raw in {"0", "false", "no", "off"}:
-                return False
-            raise InvalidInput(f"{p}{name}={raw!r} must be true or false")
-
-        kernel, rootfs, initrd = text("KERNEL", ""), text("ROOTFS", ""), text("INITRD", "")
-        if not (kernel and rootfs):
-            from .. import images  # the default guest image, if one is built
-
-            try:
-                manifest = images.resolve_image(DEFAULT_IMAGE, image_dir)
-            except ImageError:
-                pass  # check_host names the unset variable when a VM is created
-            else:
-                if not kernel and not initrd:
-                    initrd = manifest.initramfs  # the image's kernel needs its initramfs
-                kernel = kernel or manifest.vmlinux
-                rootfs = rootfs or manifest.rootfs
-        level = text("LOG_LEVEL", "")
-        matched = [lv for lv in LOG_LEVELS if lv.lower() == level.lower()]
-        if level and not matched:
-            raise InvalidInput(f"{p}LOG_LEVEL={level!r} must be one of: {', '.join(LOG_LEVELS)}")
-        return cls(
-            bin=text("BIN", "firecracker"),
-            kernel=kernel,
-            rootfs=rootfs,
-            initrd=initrd,
-            boot_args=text("BOOT_ARGS", DEFAULT_BOOT_ARGS),
-            socket_dir=text("SOCKET_DIR", DEFAULT_SOCKET_DIR),
-            state_dir=text("STATE_DIR", ""),
-            vcpu_count=num("VCPU_COUNT", 2, 1, MAX_VCPUS),
-            mem_mib=num("MEM_MIB", 1024, 128),
-            rootfs_ro=flag("ROOTFS_RO", True),
-            api_timeout_ms=num("API_TIMEOUT_MS", 5000, 1),
-            socket_ready_timeout_ms=num("SOCKET_READY_TIMEOUT_MS", 5000, 1),
-            boot_timeout_ms=num("BOOT_TIMEOUT_MS", 60000, 1),
-            ready_line=env.get(p + "READY_LINE", READY_LINE),
-            log_level=matched[0] if matched else "",
-        )
-
-    def default_spec(self) -> VmSpec:
-        """The spec of ``MICROVM_FIRECRACKER_VCPU_COUNT``/``_MEM_MIB`` (for the operator's default)."""
-        return VmSpec(vcpus=self.vcpu_count, mem_mib=self.mem_mib, image=DEFAULT_IMAGE)
-
-    def check_binary(self) -> None:
-        """Raise :class:`ImageError` naming ``MICROVM_FIRECRACKER_BIN`` if the binary cannot be run."""
-        if shutil.which(self.bin) is None:
-            where = "not found" if not Path(self.bin).exists() else "not executable"
-            raise ImageError(f"firecracker binary {where}: {self.bin} (set {ENV_PREFIX}BIN)")
-
-    def check_host(self, *, kernel: str | None = None, initrd: str | None = None, rootfs: str | None = None) -> None:
-        """Raise :class:`ImageError` naming the variable if the binary, kernel, initrd or rootfs is
-        missing (the arguments override the settings' files). Called before anything is spawned."""
-        self.check_binary()
-        files = (
-            ("KERNEL", "kernel", self.kernel if kernel is None else kernel),
-            ("ROOTFS", "rootfs", self.rootfs if rootfs is None else rootfs),
-        )
-        for var, what, path in files:
-            if not path:
-                raise ImageError(f"{what} is not set (set {ENV_PREFIX}{var})")
-            if not Path(path).is_file():
-                raise ImageError(f"{what} not found: {path} (set {ENV_PREFIX}{var})")
-        initrd = self.initrd if initrd is None else initrd
-        if initrd and not Path(initrd).is_file():
-            raise ImageError(f"initrd not found: {initrd} (set {ENV_PREFIX}INITRD)")
-
-
-# ---- the API client -------------------------------------------------------------------------------
-
-
-def map_api_error(exc: BaseException, what: str, timeout_ms: int | None = None) -> VmmError:
-    """Translate a foreign failure of one API call (httpx, OS, JSON) into the runtime error tree.
-
-    In the spirit of httpx's ``map_httpcore_exceptions``: timeouts become :class:`VmmTimeout`,
-    a malformed answer :class:`VmmApiError`, everything else (socket gone, connection refused or
-    reset, broken HTTP) :class:`VmmError`. The message names the call, never a secret."""
-    detail = f"{type(exc).__name__}: {exc}"[:300]
-    if isinstance(exc, httpx.TimeoutException | TimeoutError):
-        within = f" within {timeout_ms} ms" if timeout_ms is not None else ""
-        return VmmTimeout(f"firecracker API did not answer {what}{within}")
-    if isinstance(exc, httpx.ConnectError | FileNotFoundError | ConnectionRefusedError):
-        return VmmError(f"firecracker API socket unreachable for {what} ({detail})")
-    if isinstance(exc, httpx.ProtocolError):
-        return VmmError(f"firecracker API broke the HTTP protocol on {what} ({detail})")
-    if isinstance(exc, httpx.HTTPError | httpx.InvalidURL | OSError):
-        return VmmError(f"firecracker API call {what} failed ({detail})")
-    if isinstance(exc, ValueError):  # json.JSONDecodeError, UnicodeDecodeError
-        return VmmApiError(f"firecracker API answered {what} with malformed JSON ({detail})")
-    return VmmError(f"firecracker API call {what} failed ({detail})")
-
-
-def api_refusal(status: int, content: bytes, what: str) -> VmmApiError:
-    """A non-2xx answer: :class:`VmmApiError` carrying the status and Firecracker's ``fault_message``."""
-    fault = ""
-    try:
-        payload = json.loads(content) if content else None
-    except ValueError:
-        payload = None
-    if isinstance(payload, dict) and isinstance(payload.get("fault_message"), str):
-        fault = payload["fault_message"]
-    elif content:
-        fault = content.decode("utf-8", "replace")
-    fault = fault.strip()[:1000]
-    return VmmApiError(f"firecracker refused {what} (HTTP {status}): {fault or 'no detail'}", status=status, body=fault)
-
-
-class FirecrackerApi:
-    """HTTP/1.1 over one VM's Unix socket; each call bounded by the API timeout.
-
-    ``transport`` is for tests (``httpx.MockTransport``); by default the client connects to ``socket``."""
-
-    def __init__(self, socket: str, timeout_ms: int, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self.socket = socket
-        self.timeout_ms = timeout_ms
-        self._transport = transport
-        self._client: httpx.AsyncClient | None = None
-
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            transport = self._transport or httpx.AsyncHTTPTransport(uds=self.socket)
-            self._client = httpx.AsyncClient(
-                transport=transport, base_url="http://localhost", timeout=self.timeout_ms / 1000
-            )
-        return self._client
-
-    async def call(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
-        """One request. Returns the decoded JSON body (``None`` for 204); raises only VmmError."""
-        what = f"{method} {path}"
-        try:
-            response = await self._http().request(method, path, json=dict(body) if body is not None else None)
-            content = response.content
-        except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as exc:
-            raise map_api_error(exc, what, self.timeout_ms) from exc
-        if not 200 <= response.status_code < 300:
-            raise api_refusal(response.status_code, content, what)
-        if not content:
-            return None
-        try:
-            return json.loads(content)
-        except ValueError as exc:
-            raise map_api_error(exc, what) from exc
-
-    async def aclose(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await client.aclose()
-
-
-# ---- the driver -----------------------------------------------------------------------------------
-
-
 @dataclass
 class _Vm:
     vm_id: str
@@ -334,6 +95,7 @@ class _Vm:
     stopping: bool = False
     watcher: asyncio.Task[None] | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    ready_line: str = ""  # "" = ready when the VMM says Running (see FirecrackerSettings.guest_ready_line)
 
     def exit_code(self) -> int | None:
         return self.child.returncode if self.child is not None else None
@@ -397,6 +159,13 @@ class FirecrackerDriver:
                                  log_tail=tail(vm.workdir / LOG, LOG_TAIL))
             await asyncio.sleep(0.02)
 
+    def _ready_line(self, saved: object) -> str:
+        """The ready line of a VM made earlier (kept in vm.json or a snapshot manifest): the setting
+        wins when set; a record without one gets what the current rootfs would."""
+        if self.settings.ready_line is None and isinstance(saved, str):
+            return saved
+        return self.settings.guest_ready_line()
+
     def _vm(self, record: VmRecord) -> _Vm:
         vm = self._vms.get(record.vm_id)
         if vm is None:
@@ -434,7 +203,7 @@ class FirecrackerDriver:
             (workdir / PID).write_text(str(child.pid))
             await self._wait_api(vm)
         except BaseException as exc:
-            await self._kill(record.vm_id, workdir)
+            await asyncio.shield(self._kill(record.vm_id, workdir))
             if isinstance(exc, OSError):
                 raise VmmError(f"cannot start firecracker ({type(exc).__name__}: {exc})") from exc
             raise
@@ -492,9 +261,7 @@ class FirecrackerDriver:
             elif vm.pid and _is_ours(vm.pid, workdir):
                 await kill_pid(vm.pid, grace=grace)
             if vm.watcher is not None:
-                vm.watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await vm.watcher
+                await _stop_task(vm.watcher)
             await vm.api.aclose()
             sockets = {vm.socket}
         else:  # not ours in this process (operator restarted, never adopted): find it by its pid file
@@ -534,7 +301,8 @@ class FirecrackerDriver:
 
     def _save_config(self, vm: _Vm, config: Mapping[str, Any]) -> None:
         vm.config = dict(config)
-        data = {"config": config, "disk": str(vm.disk), "disk_read_only": vm.disk_read_only}
+        data = {"config": config, "disk": str(vm.disk), "disk_read_only": vm.disk_read_only,
+                "ready_line": vm.ready_line}
         (vm.workdir / CONFIG).write_text(json.dumps(data, indent=1))
 
     # ---- VmmDriver -----------------------------------------------------------------------------------
@@ -549,13 +317,14 @@ class FirecrackerDriver:
         if not read_only:
             await _place(Path(s.rootfs), disk, link=False)
         q = await self._spawn(vm, disk, read_only)
+        q.ready_line = s.guest_ready_line()  # decided by the rootfs the VM boots, kept in vm.json
         config = self._config(vm.spec, disk, read_only, str(Path(s.kernel).resolve()),
                               str(Path(s.initrd).resolve()) if s.initrd else "", s.boot_args)
         try:
             await self._configure(q, config)
             self._save_config(q, config)
         except BaseException as exc:
-            await self._kill(vm.vm_id, workdir)
+            await asyncio.shield(self._kill(vm.vm_id, workdir))
             if isinstance(exc, OSError):
                 raise VmmError(f"cannot write the firecracker configuration ({exc})") from exc
             raise
@@ -575,13 +344,13 @@ class FirecrackerDriver:
             raise VmmError(f"firecracker of a created vm is {state!r}", log_tail=tail(log_path, LOG_TAIL))
         timeout_ms = self.settings.boot_timeout_ms
         await self._wait_state(q, "Running", timeout_ms)
-        if self.settings.ready_line:
+        if q.ready_line:
             await self._wait_ready_line(q, offset, timeout_ms)
         return self._handle(q)
 
     async def _wait_ready_line(self, vm: _Vm, offset: int, timeout_ms: int) -> None:
         """Scan the console (``firecracker.log``) from ``offset`` for the ready line, with a deadline."""
-        needle = self.settings.ready_line.encode()
+        needle = vm.ready_line.encode()
         deadline = time.monotonic() + timeout_ms / 1000
         carry = b""
         while True:
@@ -601,7 +370,8 @@ class FirecrackerDriver:
                                log_tail=tail(vm.workdir / LOG, LOG_TAIL))
             if time.monotonic() > deadline:
                 raise VmmTimeout(
-                    f"guest did not print its ready line {self.settings.ready_line!r} within {timeout_ms} ms",
+                    f"guest did not print its ready line {vm.ready_line!r} within {timeout_ms} ms "
+                    f"(it is {ENV_PREFIX}READY_LINE, or this project's image's own)",
                     log_tail=tail(vm.workdir / LOG, LOG_TAIL),
                 )
             await asyncio.sleep(0.05)
@@ -621,7 +391,7 @@ class FirecrackerDriver:
             "format": SNAP_FORMAT, "vm_status": vm.status.value, "spec": vm.spec.to_json(),
             "config": q.config or self._config(vm.spec, q.disk, q.disk_read_only, self.settings.kernel,
                                                self.settings.initrd, self.settings.boot_args),
-            "disk": SNAP_DISK, "disk_read_only": q.disk_read_only,
+            "disk": SNAP_DISK, "disk_read_only": q.disk_read_only, "ready_line": q.ready_line,
         }
         if vm.status is VmStatus.CREATED:
             await _place(q.disk, out / SNAP_DISK, link=False)  # config + disk only
@@ -656,7 +426,7 @@ class FirecrackerDriver:
                                      {"drive_id": DRIVE_ID, "path_on_host": str(q.disk)})
                 except VmmError as exc:
                     # Resumed, the guest would write into the snapshot's disk: stop it instead.
-                    await self._kill(q.vm_id, q.workdir)
+                    await asyncio.shield(self._kill(q.vm_id, q.workdir))
                     raise VmmError(f"firecracker could not switch the disk back after a snapshot, "
                                    f"so it was stopped: {exc}", log_tail=exc.log_tail) from exc
             if running:
@@ -683,6 +453,7 @@ class FirecrackerDriver:
         disk = workdir / DISK
         await _place(src / SNAP_DISK, disk, link=read_only)  # the new VM's own copy (a link if read-only)
         q = await self._spawn(vm, disk, read_only)
+        q.ready_line = self._ready_line(manifest.get("ready_line"))
         try:
             config = {**config, "drives": [{**d, "path_on_host": str(disk)} if d.get("drive_id") == DRIVE_ID else d
                                            for d in config.get("drives", [])]}
@@ -703,7 +474,7 @@ class FirecrackerDriver:
                     await self._wait_state(q, "Paused", self.settings.api_timeout_ms)
             self._save_config(q, config)
         except BaseException as exc:
-            await self._kill(vm.vm_id, workdir)
+            await asyncio.shield(self._kill(vm.vm_id, workdir))
             if isinstance(exc, OSError):
                 raise VmmError(f"cannot write the firecracker configuration ({exc})") from exc
             raise
@@ -741,7 +512,8 @@ class FirecrackerDriver:
         saved = _read_json(workdir / CONFIG)
         disk = Path(saved.get("disk") or workdir / DISK)
         q = _Vm(vm.vm_id, workdir, sock, self._new_api(sock), None, pid, disk,
-                bool(saved.get("disk_read_only", False)), config=dict(saved.get("config") or {}))
+                bool(saved.get("disk_read_only", False)), config=dict(saved.get("config") or {}),
+                ready_line=self._ready_line(saved.get("ready_line")))
         try:
             await self._state(q)
         except VmError:
@@ -770,9 +542,7 @@ class FirecrackerDriver:
             q.stopping = True
             self._vms.pop(vm_id, None)
             if q.watcher is not None:
-                q.watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await q.watcher
+                await _stop_task(q.watcher)
             await q.api.aclose()
 
 
@@ -834,6 +604,18 @@ async def _place(src: Path, dst: Path, *, link: bool) -> None:
         raise ImageError(f"disk image not found: {exc.filename}") from exc
     except OSError as exc:
         raise VmmError(f"cannot copy the disk {src.name} ({type(exc).__name__}: {exc})") from exc
+
+
+async def _stop_task(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait for it to end.
+
+    The task's own end (cancelled, or an error, which is logged) is not the caller's; a cancellation
+    of the *caller* while it waits propagates (``asyncio.wait`` does not swallow it, as awaiting the
+    task under ``suppress(CancelledError)`` would), and the task still ends on its own."""
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.warning("%s failed: %s", task.get_name(), exc)
 
 
 async def _wait_pid_exit(pid: int | None) -> None:

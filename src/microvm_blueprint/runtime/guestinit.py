@@ -1,0 +1,268 @@
+"""Runs inside the ``debian`` guest at boot (python3-minimal: no json, no yaml): applies the config drive.
+
+Not imported by the operator: :mod:`.images` copies this file into the guest's root as
+``/usr/lib/microvm/guestinit.py``; the tests import it to check its readers. Standard library only.
+
+Finds the NoCloud drive (label ``cidata``/``CIDATA``, FAT or ISO9660) among the virtio disks, mounts it
+read-only, and applies ``meta-data`` (instance-id, hostname), ``user-data`` (root's authorized_keys,
+resize_rootfs) and ``network-config`` version 2 (static addresses, routes, nameservers). The files are JSON
+(what this project writes); plain ``key: value`` YAML is read as a fallback for hand-made drives.
+Every value is checked again here before it reaches a file or a command (argv lists only).
+"""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from typing import Any
+
+MOUNT = "/run/cidata"
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+_KEY = re.compile(r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|sk-ssh-ed25519@openssh\.com|"
+                  r"sk-ecdsa-sha2-nistp256@openssh\.com) [A-Za-z0-9+/=]+( [ -~]*)?")
+_TOKEN = re.compile(r'\s*(?:(?P<s>"(?:[^"\\]|\\.)*")|(?P<n>-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)|(?P<w>true|false|null)'
+                    r"|(?P<p>[{}\[\],:]))")
+_ESC = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def say(msg: str) -> None:
+    print("microvm-init: " + msg, flush=True)
+
+
+def run(*argv: str) -> bool:
+    try:
+        proc = subprocess.run(list(argv), capture_output=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        say(f"{argv[0]}: {exc}")
+        return False
+    if proc.returncode != 0:
+        say("{} failed: {}".format(" ".join(argv), proc.stderr.decode(errors="replace").strip()[-300:]))
+    return proc.returncode == 0
+
+
+def _unescape(s: str) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(s):
+        c = s[i]
+        if c != "\\":
+            out.append(c)
+            i += 1
+        elif s[i + 1] == "u":
+            out.append(chr(int(s[i + 2:i + 6], 16)))
+            i += 6
+        else:
+            out.append(_ESC[s[i + 1]])
+            i += 2
+    return "".join(out)
+
+
+def parse_json(text: str) -> Any:
+    """A small strict JSON reader (python3-minimal has no json module)."""
+    toks: list[tuple[str, Any]] = []
+    pos = 0
+    text = text.strip()
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m:
+            raise ValueError(f"bad JSON at {pos}")
+        pos = m.end()
+        if m.group("s") is not None:
+            toks.append(("s", _unescape(m.group("s")[1:-1])))
+        elif m.group("n") is not None:
+            n = m.group("n")
+            toks.append(("v", float(n) if "." in n or "e" in n.lower() else int(n)))
+        elif m.group("w") is not None:
+            toks.append(("v", {"true": True, "false": False, "null": None}[m.group("w")]))
+        else:
+            toks.append(("p", m.group("p")))
+    value, i = _value(toks, 0)
+    if i != len(toks):
+        raise ValueError("trailing JSON")
+    return value
+
+
+def _value(toks: list[tuple[str, Any]], i: int) -> tuple[Any, int]:
+    kind, v = toks[i]
+    if kind != "p":
+        return v, i + 1
+    if v == "[":
+        out: list[Any] = []
+        i += 1
+        if toks[i] == ("p", "]"):
+            return out, i + 1
+        while True:
+            item, i = _value(toks, i)
+            out.append(item)
+            if toks[i] == ("p", "]"):
+                return out, i + 1
+            if toks[i] != ("p", ","):
+                raise ValueError("expected , in list")
+            i += 1
+    if v == "{":
+        obj: dict[str, Any] = {}
+        i += 1
+        if toks[i] == ("p", "}"):
+            return obj, i + 1
+        while True:
+            if toks[i][0] != "s" or toks[i + 1] != ("p", ":"):
+                raise ValueError("expected key")
+            obj[toks[i][1]], i = _value(toks, i + 2)
+            if toks[i] == ("p", "}"):
+                return obj, i + 1
+            if toks[i] != ("p", ","):
+                raise ValueError("expected , in object")
+            i += 1
+    raise ValueError(f"unexpected {v!r}")
+
+
+def parse_simple_yaml(text: str) -> dict[str, Any]:
+    """Fallback for hand-made drives: top-level ``key: value`` and ``key:`` + ``- item`` lists."""
+    out: dict[str, Any] = {}
+    current = ""
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[0] not in " -\t" and ":" in line:
+            k, _, v = line.partition(":")
+            v = v.strip().strip("'\"")
+            current = k.strip()
+            out[current] = v if v else []
+        elif line.strip().startswith("- ") and isinstance(out.get(current), list):
+            out[current].append(line.strip()[2:].strip().strip("'\""))
+    return out
+
+
+def load(name: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(MOUNT, name), encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError:
+        return {}
+    body = text.split("\n", 1)[1] if text.startswith("#cloud-config") else text
+    try:
+        doc = parse_json(body)
+    except (ValueError, IndexError, KeyError):
+        doc = parse_simple_yaml(body)
+    return doc if isinstance(doc, dict) else {}
+
+
+def find_drive() -> tuple[str | None, str | None]:
+    for dev in sorted(os.listdir("/sys/class/block")):
+        if not re.fullmatch(r"vd[a-z]+", dev):
+            continue
+        try:
+            with open("/dev/" + dev, "rb") as fh:
+                head = fh.read(512)
+                fh.seek(32808)
+                iso = fh.read(32)
+        except OSError:
+            continue
+        if head[510:512] == b"\x55\xaa" and (head[43:54].strip().lower() == b"cidata"
+                                             or head[71:82].strip().lower() == b"cidata"):
+            return "/dev/" + dev, "vfat"
+        if iso.strip().lower() == b"cidata":
+            return "/dev/" + dev, "iso9660"
+    return None, None
+
+
+def root_device() -> str | None:
+    with open("/proc/mounts") as fh:
+        for line in fh:
+            dev, mnt = line.split()[:2]
+            if mnt == "/" and dev.startswith("/dev/"):
+                return dev
+    return None
+
+
+def apply_network(net: dict[str, Any]) -> None:
+    found = net.get("ethernets")
+    ethernets: dict[str, Any] = found if isinstance(found, dict) else {}
+    resolv: list[str] = []
+    for name, eth in sorted(ethernets.items()):
+        if not isinstance(eth, dict):
+            continue
+        iface = name
+        mac = (eth.get("match") or {}).get("macaddress") if isinstance(eth.get("match"), dict) else None
+        if isinstance(mac, str):
+            for cand in os.listdir("/sys/class/net"):
+                try:
+                    with open(f"/sys/class/net/{cand}/address") as fh:
+                        if fh.read().strip().lower() == mac.lower():
+                            iface = cand
+                except OSError:
+                    continue
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", iface) or not os.path.exists("/sys/class/net/" + iface):
+            say(f"network: no interface {iface!r}")
+            continue
+        run("ip", "link", "set", iface, "up")
+        if eth.get("dhcp4") is True:
+            say(f"network: dhcp4 asked for {iface}, but this image has no DHCP client")
+        for addr in eth.get("addresses") or []:
+            if isinstance(addr, str) and re.fullmatch(r"[0-9.]+/[0-9]{1,2}", addr):
+                run("ip", "addr", "add", addr, "dev", iface)
+        routes = [r for r in eth.get("routes") or [] if isinstance(r, dict)]
+        if isinstance(eth.get("gateway4"), str):
+            routes.append({"to": "0.0.0.0/0", "via": eth["gateway4"]})
+        for route in routes:
+            to, via = route.get("to"), route.get("via")
+            if not (isinstance(to, str) and isinstance(via, str) and re.fullmatch(r"[0-9.]+", via)):
+                continue
+            to = "default" if to in ("0.0.0.0/0", "default") else to
+            if to == "default" or re.fullmatch(r"[0-9.]+/[0-9]{1,2}", to):
+                run("ip", "route", "add", to, "via", via, "dev", iface)
+        found_ns = eth.get("nameservers")
+        ns: dict[str, Any] = found_ns if isinstance(found_ns, dict) else {}
+        resolv += [a for a in ns.get("addresses") or [] if isinstance(a, str) and re.fullmatch(r"[0-9.]+", a)]
+    if resolv:
+        with open("/etc/resolv.conf", "w") as fh:
+            fh.write("".join(f"nameserver {a}\n" for a in resolv))
+
+
+def main() -> int:
+    dev, fstype = find_drive()
+    if dev is None:
+        say("no config drive (label cidata)")
+        return 0
+    os.makedirs(MOUNT, exist_ok=True)
+    if fstype is None or not run("mount", "-t", fstype, "-o", "ro", dev, MOUNT):
+        return 1
+    meta, user, net = load("meta-data"), load("user-data"), load("network-config")
+    iid = meta.get("instance-id")
+    if isinstance(iid, str) and re.fullmatch(r"[A-Za-z0-9._-]{1,128}", iid):
+        os.makedirs("/var/lib/cloud/data", exist_ok=True)
+        with open("/var/lib/cloud/data/instance-id", "w") as fh:
+            fh.write(iid + "\n")
+        say("instance-id " + iid)
+    host = meta.get("local-hostname") or user.get("hostname")
+    if isinstance(host, str) and len(host) <= 253 and _HOSTNAME.fullmatch(host):
+        socket.sethostname(host)
+        with open("/etc/hostname", "w") as fh:
+            fh.write(host + "\n")
+        with open("/etc/hosts", "w") as fh:
+            fh.write("127.0.0.1 localhost\n127.0.1.1 {} {}\n::1 localhost ip6-localhost\n".format(host, host.split(".")[0]))
+    keys = [k for k in user.get("ssh_authorized_keys") or [] if isinstance(k, str) and _KEY.fullmatch(k)
+            and len(k) <= 8192]
+    os.makedirs("/root/.ssh", mode=0o700, exist_ok=True)
+    os.chmod("/root/.ssh", 0o700)
+    tmp = "/root/.ssh/.authorized_keys.tmp"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+        fh.write("".join(k + "\n" for k in keys))
+    os.replace(tmp, "/root/.ssh/authorized_keys")
+    say(f"{len(keys)} authorized key(s) for root")
+    apply_network(net)
+    if user.get("resize_rootfs", True) not in (False, "false", "False"):
+        root = root_device()
+        if root:
+            run("resize2fs", root)
+    run("umount", MOUNT)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Exception as exc:  # never stop the boot: the console says what went wrong
+        say(f"config drive not applied: {type(exc).__name__}: {exc}")
+        sys.exit(1)

@@ -1,0 +1,167 @@
+"""A state database that fails for a moment (locked by another connection) is not a call's outcome:
+the call is not recorded as failed, and the same call id succeeds once the lock is gone. A database
+that cannot be used at all is a different, non-transient error. Real SQLite throughout."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from microvm_blueprint.blueprint.journal import JobJournal, JournalError
+from microvm_blueprint.errors import TransientError
+from microvm_blueprint.runtime.adapters.in_memory import InMemoryDriver
+from microvm_blueprint.runtime.errors import RecordedFailure, StoreUnusable, VmError
+from microvm_blueprint.runtime.lifecycle import Lifecycle
+from microvm_blueprint.runtime.model import Origin, VmStatus
+from microvm_blueprint.runtime.store import Store, StoreError
+from microvm_blueprint.tangle.errors import TangleError
+from microvm_blueprint.tangle.state import TangleState
+
+
+class Holder:
+    """Another connection that holds the database's write lock (``BEGIN EXCLUSIVE``) until released."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None)
+        self.held = False
+
+    def take(self) -> None:
+        self.conn.execute("BEGIN EXCLUSIVE")
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.conn.execute("ROLLBACK")
+            self.held = False
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "state.sqlite3"
+
+
+@pytest.fixture
+def holder(db: Path) -> Iterator[Holder]:
+    Store(db).close()  # the file exists, in WAL mode, before anyone locks it
+    h = Holder(db)
+    yield h
+    h.release()
+    h.conn.close()
+
+
+@pytest.fixture
+def life(db: Path, tmp_path: Path, holder: Holder) -> Lifecycle:
+    store = Store(db)
+    store._dbx.conn.execute("PRAGMA busy_timeout=50")  # fail fast on the held lock (5 s in service)
+    return Lifecycle(InMemoryDriver(), store, state_dir=tmp_path / "state")
+
+
+Step = Callable[[Lifecycle, Origin], Awaitable[object]]
+
+STEPS: dict[str, tuple[VmStatus | None, Step, VmStatus]] = {
+    # name: (status to bring "vm" to first, the change under test, status after it succeeds)
+    "create": (None, lambda p, o: p.create_vm("vm", None, o), VmStatus.CREATED),
+    "start": (VmStatus.CREATED, lambda p, o: p.start_vm("vm", o), VmStatus.RUNNING),
+    "stop": (VmStatus.RUNNING, lambda p, o: p.stop_vm("vm", o), VmStatus.STOPPED),
+    "snapshot": (VmStatus.RUNNING, lambda p, o: p.snapshot_vm("vm", "s", o), VmStatus.RUNNING),
+    "destroy": (VmStatus.RUNNING, lambda p, o: p.destroy_vm("vm", o), VmStatus.DESTROYED),
+}
+
+
+@pytest.mark.parametrize("name", list(STEPS))
+async def test_a_locked_database_is_not_the_calls_outcome(
+    life: Lifecycle, holder: Holder, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before, step, after = STEPS[name]
+    if before is not None:
+        await life.create_vm("vm", None, Origin(1))
+    if before is VmStatus.RUNNING:
+        await life.start_vm("vm", Origin(2))
+    # Contention comes and goes: by the time a failure would be recorded the lock is gone, so a
+    # lifecycle that recorded this failure would succeed in recording it (and replay it forever).
+    recorded: list[tuple[Any, ...]] = []
+    real_record = life.store.record_failure
+
+    def record_failure(*args: Any) -> None:
+        holder.release()
+        recorded.append(args)
+        real_record(*args)
+
+    monkeypatch.setattr(life.store, "record_failure", record_failure)
+    call = Origin(call_id=77, caller="0xc")
+    holder.take()
+    with pytest.raises(StoreError, match="database is locked") as err:
+        await step(life, call)
+    assert isinstance(err.value, TransientError) and not isinstance(err.value, VmError)
+    assert recorded == []
+    holder.release()
+    assert life.store.get_call(77) is None  # not applied, not failed: the call is still to be done
+
+    await step(life, call)  # the same call id, once the lock is gone: it runs, and succeeds
+    view = await life.get_vm("vm")
+    assert view.status is after
+    assert [h.call_id for h in view.history].count(77) == 1
+    outcome = life.store.get_call(77)
+    assert outcome is not None and outcome.ok
+    assert life._locks == {}
+
+
+async def test_a_failure_after_the_lock_is_gone_is_still_recorded(life: Lifecycle, holder: Holder) -> None:
+    """The other side: a real VmError (here a forbidden transition) stays the call's recorded outcome."""
+    await life.create_vm("vm", None, Origin(1))
+    with pytest.raises(VmError, match="created -> stopped"):
+        await life.stop_vm("vm", Origin(5))
+    with pytest.raises(RecordedFailure, match="created -> stopped"):
+        await life.stop_vm("vm", Origin(5))
+
+
+def test_a_locked_store_is_transient_and_leaves_the_connection_usable(db: Path, holder: Holder) -> None:
+    store = Store(db)
+    store._dbx.conn.execute("PRAGMA busy_timeout=50")
+    holder.take()
+    with pytest.raises(StoreError, match=r"^state database error: database is locked$"):
+        store.add_intent("vm", "create", "/x", 1)
+    assert store.get_call(1) is None  # reads still work under another writer (WAL)
+    holder.release()
+    assert store.add_intent("vm", "create", "/x", 1) > 0  # no transaction left open by the failure
+    assert [i.vm_id for i in store.intents()] == ["vm"]
+
+
+def test_a_store_of_another_schema_is_unusable_not_transient(db: Path) -> None:
+    Store(db).close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE meta SET value='99' WHERE key='schema'")
+    with pytest.raises(StoreUnusable, match="has schema 99, expected 1") as err:
+        Store(db)
+    assert not isinstance(err.value, TransientError | VmError)
+
+
+def test_a_corrupt_store_is_unusable_not_transient(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.sqlite3"
+    path.write_bytes(b"this is not a database, it is a text file of some length " * 100)
+    with pytest.raises(StoreUnusable, match="file is not a database") as err:
+        Store(path)
+    assert not isinstance(err.value, TransientError | VmError)
+
+
+def test_other_stores_keep_their_own_error_class_when_locked(tmp_path: Path) -> None:
+    """The chain state and the job journal share the database helper; they keep their classes."""
+    journal = JobJournal(tmp_path / "journal.sqlite3")
+    state = TangleState(tmp_path / "chain.sqlite3")
+    for dbx, path, cls in ((journal._dbx, journal.path, JournalError), (state._dbx, state._dbx.path, TangleError)):
+        dbx.conn.execute("PRAGMA busy_timeout=50")
+        h = Holder(path)
+        h.take()
+        try:
+            with pytest.raises(cls, match="database is locked"):
+                with dbx.tx() as conn:
+                    conn.execute("SELECT 1")
+        finally:
+            h.release()
+            h.conn.close()
+        with dbx.tx() as conn:  # and usable again once the lock is gone
+            conn.execute("SELECT 1")
