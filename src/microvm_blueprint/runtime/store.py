@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..sqlitedb import Database
-from .errors import QuotaExceeded
+from .errors import QuotaExceeded, StoreUnusable
 from .errors import StoreError as StoreError  # re-exported: callers know it as store.StoreError
-from .errors import StoreUnusable
 from .model import (
     HistoryEntry,
     NetworkMode,
