@@ -14,7 +14,7 @@ import pytest
 from microvm_blueprint.runtime.adapters.in_memory import InMemoryDriver
 from microvm_blueprint.runtime.driver import VmmDriver
 from microvm_blueprint.runtime.lifecycle import Lifecycle
-from microvm_blueprint.runtime.model import HostLimits
+from microvm_blueprint.runtime.model import HostLimits, NetworkMode, NetworkSettings
 from microvm_blueprint.runtime.store import Store
 
 DriverFactory = Callable[[Path], VmmDriver]
@@ -43,6 +43,11 @@ def _qemu(tmp: Path) -> VmmDriver:
 
 
 DRIVERS: dict[str, DriverFactory] = {"in-memory": _in_memory, "firecracker-spec": _firecracker, "qemu": _qemu}
+#: each driver's own network mode, as the operator's settings default it (Firecracker: TAP only, so none here)
+NETWORKS: dict[str, NetworkMode] = {
+    "in-memory": NetworkMode.USER, "firecracker-spec": NetworkMode.NONE, "qemu": NetworkMode.USER,
+}
+PORT_RANGE = (45000, 45999)
 
 
 @pytest.fixture(
@@ -54,7 +59,9 @@ DRIVERS: dict[str, DriverFactory] = {"in-memory": _in_memory, "firecracker-spec"
 )
 async def provider(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Lifecycle]:
     driver = DRIVERS[request.param](tmp_path)
-    life = Lifecycle(driver, Store(tmp_path / "state.sqlite3"), state_dir=tmp_path / "state", limits=HostLimits())
+    network = NetworkSettings(mode=NETWORKS[request.param], port_range=PORT_RANGE)
+    life = Lifecycle(driver, Store(tmp_path / "state.sqlite3"), state_dir=tmp_path / "state", limits=HostLimits(),
+                     network=network)
     try:
         yield life
     finally:

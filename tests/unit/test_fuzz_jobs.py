@@ -107,8 +107,10 @@ def test_hostile_ids_get_the_exact_error(vm_id: str, snapshot_id: str) -> None:
         for name, typ in zip(job.arg_names, job.arg_types, strict=True):
             if typ == "string":
                 args.append(snapshot_id if name == "snapshot_id" else ("" if name == "image" else vm_id))
+            elif typ.endswith("[]"):
+                args.append([])  # job 8's keys and ports: none
             else:
-                args.append(256 if name == "mem_mib" else 1)
+                args.append({"mem_mib": 256, "disk_mib": 0}.get(name, 1))
         before = _fingerprint()
         error = _run(job.index, encode(list(job.arg_types), args))
         if error is None:

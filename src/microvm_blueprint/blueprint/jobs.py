@@ -59,6 +59,13 @@ JOBS: tuple[JobDef, ...] = (
         "as create_vm with a spec; empty image = default",
     ),
     JobDef(7, "delete_snapshot", ("string", "string"), ("vm_id", "snapshot_id"), "remove a snapshot"),
+    JobDef(
+        8,
+        "create_vm_with_config",
+        ("string", "uint32", "uint32", "uint32", "string", "string[]", "uint16[]"),
+        ("vm_id", "vcpus", "mem_mib", "disk_mib", "image", "ssh_authorized_keys", "ports"),
+        "as create_vm_with_spec, plus a disk size, root's SSH keys and published guest ports",
+    ),
 )
 JOBS_BY_NAME = {j.name: j for j in JOBS}
 JOBS_BY_INDEX = {j.index: j for j in JOBS}
@@ -92,6 +99,9 @@ _APPLY: dict[str, Apply] = {
     "restore_vm": lambda p, a, o: p.restore_vm(a[0], a[1], a[2], o),
     "create_vm_with_spec": lambda p, a, o: p.create_vm(a[0], VmSpec(vcpus=a[1], mem_mib=a[2], image=a[3]), o),
     "delete_snapshot": lambda p, a, o: p.delete_snapshot(a[0], a[1], o),
+    "create_vm_with_config": lambda p, a, o: p.create_vm(
+        a[0], VmSpec(vcpus=a[1], mem_mib=a[2], disk_mib=a[3], image=a[4], ssh_keys=tuple(a[5]), ports=tuple(a[6])), o
+    ),
 }
 
 

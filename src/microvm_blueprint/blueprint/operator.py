@@ -90,7 +90,7 @@ def default_spec(settings: OperatorSettings) -> VmSpec | None:
 def build_provider(settings: OperatorSettings, driver: VmmDriver | None = None) -> Lifecycle:
     store = Store(":memory:" if settings.ephemeral else settings.data_dir / "runtime.sqlite3")
     return Lifecycle(driver or make_driver(settings), store, state_dir=settings.state_dir, limits=settings.limits,
-                     default_spec=default_spec(settings))
+                     default_spec=default_spec(settings), network=settings.network)
 
 
 class JournalObserver:

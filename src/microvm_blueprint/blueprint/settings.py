@@ -6,6 +6,7 @@ this object carries what the VM side needs (provider choice, query API address, 
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..envparse import Env, parse_choice
 from ..errors import ConfigError
-from ..runtime.model import HostLimits
+from ..runtime.model import HostLimits, NetworkMode, NetworkSettings
 
 if TYPE_CHECKING:
     from ..runtime.adapters.firecracker.settings import FirecrackerSettings
@@ -52,6 +53,7 @@ class OperatorSettings:
     qemu_bin: str = "qemu-system-x86_64"
     qemu_accel: str = "auto"
     boot_timeout_s: float = 90.0
+    network: NetworkSettings = field(default_factory=NetworkSettings)
     #: ``MICROVM_FIRECRACKER_*``, parsed here once when the provider is Firecracker (else ``None``)
     firecracker: FirecrackerSettings | None = None
 
@@ -86,6 +88,7 @@ class OperatorSettings:
             "qemu_accel": e.choice("MICROVM_QEMU_ACCEL", "auto", ["auto", "kvm", "tcg"]),
             "boot_timeout_s": e.duration("MICROVM_BOOT_TIMEOUT_S", 90.0, 1.0),
         }
+        values["network"] = parse_network(e, ProviderKind(values["provider"]))
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["provider"] is ProviderKind.FIRECRACKER and values.get("firecracker") is None:
             from ..runtime.adapters.firecracker.settings import FirecrackerSettings
@@ -93,3 +96,26 @@ class OperatorSettings:
             image = values["image_dir"]
             values["firecracker"] = FirecrackerSettings.from_env(env, image_dir=image if isinstance(image, Path) else None)
         return cls(**values)  # type: ignore[arg-type]
+
+
+def parse_network(e: Env, provider: ProviderKind) -> NetworkSettings:
+    """``MICROVM_NETWORK`` (default ``user``, ``none`` for Firecracker, which has TAP devices only),
+    ``MICROVM_PUBLISH_ADDR``, ``MICROVM_PORT_RANGE`` (``LO-HI``) and ``MICROVM_EGRESS`` (DESIGN.md §8)."""
+    default = "none" if provider is ProviderKind.FIRECRACKER else "user"
+    mode = NetworkMode(e.choice("MICROVM_NETWORK", default, [m.value for m in NetworkMode]))
+    if mode is NetworkMode.BRIDGE:
+        raise ConfigError("MICROVM_NETWORK=bridge is not available yet (a network namespace per VM); use user or none")
+    if mode is NetworkMode.USER and provider is ProviderKind.FIRECRACKER:
+        raise ConfigError("MICROVM_NETWORK=user is not possible with Firecracker (TAP devices only); use none")
+    addr = e.text("MICROVM_PUBLISH_ADDR", "127.0.0.1")
+    try:
+        ipaddress.ip_address(addr)
+    except ValueError:
+        raise ConfigError(f"MICROVM_PUBLISH_ADDR={addr!r} is not an IP address") from None
+    raw = e.text("MICROVM_PORT_RANGE", "40000-49999")
+    lo, sep, hi = raw.partition("-")
+    if not sep or not lo.strip().isdigit() or not hi.strip().isdigit() or not 1024 <= int(lo) <= int(hi) <= 65535:
+        raise ConfigError(f"MICROVM_PORT_RANGE={raw!r} must be LO-HI with 1024 <= LO <= HI <= 65535")
+    egress = e.choice("MICROVM_EGRESS", "deny", ["deny", "allow"])
+    return NetworkSettings(mode=mode, publish_addr=addr, port_range=(int(lo), int(hi)), egress=egress == "allow")
+

@@ -9,10 +9,11 @@ the contract suite in ``tests/contract`` runs against every driver.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from ..crashpoints import crash_point
 from ..errors import TransientError
 from .driver import VmmDriver
 from .errors import (
+    InvalidInput,
     QuotaExceeded,
     RecordedFailure,
     SnapshotAlreadyExists,
@@ -33,9 +35,12 @@ from .errors import (
 from .model import (
     Action,
     HostLimits,
+    NetworkMode,
+    NetworkSettings,
     Origin,
     SnapshotRecord,
     SnapshotView,
+    VmNetwork,
     VmRecord,
     VmSpec,
     VmStatus,
@@ -44,6 +49,7 @@ from .model import (
     guard,
     validate_id,
 )
+from .ports import tcp_port_free
 from .store import Store, StoredVm
 
 log = logging.getLogger(__name__)
@@ -72,8 +78,12 @@ class Lifecycle:
         state_dir: str | Path,
         limits: HostLimits | None = None,
         default_spec: VmSpec | None = None,
+        network: NetworkSettings | None = None,
+        port_free: Callable[[str, int], bool] = tcp_port_free,
     ) -> None:
         self.driver = driver
+        self.network = network or NetworkSettings()
+        self._port_free = port_free  # injected so tests can make a host port look taken
         self.default_spec = default_spec or VmSpec()  # for create_vm without a spec
         self.store = store
         self.limits = limits or HostLimits()
@@ -219,11 +229,17 @@ class Lifecycle:
         if self.store.get_vm(vm_id) is not None:
             raise VmAlreadyExists(vm_id)
         self._check_quota(spec)
+        self._check_network(spec)
         workdir = self.vms_dir / fs_name(vm_id)
         shutil.rmtree(workdir, ignore_errors=True)  # leftovers of an undone create
         intent = self.store.add_intent(vm_id, "create", str(workdir), origin.call_id)
         workdir.mkdir(parents=True)
-        record = VmRecord(vm_id=vm_id, status=VmStatus.CREATED, spec=spec, workdir=str(workdir))
+        try:
+            network = self._reserve_network(vm_id, spec)
+        except BaseException:
+            await asyncio.shield(self._undo_workdir(VmRecord(vm_id, VmStatus.CREATED, spec, str(workdir)), intent))
+            raise
+        record = VmRecord(vm_id=vm_id, status=VmStatus.CREATED, spec=spec, workdir=str(workdir), network=network)
         crash_point("create.after_intent")
         try:
             handle = await self.driver.create(record)
@@ -240,7 +256,28 @@ class Lifecycle:
         except VmError as exc:
             log.warning("cleanup of a failed create for %r: %s", record.vm_id, exc)
         shutil.rmtree(record.workdir, ignore_errors=True)
+        self.store.release_network(record.vm_id, forget=True)
         self.store.drop_intent(intent)
+
+    def _check_network(self, spec: VmSpec) -> None:
+        """Ports can only be published where the guest has a network: say so before anything changes."""
+        if spec.ports and self.network.mode is NetworkMode.NONE:
+            raise InvalidInput("ports cannot be published: this operator runs with MICROVM_NETWORK=none")
+
+    def _reserve_network(self, vm_id: str, spec: VmSpec) -> VmNetwork:
+        """Record the VM's network and take its host ports (before the VMM, which binds them)."""
+        mode = self.network.mode
+        ports = set(spec.ports)
+        if spec.ssh_keys:
+            ports.add(22)  # keys given: SSH is what they are for, so guest port 22 is published too
+        return self.store.reserve_network(
+            vm_id,
+            mode,
+            sorted(ports) if mode is not NetworkMode.NONE else (),
+            host=self.network.publish_addr,
+            port_range=self.network.port_range,
+            is_free=self._port_free,
+        )
 
     async def start_vm(self, vm_id: str, origin: Origin) -> VmView:
         if self._replayed(origin):
@@ -351,12 +388,15 @@ class Lifecycle:
                     raise VmAlreadyExists(new_vm_id)
                 spec = self.limits.check_spec(snap.spec)
                 self._check_quota(spec)
+                self._check_network(spec)
                 workdir = self.vms_dir / fs_name(new_vm_id)
                 shutil.rmtree(workdir, ignore_errors=True)
                 intent = self.store.add_intent(new_vm_id, "restore", str(workdir), origin.call_id)
                 workdir.mkdir(parents=True)
                 record = VmRecord(vm_id=new_vm_id, status=snap.vm_status, spec=spec, workdir=str(workdir))
                 try:
+                    # the clone publishes the same guest ports on host ports of its own
+                    record = dataclasses.replace(record, network=self._reserve_network(new_vm_id, spec))
                     handle = await self.driver.restore(record, snap)
                 except BaseException:
                     await asyncio.shield(self._undo_workdir(record, intent))
@@ -393,6 +433,7 @@ class Lifecycle:
                 shutil.rmtree(path, ignore_errors=True)
             self.store.drop_intent(intent.seq)
             undone += 1
+        self.store.drop_orphan_networks()  # ports a create took before the operator died
         owned: set[str] = set()
         for vm in self.store.list_vms():
             if vm.status not in LIVE:

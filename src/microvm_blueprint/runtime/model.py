@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from .access import validate_disk_mib, validate_ports, validate_ssh_keys
 from .errors import InvalidInput, InvalidTransition
 
 MAX_ID_BYTES = 256
@@ -209,7 +210,13 @@ class HostLimits:
         validate_id("image", image)
         if "/" in image or image in {".", ".."}:
             raise InvalidInput("image must be a name, not a path")
-        return dataclasses.replace(spec, image=image)
+        return dataclasses.replace(
+            spec,
+            image=image,
+            disk_mib=validate_disk_mib(spec.disk_mib),
+            ssh_keys=validate_ssh_keys(spec.ssh_keys),
+            ports=tuple(sorted(validate_ports(spec.ports))),
+        )
 
 
 @dataclass(frozen=True)

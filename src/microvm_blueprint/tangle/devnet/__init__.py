@@ -46,7 +46,8 @@ REAL_TANGLE = "0x0165878A594ca255338adfa4d48449f69242Eb8F"
 REAL_STAKING = "0xDc64a140Aa3E981100a9becA4E685f962f0cF6C9"
 REAL_STATUS_REGISTRY = "0x2bdCC0de6bE1f7D2ee689a0342D76F52E8EFABa3"
 
-JOB_COUNT = 8
+#: jobs the dev blueprint defines (this blueprint has 0-8: create_vm ... create_vm_with_config)
+JOB_COUNT = 9
 
 
 class DevnetError(TangleError):
