@@ -7,6 +7,9 @@ the file; it keeps its disk use under a cap by punching a hole over its head
 reader that is part-way through it, and the dropped head reads as NUL bytes, which readers skip.
 Where the file system cannot punch holes the head is cut by rewriting the tail
 (``copytruncate``: bytes the guest prints during that instant may be lost, only then).
+
+The cap is kept while an operator runs (a ``stat`` a second per VM); while none runs, QEMU goes on
+appending, and the next operator trims the file when it re-adopts the VM.
 """
 
 from __future__ import annotations

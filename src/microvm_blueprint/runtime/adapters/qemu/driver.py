@@ -214,7 +214,10 @@ class QemuDriver:
                 if was_running:
                     await q.execute("cont")
         _write_json(out / SNAP_CONFIG, {**manifest, "status": vm.status.value, "spec": vm.spec.to_json()})
-        return sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+        try:
+            return sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+        except OSError as exc:
+            raise VmmError(f"cannot size the snapshot: {exc.strerror or exc}") from exc
 
     async def restore(self, vm: VmRecord, snapshot: SnapshotRecord) -> VmHandle | None:
         self._check_binaries()

@@ -106,7 +106,10 @@ class QemuProcess:
         pid = read_pid(workdir / PID_FILE)
         if not pid or not runs_in(pid, workdir, "qemu"):
             return None
-        proc = cls(vm_id, workdir, settings, _open_dir(workdir), pid=pid)
+        try:
+            proc = cls(vm_id, workdir, settings, _open_dir(workdir), pid=pid)
+        except VmmError:
+            return None
         try:
             await proc.connect(time.monotonic() + 5)
             await proc.execute("query-status", timeout=5)
