@@ -112,17 +112,80 @@ def pid_alive(pid: int | None) -> bool:
         return True
 
 
+def read_pid(pid_file: str | Path) -> int | None:
+    """The pid a VMM wrote into ``pid_file`` (``-pidfile``/``--pid-file``); None if absent or garbled."""
+    try:
+        pid = int(Path(pid_file).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid > 0 else None
+
+
+def runs_in(pid: int, workdir: str | Path, exe_name: str | None = None) -> bool:
+    """True if ``pid`` is alive with ``workdir`` as its working directory (and, when given, ``exe_name``
+    in the name of its executable): the guard against pid reuse before signalling a re-adopted VMM."""
+    if not pid_alive(pid):
+        return False
+    try:
+        if os.readlink(f"/proc/{pid}/cwd") != str(Path(workdir).resolve()):
+            return False
+        if exe_name is None:
+            return True
+        exe = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return False
+    return exe_name in Path(exe).name
+
+
+async def wait_pid_exit(pid: int | None, timeout: float | None = None) -> bool:
+    """Wait for a process that is not our child (a re-adopted VMM) to exit; True once it has, False
+    when ``timeout`` passed first. Waits on a pidfd (readable when the process exits, Linux >= 5.3);
+    polls every 0.2 s where there is none."""
+    if not pid or pid <= 0:
+        return True
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    except (OSError, AttributeError):
+        return await _poll_exit(pid, timeout)
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        if timeout is None:
+            await done
+        else:
+            await asyncio.wait_for(done, timeout)
+        return True
+    except TimeoutError:
+        return not pid_alive(pid)
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+async def _poll_exit(pid: int, timeout: float | None) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    while pid_alive(pid):
+        if deadline is not None and loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.2)
+    return True
+
+
 async def kill_pid(pid: int, *, grace: float = 3.0) -> None:
     """Stop a process that is not our child (re-adopted): SIGTERM, wait, SIGKILL."""
     for sig, wait_for in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        deadline = asyncio.get_running_loop().time() + wait_for
-        while pid_alive(pid):
-            if asyncio.get_running_loop().time() > deadline:
-                break
-            await asyncio.sleep(0.02)
-        else:
+        if await wait_pid_exit(pid, wait_for):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
             return

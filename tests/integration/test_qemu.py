@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
 import pytest
+from qemu.qmp import QMPClient
 
+from microvm_blueprint.runtime import images
 from microvm_blueprint.runtime.adapters.qemu import QemuDriver, QemuSettings
-from microvm_blueprint.runtime.errors import ImageError, VmmTimeout
+from microvm_blueprint.runtime.errors import ImageError, VmError, VmmTimeout
 from microvm_blueprint.runtime.lifecycle import Lifecycle
 from microvm_blueprint.runtime.model import Origin, VmSpec, VmStatus
 from microvm_blueprint.runtime.store import Store
@@ -145,3 +149,91 @@ async def test_accel_auto_falls_back_to_tcg_here(tmp_path: Path) -> None:
     assert verdict in {"kvm", "tcg"}
     if Path("/sys/module/kvm_pvm").exists():
         assert verdict == "tcg"  # nested PVM cannot boot an ordinary guest
+
+
+async def test_a_frozen_qemu_during_stop_is_a_vmm_error_and_a_failed_vm(tmp_path: Path) -> None:
+    """A QMP failure inside stop_vm is a VmmError (not a foreign error that becomes "internal error"),
+    and the core's ``_after_driver_error`` marks the VM failed because its VMM no longer answers."""
+    image_dir = ensure_image()
+    driver = QemuDriver(QemuSettings(image_dir=image_dir, accel="tcg", boot_timeout=120, qmp_timeout=3))
+    lc = Lifecycle(driver, Store(tmp_path / "s.sqlite3"), state_dir=tmp_path / "state")
+    o = Origin(call_id=7)
+    try:
+        await lc.create_vm("frozen", None, Origin())
+        await lc.start_vm("frozen", Origin())
+        pid = lc.store.get_vm("frozen").handle.pid  # type: ignore[union-attr]
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # QEMU stops answering QMP, as a hung or dying VMM does
+        try:
+            with pytest.raises(VmmTimeout, match="qemu did not answer stop") as info:
+                await lc.stop_vm("frozen", o)
+            assert isinstance(info.value, VmError)
+            view = await lc.get_vm("frozen")
+            assert view.status is VmStatus.FAILED, view  # _after_driver_error ran: the VMM is not alive
+            assert "did not answer stop" in (view.error or "")
+            done = lc.store.get_call(7)  # the failure is the call's recorded outcome, for replays
+            assert done is not None and not done.ok and "did not answer stop" in (done.error or "")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await lc.destroy_vm("frozen", Origin())
+    finally:
+        await lc.close(stop_vms=True)
+    assert qemu_pids(tmp_path) == set()
+
+
+async def _cont_and_drain_the_console(workdir: Path, timeout: float) -> str:
+    """What an operator killed mid-start had done: ``cont``, and read the guest's output out of QEMU
+    (until its ready line) without ever writing it down."""
+    dirfd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
+    qmp = QMPClient("crashed-operator")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(f"/proc/self/fd/{dirfd}/qmp.sock")
+        await asyncio.wait_for(qmp.connect(sock), 10)
+        await asyncio.wait_for(qmp.execute("cont"), 10)
+        seen: list[str] = []
+
+        async def drained_ready() -> bool:
+            args = {"device": "console", "size": 65536, "format": "utf8"}
+            seen.append(str(await asyncio.wait_for(qmp.execute("ringbuf-read", args), 10)))
+            return images.READY_LINE in "".join(seen)
+
+        await until(drained_ready, timeout, "the guest to print its ready line", every=0.1)
+        return "".join(seen)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(qmp.disconnect(), 5)
+        sock.close()
+        os.close(dirfd)
+
+
+async def test_console_output_survives_an_operator_killed_before_writing_it(tmp_path: Path) -> None:
+    """Guest output an operator had read but not yet kept when it died is not lost: the replayed
+    start finds the ready line the guest printed, instead of waiting out its boot timeout."""
+    image_dir = ensure_image()
+
+    def make(boot_timeout: float) -> Lifecycle:
+        driver = QemuDriver(QemuSettings(image_dir=image_dir, accel="tcg", boot_timeout=boot_timeout))
+        return Lifecycle(driver, Store(tmp_path / "s.sqlite3"), state_dir=tmp_path / "state")
+
+    first = make(120)
+    await first.create_vm("keep", None, Origin())
+    workdir = Path(first.store.get_vm("keep").workdir)  # type: ignore[union-attr]
+    await first.close(stop_vms=False)  # the operator is gone; its QEMU is not
+    # the guest prints its ready line once: the new operator must find it, not wait for it (20 s is
+    # ample to read a file, and short of a wait for a line that will never come again)
+    second = make(20)
+    try:
+        drained = await _cont_and_drain_the_console(workdir, 120)
+        assert images.READY_LINE in drained
+        assert (await second.reconcile()).startswith("reconciled: 1 vm(s) re-adopted")
+        assert (await second.get_vm("keep")).status is VmStatus.CREATED  # the start was never recorded
+        view = await second.start_vm("keep", Origin())  # the replayed start
+        assert view.status is VmStatus.RUNNING
+        assert drained in await second.console("keep")  # all of what the dead operator had read
+        await second.destroy_vm("keep", Origin())
+    finally:
+        with contextlib.suppress(VmError):  # a failed test leaves the VM; its QEMU is found by pid file
+            await second.destroy_vm("keep", Origin())
+        await second.close(stop_vms=True)
+    assert qemu_pids(tmp_path) == set()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from microvm_blueprint.runtime import images
-from microvm_blueprint.runtime.adapters import qemu
+from microvm_blueprint.runtime.adapters.qemu import argv as qemu
 from microvm_blueprint.runtime.errors import ImageError
 
 # ---- cpio (newc) ----------------------------------------------------------------------------

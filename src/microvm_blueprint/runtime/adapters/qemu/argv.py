@@ -1,0 +1,161 @@
+"""QEMU settings, the file names inside a VM folder, and one VM's argv (with the TCG clock pinning).
+
+Pure functions of their arguments (and of the host's TSC frequency): nothing here spawns a process.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ... import images
+
+QMP_SOCK = "qmp.sock"
+PID_FILE = "qemu.pid"
+QEMU_LOG = "qemu.log"
+CONSOLE_LOG = "console.log"
+"""The guest console, written by QEMU itself (the chardev's ``logfile=``): nothing is lost when the
+operator dies, and the operator only reads it and keeps it capped (``console.py``)."""
+DISK = "disk.qcow2"
+CONFIG = "vm.json"
+SNAP_MEMORY = "memory.bin"
+SNAP_DISK = "disk.qcow2"
+SNAP_CONFIG = "vm.json"
+LAST_SAVE = "last-save.bin"
+"""Hard link (or copy) of the memory file of the last save of a VM that stayed paused after it.
+
+QEMU 7.2 refuses a second ``migrate`` of a VM left in ``postmigrate`` ("Can't migrate the vm that was
+paused due to previous migration"); such a VM has not executed since, so its state *is* that file."""
+CONSOLE_DEV = "console"
+
+
+@dataclass(frozen=True)
+class QemuSettings:
+    qemu_bin: str = "qemu-system-x86_64"
+    qemu_img: str = "qemu-img"
+    image_dir: Path | None = None
+    accel: str = "auto"  # auto | kvm | tcg
+    boot_timeout: float = 90.0
+    qmp_timeout: float = 30.0
+    migrate_timeout: float = 180.0
+    stop_timeout: float = 10.0
+    console_ring_bytes: int = 64 * 1024
+    """Size of the chardev's ring inside QEMU (a power of two); the console itself is the log file."""
+    console_log_bytes: int = 1024 * 1024
+    """Cap on the disk space ``console.log`` holds while the operator runs (its head is dropped)."""
+    kvm_probe_timeout: float = 20.0
+    extra_cmdline: str = ""
+
+
+_TSC_LINES = (
+    re.compile(r"tsc: Refined TSC clocksource calibration: ([0-9.]+) MHz"),
+    re.compile(r"tsc: Detected ([0-9.]+) MHz processor"),
+)
+
+
+def tsc_khz_from_kernel_log(lines: list[str]) -> int | None:
+    """The TSC kHz the host kernel calibrated (refined value first), from its log lines."""
+    for pattern in _TSC_LINES:
+        for line in reversed(lines):
+            m = pattern.search(line)
+            if m:
+                return round(float(m.group(1)) * 1000)
+    return None
+
+
+def _kernel_log() -> list[str]:
+    """The host kernel's log ring (``/dev/kmsg``, non-blocking); empty if not readable."""
+    lines: list[str] = []
+    try:
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return lines
+    try:
+        while len(lines) < 100_000:
+            try:
+                rec = os.read(fd, 8192)
+            except BlockingIOError:
+                break
+            except BrokenPipeError:  # a record was overwritten while reading: skip it
+                continue
+            except OSError:
+                break
+            if not rec:
+                break
+            lines.append(rec.decode("utf-8", "replace").split(";", 1)[-1])
+    finally:
+        os.close(fd)
+    return lines
+
+
+@functools.cache
+def host_tsc_khz() -> int | None:
+    """The host TSC frequency (TCG guests read the host's TSC); ``None`` if unknown.
+
+    The kernel's own calibration (``tsc: Refined TSC ...`` / ``tsc: Detected ...``) is preferred:
+    ``cpu MHz`` in /proc/cpuinfo is the *current* clock on hosts with frequency scaling."""
+    khz = tsc_khz_from_kernel_log(_kernel_log())
+    if khz:
+        return khz
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return int(float(line.split(":")[1]) * 1000)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def kernel_cmdline(base: str, accel: str, extra: str = "") -> str:
+    """Kernel arguments; under TCG pin the TSC calibration (early calibration against the PIT
+    fails now and then under emulation and the boot hangs for good — DESIGN.md §4)."""
+    parts = [base]
+    if accel == "tcg":
+        khz = host_tsc_khz()
+        if khz:
+            parts.append(f"tsc_early_khz={khz} lpj={khz * 4}")  # Debian's kernels run at HZ=250
+    if extra:
+        parts.append(extra)
+    return " ".join(parts)
+
+
+def qemu_argv(
+    settings: QemuSettings,
+    manifest: images.ImageManifest,
+    *,
+    vcpus: int,
+    mem_mib: int,
+    accel: str,
+    incoming: bool = False,
+) -> list[str]:
+    """The argv of one VM's QEMU (relative paths: QEMU runs in the VM folder).
+
+    The serial console is a ``ringbuf`` chardev that also appends everything the guest prints to
+    ``console.log`` (``logfile=``, ``logappend=on``): QEMU writes the console, so no output waits in
+    the operator's memory, and a file only ever appended to keeps its offsets for readers."""
+    argv = [
+        settings.qemu_bin,
+        "-M", "microvm,x-option-roms=off,rtc=on",
+        "-accel", accel,
+        "-cpu", "max" if accel == "tcg" else "host",
+        "-m", str(mem_mib),
+        "-smp", str(vcpus),
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-kernel", manifest.bzimage,
+        "-initrd", manifest.initramfs,
+        "-append", kernel_cmdline(manifest.cmdline, accel, settings.extra_cmdline),
+        "-chardev", f"ringbuf,id={CONSOLE_DEV},size={settings.console_ring_bytes},"
+                    f"logfile={CONSOLE_LOG},logappend=on",
+        "-serial", f"chardev:{CONSOLE_DEV}",
+        "-drive", f"id=root,file={DISK},format=qcow2,if=none,cache=writeback",
+        "-device", "virtio-blk-device,drive=root",
+        "-qmp", f"unix:{QMP_SOCK},server=on,wait=off",
+        "-pidfile", PID_FILE,
+        "-S",
+    ]
+    if incoming:
+        argv += ["-incoming", "defer"]
+    return argv
