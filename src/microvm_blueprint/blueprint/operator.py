@@ -56,6 +56,7 @@ def make_driver(settings: OperatorSettings) -> VmmDriver:
                 image_dir=settings.image_dir or images.default_cache_dir(),
                 accel=settings.qemu_accel,
                 boot_timeout=settings.boot_timeout_s,
+                egress=settings.network.egress,
             )
         )
     try:

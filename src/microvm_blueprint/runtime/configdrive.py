@@ -32,6 +32,7 @@ from typing import Any
 
 from .access import validate_ssh_keys
 from .errors import ImageError, InvalidInput
+from .model import NetworkMode, VmRecord
 
 LABEL = "CIDATA"
 MAX_INSTANCE_ID = 128
@@ -280,3 +281,12 @@ def _place(image: Path, dest: Path) -> None:
         os.fsync(dirfd)
     finally:
         os.close(dirfd)
+
+
+def guest_config(vm: VmRecord) -> GuestConfig:
+    """What a VMM driver writes on ``vm``'s config drive: a new instance-id (every VM, every clone),
+    a hostname from its id, root's keys from its spec, and the address its network mode gives it."""
+    network = {NetworkMode.USER: GuestNetwork.user(), NetworkMode.BRIDGE: GuestNetwork.bridge()}.get(vm.network.mode)
+    return GuestConfig.make(new_instance_id(), hostname_for(vm.vm_id), vm.spec.ssh_keys, network=network,
+                            grow_root=True)
+

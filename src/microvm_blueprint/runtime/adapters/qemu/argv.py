@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ... import images
+from ...model import USER_GATEWAY, USER_GUEST_IP, NetworkMode, VmNetwork
 
 QMP_SOCK = "qmp.sock"
 PID_FILE = "qemu.pid"
@@ -20,9 +21,13 @@ CONSOLE_LOG = "console.log"
 """The guest console, written by QEMU itself (the chardev's ``logfile=``): nothing is lost when the
 operator dies, and the operator only reads it and keeps it capped (``console.py``)."""
 DISK = "disk.qcow2"
+CONFIG_DRIVE = "cidata.img"
+"""The VM's NoCloud config drive (DESIGN.md §8), a second read-only virtio disk after the root."""
 CONFIG = "vm.json"
 SNAP_MEMORY = "memory.bin"
 SNAP_DISK = "disk.qcow2"
+CONFIG_DRIVE = "cidata.img"
+"""The VM's NoCloud config drive (DESIGN.md §8), a second read-only virtio disk after the root."""
 SNAP_CONFIG = "vm.json"
 LAST_SAVE = "last-save.bin"
 """Hard link (or copy) of the memory file of the last save of a VM that stayed paused after it.
@@ -48,6 +53,9 @@ class QemuSettings:
     """Cap on the disk space ``console.log`` holds while the operator runs (its head is dropped)."""
     kvm_probe_timeout: float = 20.0
     extra_cmdline: str = ""
+    egress: bool = False
+    """``MICROVM_EGRESS=allow``: a user-mode NIC may open connections out (else ``restrict=on``: only
+    its published ports reach it, and it reaches nothing, not even the host's loopback via 10.0.2.2)."""
 
 
 _TSC_LINES = (
@@ -130,6 +138,8 @@ def qemu_argv(
     mem_mib: int,
     accel: str,
     incoming: bool = False,
+    network: VmNetwork | None = None,
+    config_drive: bool = False,
 ) -> list[str]:
     """The argv of one VM's QEMU (relative paths: QEMU runs in the VM folder).
 
@@ -152,6 +162,12 @@ def qemu_argv(
         "-serial", f"chardev:{CONSOLE_DEV}",
         "-drive", f"id=root,file={DISK},format=qcow2,if=none,cache=writeback",
         "-device", "virtio-blk-device,drive=root",
+    ]
+    if config_drive:
+        argv += ["-drive", f"id=cidata,file={CONFIG_DRIVE},format=raw,if=none,readonly=on",
+                 "-device", "virtio-blk-device,drive=cidata"]
+    argv += network_args(network, egress=settings.egress)
+    argv += [
         "-qmp", f"unix:{QMP_SOCK},server=on,wait=off",
         "-pidfile", PID_FILE,
         "-S",
@@ -159,3 +175,19 @@ def qemu_argv(
     if incoming:
         argv += ["-incoming", "defer"]
     return argv
+
+
+def network_args(network: VmNetwork | None, *, egress: bool) -> list[str]:
+    """The NIC of a VM: none, or QEMU user-mode networking with each published port forwarded from
+    its host port (``hostfwd``) and, unless egress is allowed, ``restrict=on``. Host addresses and
+    ports come from the store (validated numbers), never from a customer's text."""
+    if network is None or network.mode is not NetworkMode.USER:
+        return []
+    opts = ["user", "id=net0", f"restrict={'off' if egress else 'on'}", f"net={USER_NET}", f"host={USER_GATEWAY}",
+            f"dhcpstart={USER_GUEST_IP}"]
+    opts += [f"hostfwd=tcp:{m.host}:{m.host_port}-:{m.guest_port}" for m in network.ports]
+    return ["-netdev", ",".join(opts), "-device", "virtio-net-device,netdev=net0"]
+
+
+USER_NET = "10.0.2.0/24"
+

@@ -35,12 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from ... import images
+from ...configdrive import build_config_drive_async, guest_config
 from ...driver import ExitListener
-from ...errors import ImageError, VmError, VmmError, VmmTimeout
+from ...errors import ImageError, InvalidInput, VmError, VmmError, VmmTimeout
 from ...model import SnapshotRecord, VmHandle, VmRecord, VmSpec, VmStatus
 from . import console
 from .argv import (
     CONFIG,
+    CONFIG_DRIVE,
     CONSOLE_LOG,
     DISK,
     LAST_SAVE,
@@ -111,12 +113,18 @@ class QemuDriver:
         return verdict
 
     async def _spawn(self, record: VmRecord, manifest: images.ImageManifest, accel: str, *,
-                     incoming: bool = False) -> QemuProcess:
+                     incoming: bool = False, devices: bool = True) -> QemuProcess:
+        """Spawn the VM's QEMU. ``devices``: with the config drive and the NIC (every VM since they
+        exist; a snapshot taken before them restores without, since migration needs the same devices)."""
         workdir = Path(record.workdir)
+        if devices:
+            await build_config_drive_async(guest_config(record), workdir / CONFIG_DRIVE)
         argv = qemu_argv(self.settings, manifest, vcpus=record.spec.vcpus, mem_mib=record.spec.mem_mib,
-                         accel=accel, incoming=incoming)
+                         accel=accel, incoming=incoming, network=record.network if devices else None,
+                         config_drive=devices)
         try:
-            (workdir / CONFIG).write_text(json.dumps({"argv": argv, "accel": accel, "image": manifest.root}))
+            (workdir / CONFIG).write_text(json.dumps({"argv": argv, "accel": accel, "image": manifest.root,
+                                                      "devices": devices}))
         except OSError as exc:
             raise VmmError(f"cannot write {CONFIG}: {exc.strerror or exc}") from exc
         q = await QemuProcess.spawn(record.vm_id, workdir, argv, self.settings)
@@ -157,8 +165,9 @@ class QemuDriver:
         self._check_binaries()
         manifest = self._image(vm.spec.image)
         workdir = Path(vm.workdir)
+        size = _disk_size(manifest, vm.spec.disk_mib)
         await _run([self.settings.qemu_img, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", manifest.rootfs,
-                    str(workdir / DISK)], "qemu-img create")
+                    str(workdir / DISK), *size], "qemu-img create")
         accel = await self.accel(manifest)
         return self._handle(await self._spawn(vm, manifest, accel))
 
@@ -229,9 +238,10 @@ class QemuDriver:
         accel = str(saved.get("accel") or await self.accel(manifest))
         workdir = Path(vm.workdir)
         await _copy(src / SNAP_DISK, workdir / DISK)
+        devices = bool(saved.get("devices", False))  # the clone has the devices its source had
         if snapshot.vm_status is VmStatus.CREATED:
-            return self._handle(await self._spawn(vm, manifest, accel))
-        q = await self._spawn(vm, manifest, accel, incoming=True)
+            return self._handle(await self._spawn(vm, manifest, accel, devices=devices))
+        q = await self._spawn(vm, manifest, accel, incoming=True, devices=devices)
         try:
             await q.pass_fd(src / SNAP_MEMORY, "restore", os.O_RDONLY)
             await q.execute("migrate-incoming", {"uri": "fd:restore"})
@@ -287,6 +297,21 @@ class QemuDriver:
             else:  # leave the VM running for re-adoption; just let go of it
                 self._vms.pop(vm_id, None)
                 await q.release()
+
+
+def _disk_size(manifest: images.ImageManifest, disk_mib: int) -> list[str]:
+    """``qemu-img create``'s size argument: the image's own size unless ``disk_mib`` asks for more
+    (the guest grows its filesystem to fill it); never smaller than the image (a clear error)."""
+    if not disk_mib:
+        return []
+    try:
+        base = os.path.getsize(manifest.rootfs)
+    except OSError as exc:
+        raise ImageError(f"cannot read the image's root {Path(manifest.rootfs).name}: {exc.strerror}") from exc
+    base_mib = -(-base // (1024 * 1024))
+    if disk_mib < base_mib:
+        raise InvalidInput(f"disk_mib {disk_mib} is smaller than the image's {base_mib} MiB")
+    return [f"{disk_mib}M"]
 
 
 def _probe_spec() -> VmSpec:
