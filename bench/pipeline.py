@@ -17,7 +17,6 @@ from pathlib import Path
 
 import httpx
 from eth_abi import encode
-from eth_account import Account
 from websockets.asyncio.client import ClientConnection, connect
 
 from microvm_blueprint.blueprint.client import TangleCustomer
@@ -28,8 +27,9 @@ from microvm_blueprint.tangle.consumer import submit_result_data
 from microvm_blueprint.tangle.contracts import TOPIC_JOB_RESULT_SUBMITTED, TOPIC_JOB_SUBMITTED
 from microvm_blueprint.tangle.devnet import ANVIL_ADDRESSES, ANVIL_KEYS, Anvil, deploy_dev_tangle, free_port
 from microvm_blueprint.tangle.environment import Secret
-from microvm_blueprint.tangle.keystore import import_key
+from microvm_blueprint.tangle.keystore import import_key, key_from_hex
 from microvm_blueprint.tangle.rpc import JsonRpc
+from microvm_blueprint.tangle.signing import LegacyTx, sign_legacy
 
 from .common import cpu_seconds, emit, median, pct
 
@@ -43,17 +43,17 @@ async def _send_all(customer: TangleCustomer, names: list[str]) -> list[str]:
 async def _bare_baseline(rpc_url: str, contract: str, call_ids: list[int]) -> float:
     """Seconds for a bare loop: sign + send every submitResult pipelined, then wait for every receipt."""
     rpc = JsonRpc(rpc_url)
-    acct = Account.from_key(ANVIL_KEYS[1])
+    key = key_from_hex(ANVIL_KEYS[1])
     try:
-        nonce = await rpc.nonce(acct.address)
+        nonce = await rpc.nonce(key.address)
         chain_id = await rpc.chain_id()
         gas_price = await rpc.gas_price()
         t0 = time.perf_counter()
         hashes = []
         for i, call_id in enumerate(call_ids):
-            tx = {"to": contract, "data": submit_result_data(0, call_id, encode(["bool"], [True])), "gas": 200_000,
-                  "gasPrice": gas_price, "nonce": nonce + i, "chainId": chain_id, "value": 0}
-            hashes.append(await rpc.send_raw(bytes(acct.sign_transaction(tx).raw_transaction)))
+            tx = LegacyTx(nonce=nonce + i, gas_price=gas_price, gas=200_000, to=contract,
+                          data=submit_result_data(0, call_id, encode(["bool"], [True])), chain_id=chain_id)
+            hashes.append(await rpc.send_raw(sign_legacy(tx, key.secret.reveal())))
         for h in hashes:
             while await rpc.receipt(h) is None:
                 await asyncio.sleep(0.005)

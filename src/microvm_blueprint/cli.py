@@ -2,25 +2,24 @@
 
 Any :class:`~microvm_blueprint.errors.MicrovmBlueprintError` ends the command with one line on
 stderr and exit code 1; no traceback for expected failures.
+
+Each command imports what it needs when it runs (``--help`` and the customer's ``jobs submit``
+start in a fraction of the operator's import time; ``python -m bench cli_startup`` measures it).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
+from .blueprint import dev
 from .errors import MicrovmBlueprintError
-
-if TYPE_CHECKING:
-    from .blueprint.settings import ProviderKind
 
 DEFAULT_API_URL = "http://127.0.0.1:3000"
 
@@ -30,17 +29,7 @@ class CliError(MicrovmBlueprintError):
 
 
 def _api_url(args: argparse.Namespace) -> str:
-    return str(args.api_url or os.environ.get("MICROVM_API_URL") or _dev_defaults().get("api_url") or DEFAULT_API_URL)
-
-
-def _dev_defaults() -> dict[str, Any]:
-    """What a running ``dev`` wrote about itself (RPC URL, contract, ...), if anything."""
-    path = Path(os.environ.get("MICROVM_DEV_DIR", ".devnet")) / "dev.json"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return str(args.api_url or os.environ.get("MICROVM_API_URL") or dev.recorded().get("api_url") or DEFAULT_API_URL)
 
 
 def _http_get(url: str) -> Any:
@@ -153,6 +142,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _install_signals(stop: Callable[[], None]) -> None:
+    import asyncio
+    import signal
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
@@ -179,96 +171,6 @@ async def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- dev -------------------------------------------------------------------------------------
-
-
-async def cmd_dev(args: argparse.Namespace) -> int:
-    from .blueprint.operator import Operator
-    from .blueprint.settings import OperatorSettings, parse_addr
-    from .tangle.devnet import ANVIL_KEYS, Anvil, deploy_dev_tangle
-    from .tangle.environment import BlueprintEnvironment
-    from .tangle.keystore import import_key
-
-    data = Path(args.data_dir).resolve()
-    run_dir = data / "run"
-    if run_dir.exists():
-        import shutil
-
-        shutil.rmtree(run_dir)  # a fresh chain each time: yesterday's VMs belong to yesterday's chain
-    run_dir.mkdir(parents=True)
-    provider = _dev_provider(args.provider)
-    host, port = parse_addr(args.api_addr, "--api-addr")
-    print(f"dev: starting anvil on 127.0.0.1:{args.rpc_port} ...", flush=True)
-    async with Anvil(port=args.rpc_port, block_time=args.block_time, log_dir=run_dir) as chain:
-        deployment = await deploy_dev_tangle(chain.rpc_url)
-        keystore = run_dir / "keystore"
-        import_key(keystore, ANVIL_KEYS[1])
-        env = BlueprintEnvironment.load(
-            {
-                "HTTP_RPC_URL": chain.rpc_url, "WS_RPC_URL": chain.ws_url, "DATA_DIR": str(run_dir / "operator"),
-                "KEYSTORE_URI": str(keystore), "BLUEPRINT_ID": str(deployment.blueprint_id),
-                "SERVICE_ID": str(deployment.service_id), "TANGLE_CONTRACT": deployment.contract,
-                "FROM_BLOCK": str(deployment.activation_block),
-            }
-        )
-        settings = OperatorSettings.from_env(
-            {**os.environ, "MICROVM_PROVIDER": provider.value}, env.data_dir, api_host=host, api_port=port,
-            stop_vms_on_exit=True,
-        )
-        operator = Operator.assemble(env, settings)
-        api_url = f"http://{host}:{port}"
-        (data / "dev.json").write_text(json.dumps({**deployment.to_json(), "api_url": api_url}, indent=1))
-        _install_signals(operator.stop)
-        print(
-            f"dev: chain      {chain.rpc_url}  (Tangle dev contract {deployment.contract}, service 0)\n"
-            f"dev: query API  {api_url}\n"
-            f"dev: provider   {provider.value}\n"
-            f"dev: try        .venv/bin/microvm-blueprint jobs submit create_vm vm-1\n"
-            f"                .venv/bin/microvm-blueprint jobs submit start_vm vm-1\n"
-            f"                .venv/bin/microvm-blueprint vms list\n"
-            f"dev: Ctrl-C stops everything.",
-            flush=True,
-        )
-        await operator.run()
-    return 0
-
-
-def _dev_provider(choice: str) -> ProviderKind:
-    from .blueprint.settings import ProviderKind
-
-    if choice == "in-memory":
-        return ProviderKind.IN_MEMORY
-    if choice == "qemu":
-        _ensure_image(required=True)
-        return ProviderKind.QEMU
-    import shutil
-
-    if shutil.which(os.environ.get("MICROVM_QEMU_BIN", "qemu-system-x86_64")) and _ensure_image(required=False):
-        print("dev: QEMU found: VMs are real QEMU microvm guests", flush=True)
-        return ProviderKind.QEMU
-    print("dev: QEMU or its image unavailable: using the in-memory provider", flush=True)
-    return ProviderKind.IN_MEMORY
-
-
-def _ensure_image(*, required: bool) -> bool:
-    try:
-        from .runtime import images
-
-        cache = images.default_cache_dir()
-        try:
-            images.resolve_image("default", cache)
-            return True
-        except MicrovmBlueprintError:
-            print("dev: building the default guest image (first use) ...", flush=True)
-            images.build_image("default", cache_dir=cache, progress=lambda line: print(f"  {line}", flush=True))
-            return True
-    except (ImportError, MicrovmBlueprintError) as exc:
-        if required:
-            raise CliError(f"cannot use QEMU: {exc}") from exc
-        print(f"dev: no guest image ({exc})", flush=True)
-        return False
-
-
 # ---- jobs submit -----------------------------------------------------------------------------
 
 
@@ -276,14 +178,14 @@ async def cmd_jobs_submit(args: argparse.Namespace) -> int:
     from .blueprint.client import TangleCustomer, encode_job_args, resolve_job
     from .tangle.environment import Secret
 
-    dev = _dev_defaults()
-    rpc_url = args.rpc_url or os.environ.get("HTTP_RPC_URL") or dev.get("rpc_url")
-    contract = args.contract or os.environ.get("TANGLE_CONTRACT") or dev.get("contract")
-    service = args.service_id if args.service_id is not None else os.environ.get("SERVICE_ID", dev.get("service_id"))
+    recorded = dev.recorded()
+    rpc_url = args.rpc_url or os.environ.get("HTTP_RPC_URL") or recorded.get("rpc_url")
+    contract = args.contract or os.environ.get("TANGLE_CONTRACT") or recorded.get("contract")
+    service = args.service_id if args.service_id is not None else os.environ.get("SERVICE_ID", recorded.get("service_id"))
     if args.key_file:
         key_text = Path(args.key_file).read_text().strip()
     else:
-        key_text = os.environ.get("CUSTOMER_KEY") or dev.get("customer_key") or ""
+        key_text = os.environ.get("CUSTOMER_KEY") or recorded.get("customer_key") or ""
     missing = [n for n, v in (("--rpc-url/HTTP_RPC_URL", rpc_url), ("--contract/TANGLE_CONTRACT", contract),
                               ("--service-id/SERVICE_ID", service), ("--key-file/CUSTOMER_KEY", key_text)) if v in (None, "")]
     if missing:
@@ -340,12 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--from-block", type=int, default=None)
     run.add_argument("--api-addr", default=None, help="query API HOST:PORT (MICROVM_API_ADDR, default 127.0.0.1:3000)")
 
-    dev = sub.add_parser("dev", help="local chain + dev contract + operator + query API, until Ctrl-C")
-    dev.add_argument("--data-dir", default=os.environ.get("MICROVM_DEV_DIR", ".devnet"))
-    dev.add_argument("--provider", choices=["auto", "in-memory", "qemu"], default="auto")
-    dev.add_argument("--rpc-port", type=int, default=8545)
-    dev.add_argument("--api-addr", default="127.0.0.1:3000")
-    dev.add_argument("--block-time", type=float, default=None, help="anvil block time (default: mine on demand)")
+    devp = sub.add_parser("dev", help="local chain + dev contract + operator + query API, until Ctrl-C")
+    devp.add_argument("--data-dir", default=str(dev.default_dir()))
+    devp.add_argument("--provider", choices=dev.PROVIDERS, default="auto")
+    devp.add_argument("--rpc-port", type=int, default=8545)
+    devp.add_argument("--api-addr", default="127.0.0.1:3000")
+    devp.add_argument("--block-time", type=float, default=None, help="anvil block time (default: mine on demand)")
 
     jobs = sub.add_parser("jobs", help="customer client: submit jobs, list the job table")
     jsub = jobs.add_subparsers(dest="jobs_cmd", required=True)
@@ -400,8 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+async def cmd_dev(args: argparse.Namespace) -> int:
+    await dev.run_dev(Path(args.data_dir), provider=args.provider, rpc_port=args.rpc_port, api_addr=args.api_addr,
+                      block_time=args.block_time, on_operator=_install_signals)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import asyncio
+
     from . import logs
 
     logs.configure(args.log_level, json_lines=args.log_json)

@@ -55,5 +55,5 @@ def configure(level: str = "INFO", *, json_lines: bool | None = None) -> None:
     root.setLevel(level.upper())
     # qemu.qmp logs the EOF that follows every `quit` as an error: expected, not news
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
-    for noisy in ("web3", "urllib3", "asyncio", "uvicorn.error", "qemu", "httpx", "httpcore"):
+    for noisy in ("asyncio", "uvicorn.error", "qemu", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

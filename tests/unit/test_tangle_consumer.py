@@ -1,6 +1,6 @@
 """Consumer paths a local chain cannot easily produce: an unclassified revert (held back with a growing
 delay, dropped in the end), results whose transactions keep failing, a refused gas estimate, and
-callbacks that raise. The real-chain paths are in tests/integration/test_tangle_real.py."""
+callbacks that raise. The real-chain paths are in tests/integration/test_real_tangle_producer_consumer.py."""
 
 from __future__ import annotations
 

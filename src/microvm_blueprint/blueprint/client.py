@@ -15,14 +15,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from eth_account import Account
 from eth_utils import to_checksum_address
 
 from ..errors import MicrovmBlueprintError
 from ..tangle.abi import decode_result, encode_args
 from ..tangle.contracts import SUBMIT_JOB, TOPIC_JOB_RESULT_SUBMITTED, TOPIC_JOB_SUBMITTED, selector
 from ..tangle.environment import Secret
+from ..tangle.keystore import key_from_hex
 from ..tangle.rpc import JsonRpc
+from ..tangle.signing import LegacyTx, sign_legacy
 from .jobs import JOBS_BY_INDEX, JOBS_BY_NAME, JobDef
 
 SEL_SUBMIT_JOB = bytes.fromhex(selector(SUBMIT_JOB)[2:])
@@ -78,8 +79,8 @@ class TangleCustomer:
         self.rpc = JsonRpc(rpc_url, timeout=30)
         self.contract = to_checksum_address(contract)
         self.service_id = service_id
-        self._account = Account.from_key(key.reveal())
-        self.address = self._account.address
+        self._key = key_from_hex(key.reveal())
+        self.address = self._key.address
         self._nonce: int | None = None
         self._chain_id: int | None = None
         self._gas_price: int | None = None
@@ -101,19 +102,18 @@ class TangleCustomer:
         """A signed ``submitJob`` transaction, not sent; it takes the next local nonce, so calls signed
         in a row must be sent in that order (:meth:`send_signed`). ``nonce``: sign with this one
         instead, leaving the local count alone (to replace a transaction)."""
-        if self._chain_id is None:
+        if self._chain_id is None or self._gas_price is None:
             self._chain_id = await self.rpc.chain_id()
             self._gas_price = await self.rpc.gas_price()
-        tx = {
-            "to": self.contract,
-            "data": self._tx_data(job, inputs),
-            "gas": gas,
-            "gasPrice": self._gas_price,
-            "nonce": nonce if nonce is not None else await self._take_nonce(),
-            "chainId": self._chain_id,
-            "value": 0,
-        }
-        return bytes(self._account.sign_transaction(tx).raw_transaction)
+        tx = LegacyTx(
+            nonce=nonce if nonce is not None else await self._take_nonce(),
+            gas_price=self._gas_price,
+            gas=gas,
+            to=self.contract,
+            data=self._tx_data(job, inputs),
+            chain_id=self._chain_id,
+        )
+        return sign_legacy(tx, self._key.secret.reveal())
 
     async def send(self, job: JobDef, inputs: bytes, *, gas: int = 500_000) -> str:
         """Sign and send ``submitJob`` without waiting (local nonces, so sends pipeline)."""

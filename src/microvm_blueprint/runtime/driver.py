@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from .model import SnapshotRecord, VmHandle, VmRecord, VmStatus
+from .model import SnapshotRecord, VmHandle, VmRecord
 
 ExitListener = Callable[[str, str], None]
 """Called by a driver as ``listener(vm_id, reason)`` when a VMM dies without being asked to."""
@@ -75,8 +75,3 @@ class VmmDriver(Protocol):
 
     async def close(self, *, stop_vms: bool) -> None:
         """Release driver resources. ``stop_vms``: also stop every VMM this process started."""
-
-
-def status_after_restore(snapshot: SnapshotRecord) -> VmStatus:
-    """The status a restored VM ends in (the one the snapshot was taken in)."""
-    return snapshot.vm_status

@@ -23,7 +23,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from eth_abi import decode, encode
-from eth_account import Account
 
 from ..crashpoints import crash_point
 from .aio import wait_first
@@ -33,6 +32,7 @@ from .errors import RpcError, RpcUnavailable, TangleError
 from .keystore import OperatorKey
 from .producer import Backoff
 from .rpc import ContractRevert, JsonRpc
+from .signing import LegacyTx, sign_legacy
 from .state import OutboxRow, TangleState
 
 log = logging.getLogger(__name__)
@@ -254,17 +254,9 @@ class TangleConsumer:
                 self._nonce = await self.rpc.nonce(key.address)
             if self._gas_price is None:
                 self._gas_price = await self.rpc.gas_price()
-            tx = {
-                "to": self.contract,
-                "data": data,
-                "gas": gas_limit,
-                "gasPrice": self._gas_price,
-                "nonce": self._nonce,
-                "chainId": self._chain_id,
-                "value": 0,
-            }
-            signed = Account.sign_transaction(tx, key.secret.reveal())
-            tx_hash = await self.rpc.send_raw(bytes(signed.raw_transaction))
+            tx = LegacyTx(nonce=self._nonce, gas_price=self._gas_price, gas=gas_limit, to=self.contract, data=data,
+                          chain_id=self._chain_id)
+            tx_hash = await self.rpc.send_raw(sign_legacy(tx, key.secret.reveal()))
         except BaseException:
             # nonce drift, underpriced, a dropped connection ...: resync the local view next time
             self._nonce = None

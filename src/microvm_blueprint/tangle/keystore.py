@@ -86,8 +86,8 @@ def generate_key(root: Path | str) -> OperatorKey:
     return key
 
 
-def import_key(root: Path | str, secret_hex: str) -> OperatorKey:
-    """Write the key of a hex secret (``0x`` optional) to the keystore; the secret is never echoed."""
+def key_from_hex(secret_hex: str) -> OperatorKey:
+    """The key of a hex secret (``0x`` optional, surrounding whitespace ignored); the secret is never echoed."""
     text = secret_hex.strip().removeprefix("0x")
     try:
         secret = bytes.fromhex(text)
@@ -95,7 +95,12 @@ def import_key(root: Path | str, secret_hex: str) -> OperatorKey:
         raise KeystoreError("secret must be 32 bytes of hex") from None
     if len(secret) != 32:
         raise KeystoreError("secret must be 32 bytes of hex")
-    key = _from_secret(secret)
+    return _from_secret(secret)
+
+
+def import_key(root: Path | str, secret_hex: str) -> OperatorKey:
+    """Write the key of a hex secret (``0x`` optional) to the keystore; the secret is never echoed."""
+    key = key_from_hex(secret_hex)
     _write(Path(root), key)
     return key
 

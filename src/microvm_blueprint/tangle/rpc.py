@@ -1,8 +1,7 @@
 """A small async JSON-RPC client for the chain (httpx), with errors mapped into the Tangle tree.
 
-web3.py's provider stack is heavier than an operator needs on its hot path; this speaks the
-dozen ``eth_*`` methods used here, keeps one HTTP connection pool, and turns every transport or
-protocol failure into :class:`RpcError` and every revert into :class:`ContractRevert`.
+It speaks the dozen ``eth_*`` methods the operator and the customer use, keeps one HTTP connection
+pool, and turns every transport or protocol failure into :class:`RpcError` and every revert into :class:`ContractRevert`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
-"""Compatibility with the real Tangle contracts (tnt-core LocalTestnet deployment in ../shared/tangle).
+"""The whole operator, as its own process, against the real Tangle contracts (tnt-core LocalTestnet
+deployment in ../shared/tangle): the five lifecycle jobs submitted by a customer, end to end.
 
 The operator runs as an operator would: a separate `microvm-blueprint run` process configured only by
 env vars, with its key imported into a blueprint-sdk keystore by `microvm-blueprint keys import`.
+The tangle layer alone (producer and consumer in-process, each contract path and revert) is tested
+against the same contracts in test_real_tangle_producer_consumer.py.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The tangle layer's producer and consumer against the REAL Tangle contracts (tnt-core LocalTestnet
-deployment from ../shared/tangle, replayed onto one anvil per session; each test reverts its changes)."""
+deployment from ../shared/tangle, replayed onto one anvil per session; each test reverts its changes).
+The whole operator as a process against the same contracts: test_real_tangle_operator_process.py."""
 
 from __future__ import annotations
 
