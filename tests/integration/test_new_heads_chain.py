@@ -81,8 +81,15 @@ async def test_blocks_without_job_logs_cost_an_idle_operator_no_request(
         spent = proxy.counts() - before
         assert spent.requests <= 2, spent  # 0 expected (the 60 s poll is not due); slack for one poll
         assert spent.methods["eth_getLogs"] <= 1, spent
-        # the job path still works after the idle stretch (the log notification wakes the poll)
+        # the job path still works after the idle stretch (the log notification wakes the poll)...
         assert (await h.job("create_vm", "after-idle", timeout=20)).result is True
+        await until(lambda: op.operator.runner.consumer.idle, 20, "the result sender idle again")
+        # ...and once its log is read (the producer tells the hint), blocks are free again
+        before, seen = proxy.counts(), heads.heads
+        await _mine(anvil.rpc_url, 20, per_second=10)
+        await until(lambda: heads.heads >= seen + 20, 20, "the 20 blocks announced")
+        spent = proxy.counts() - before
+        assert spent.requests <= 2, spent
         await op.stop()
 
 

@@ -87,7 +87,7 @@ class NewHeads:
         self._read = next_block
 
     def _log_due(self) -> bool:
-        return self._unread >= self._read and (self.head < 0 or self._unread + self.confirmations <= self.head)
+        return self._unread >= self._read and self._unread + self.confirmations <= self.head
 
     def _on_head(self, header: Any) -> None:
         self.heads += 1
@@ -104,6 +104,7 @@ class NewHeads:
             self.wake.set()  # unreadable or reorged out: the poll finds out what changed
             return
         self._unread = max(self._unread, block)
+        self.head = max(self.head, block)  # its block exists, whether or not its header came first
         if self._log_due():
             self.wake.set()
 
