@@ -1,4 +1,4 @@
-"""Run every benchmark (or the ones named): `python -m bench [pipeline] [lifecycle] [query] [density]`."""
+"""Run every benchmark (or the ones named): `python -m bench [pipeline] [lifecycle] [query] [density] [idle]`."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import asyncio
 import logging
 import sys
 
-from . import pipeline, query, vmm
+from . import idle, pipeline, query, vmm
 
 BENCHES = {
     "pipeline": pipeline.run,
     "lifecycle": vmm.lifecycle,
     "query": query.run,
     "density": vmm.density,
+    "idle": idle.run,
 }
 
 
