@@ -37,8 +37,10 @@ MAX_PAGE = 1000
 DEFAULT_TAIL = 16 * 1024
 MAX_TAIL = 1024 * 1024
 MAX_PATH = 4096
-#: VMs read, encoded and sent as one chunk of a full ``GET /vms`` (about 1 ms of the event loop each)
-LIST_CHUNK = 64
+#: VMs read, encoded and sent as one chunk of a full ``GET /vms`` (0.3-0.7 ms of the event loop each)
+LIST_CHUNK = 32
+#: loop turns a streamed list waits between chunks (see ``_let_others_run``)
+YIELD_TURNS = 3
 _DIGITS = re.compile(r"[0-9]+")
 
 
@@ -59,6 +61,17 @@ def _encode(views: Sequence[VmView]) -> bytes:
     return json.dumps(
         [v.to_json(with_history=False) for v in views], ensure_ascii=False, allow_nan=False, separators=(",", ":")
     ).encode()
+
+
+async def _let_others_run() -> None:
+    """Step aside for everything the loop has to do before the next chunk. One ``sleep(0)`` is one loop
+    turn, and a request that arrived during a chunk needs two to run: one to be read (its task is
+    created), one for the task's first step. After a single turn it would wait for the next chunk
+    too; after three it is answered first. A turn with nothing else to do costs microseconds. Measured
+    (bench/README.md): /health p50 beside a looping full list, 64-VM chunks: 2.5 ms with one turn, 1.0
+    with three; 32-VM chunks: 1.8 and 0.6 ms (idle: 0.3-0.5 ms)."""
+    for _ in range(YIELD_TURNS):
+        await asyncio.sleep(0)
 
 
 def _int_param(query: dict[str, list[str]], name: str, *, default: int | None, lo: int, hi: int) -> int | None:
@@ -177,7 +190,7 @@ class QueryApp:
         while views:
             yield opening + _encode(views)[1:-1]
             opening = b","
-            await asyncio.sleep(0)  # whatever else is ready (requests, jobs) runs before the next chunk
+            await _let_others_run()
             try:
                 views = await self.vms.list_vms(limit=LIST_CHUNK, after=views[-1].vm_id)
             except MicrovmBlueprintError as exc:
@@ -222,9 +235,22 @@ OPENAPI: dict[str, Any] = {
         "/health": {"get": {"responses": {"200": _ok({"type": "string"}, "text/plain")}}},
         "/vms": {
             "get": {
+                "summary": "VMs sorted by vm_id, as one JSON array",
+                "description": (
+                    "Without `limit`: every VM (after `after`, if given). A list of fewer than "
+                    f"{LIST_CHUNK} VMs is sent whole, with a Content-Length; a longer one is streamed "
+                    f"(chunked transfer encoding), read from the store {LIST_CHUNK} VMs at a time so that "
+                    "it never holds the server, with the same bytes. A streamed list is not one snapshot: "
+                    "each VM is listed once, in order, as it was when its chunk was read. If the store "
+                    "fails once the list has begun, the connection is dropped (the body is incomplete). "
+                    f"With `limit` (at most {MAX_PAGE}): one page, the VMs after `after`."
+                ),
                 "parameters": [
-                    _p("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}),
-                    _p("after", "query", _ID),
+                    {
+                        **_p("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}),
+                        "description": "page size; without it, every VM",
+                    },
+                    {**_p("after", "query", _ID), "description": "exclusive start: list the VMs whose id sorts after it"},
                 ],
                 "responses": {"200": _ok({"type": "array", "items": _VM}), "400": _E400},
             }
