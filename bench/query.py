@@ -29,16 +29,27 @@ LOAD = r"""
 import asyncio, json, random, sys, time
 # a bare HTTP/1.1 keep-alive client: a Python httpx client costs ~2 ms of CPU a request, so it, not
 # the server, set the pace (the server was 17-22% busy); this one costs ~0.05 ms
-async def main(host, port, paths, seconds, conc):
+# every > 0: a request is due every `every` s, taken in turn by the `conc` workers (each its own
+# connection); one that could not go when it was due (its worker still waited for its last answer)
+# counts from when it was due, so requests held up behind a slow one are not left out (no coordinated
+# omission); one sent on time counts from when it was sent (a late wake-up of this client's own timer
+# is not the server's doing). every = 0: each worker sends its next request as soon as it has the
+# answer to its last.
+async def main(host, port, paths, seconds, conc, every):
     paths = paths.split(",")
     done = 0; lat = []
-    end = time.perf_counter() + seconds
-    async def worker():
+    start = time.perf_counter()
+    end = start + seconds
+    async def worker(i):
         nonlocal done
         r, w = await asyncio.open_connection(host, port)
-        while time.perf_counter() < end:
+        k = 0
+        while (t := start + (k * conc + i) * every if every else time.perf_counter()) < end:
+            k += 1
+            if t > time.perf_counter():
+                await asyncio.sleep(t - time.perf_counter())
+                t = time.perf_counter()
             path = random.choice(paths)
-            t = time.perf_counter()
             w.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
             head = await r.readuntil(b"\r\n\r\n")
             status = int(head.split(b" ", 2)[1])
@@ -53,16 +64,22 @@ async def main(host, port, paths, seconds, conc):
             assert status == 200, (path, status)
             done += 1
         w.close()
-    await asyncio.gather(*(worker() for _ in range(conc)))
+    await asyncio.gather(*(worker(i) for i in range(conc)))
     lat.sort()
     print(json.dumps({"rps": done / seconds, "p50_ms": lat[len(lat)//2]*1000, "p99_ms": lat[int(len(lat)*0.99)]*1000}))
-asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), int(sys.argv[5])))
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])))
 """
+#: /health probes beside a looping list: one due every 20 ms, each of PROBERS connections taking every
+#: PROBERS-th (so one connection asks every 0.5 s, longer than the longest stall seen)
+PROBE_EVERY = 0.02
+PROBERS = 25
 
 
-def _load(host: str, port: int, paths: list[str], seconds: float = 4.0, conc: int = 8) -> dict[str, float]:
+def _load(
+    host: str, port: int, paths: list[str], seconds: float = 4.0, conc: int = 8, every: float = 0.0
+) -> dict[str, float]:
     out = subprocess.run(
-        [sys.executable, "-c", LOAD, host, str(port), ",".join(paths), str(seconds), str(conc)],
+        [sys.executable, "-c", LOAD, host, str(port), ",".join(paths), str(seconds), str(conc), str(every)],
         capture_output=True, text=True, check=True, timeout=120,
     )
     return json.loads(out.stdout)  # type: ignore[no-any-return]
@@ -81,8 +98,12 @@ async def _writer(life: Lifecycle, stop: asyncio.Event, rate: float, *, first_ca
 
 
 async def _health_while_listing(host: str, port: int) -> dict[str, Any]:
-    """``/health`` latency from a client asking one request at a time, alone and while another client
-    lists every VM (``GET /vms``) in a loop; the two take turns, ROUNDS rounds of 2 s each."""
+    """``/health`` latency, probed every PROBE_EVERY s, alone and while another client lists every VM
+    (``GET /vms``) in a loop; the two take turns, ROUNDS rounds of 2 s each. Probes on a schedule and
+    on connections of their own, not one after the other on one connection: a client that asks again as
+    soon as it is answered sends most of its requests while the loop happens to be free, and its
+    median hid a loop held 90% of the time; one that waits its turn behind a held loop falls ever
+    further behind."""
     idle: list[dict[str, float]] = []
     busy: list[dict[str, float]] = []
     lists: list[dict[str, float]] = []
@@ -90,13 +111,13 @@ async def _health_while_listing(host: str, port: int) -> dict[str, Any]:
     async def beside_lists() -> tuple[dict[str, float], dict[str, float]]:
         lister = asyncio.create_task(asyncio.to_thread(_load, host, port, ["/vms"], 2.8, 1))
         await asyncio.sleep(0.4)  # the lister's interpreter is up and its first list under way
-        health = await asyncio.to_thread(_load, host, port, ["/health"], 2.0, 1)
+        health = await asyncio.to_thread(_load, host, port, ["/health"], 2.0, PROBERS, PROBE_EVERY)
         return health, await lister
 
     for r in range(ROUNDS):
         for phase in ("idle", "busy") if r % 2 == 0 else ("busy", "idle"):
             if phase == "idle":
-                idle.append(await asyncio.to_thread(_load, host, port, ["/health"], 2.0, 1))
+                idle.append(await asyncio.to_thread(_load, host, port, ["/health"], 2.0, PROBERS, PROBE_EVERY))
             else:
                 health, listed = await beside_lists()
                 busy.append(health)
