@@ -199,5 +199,5 @@ async def run(vms: int = 10_000) -> None:
          "get_vm_vs_health_while_writing": round(median(loaded), 3),
          "while_writing_every_round": [round(x, 2) for x in loaded]},
         writes_per_s={"target": WRITES_PER_S, "done": round(writes, 1)},
-        targets={"get_vm_vs_health": ">= 0.7", "health_p50_listing_vs_idle": "<= 3"},
+        targets={"get_vm_vs_health": ">= 0.7"},
     )

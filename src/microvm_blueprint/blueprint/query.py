@@ -68,8 +68,8 @@ async def _let_others_run() -> None:
     turn, and a request that arrived during a chunk needs two to run: one to be read (its task is
     created), one for the task's first step. After a single turn it would wait for the next chunk
     too; after three it is answered first. A turn with nothing else to do costs microseconds. Measured
-    (bench/README.md): /health p50 beside a looping full list, 64-VM chunks: 2.5 ms with one turn, 1.0
-    with three; 32-VM chunks: 1.8 and 0.6 ms (idle: 0.3-0.5 ms)."""
+    (bench/README.md, closed-loop prober): /health p50 beside a looping full list, 64-VM chunks: 2.5 ms
+    with one turn, 1.0 with three; 32-VM chunks: 1.8 and 0.6 ms (idle: 0.3-0.5 ms)."""
     for _ in range(YIELD_TURNS):
         await asyncio.sleep(0)
 
