@@ -1,4 +1,4 @@
-"""Run every benchmark (or the ones named): `python -m bench [pipeline] [lifecycle] [query] [density] [cli]`."""
+"""Run every benchmark (or the ones named): `python -m bench [pipeline] [lifecycle] [query] [density] [cli] [idle]`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 import logging
 import sys
 
-from . import cli, pipeline, query, vmm
+from . import cli, idle, pipeline, query, vmm
 
 BENCHES = {
     "pipeline": pipeline.run,
@@ -14,6 +14,7 @@ BENCHES = {
     "query": query.run,
     "density": vmm.density,
     "cli": cli.run,
+    "idle": idle.run,
 }
 
 

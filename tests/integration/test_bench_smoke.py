@@ -25,3 +25,17 @@ async def test_a_small_pipeline_round_sees_every_job_answered() -> None:
 async def test_the_steady_phase_reports_one_latency_per_job() -> None:
     latencies = await pipeline._steady(10.0, 0.5, ws=True)
     assert len(latencies) == 5 and all(lat >= 0 for lat in latencies)
+
+
+async def test_the_idle_benchmark_counts_each_operators_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The idle benchmark's machinery (an operator with and without WS_RPC_URL, each behind its own
+    counting proxy, on one chain mining ~10 blocks/s), run short; no rate is asserted."""
+    from bench import idle
+
+    monkeypatch.setattr(idle, "WINDOW", 2.0)
+    monkeypatch.setattr(idle, "WARM_UP", 1.0)
+    r = await idle._at_rate(10.0, {"after": None})
+    assert r["blocks_per_s"] > 0
+    for kind in ("http", "ws"):
+        assert r["requests_per_s"]["after"][kind] > 0  # the interval polls went through the counter
+        assert r["calls_per_s"]["after"][kind]["eth_getBlockByNumber"] > 0

@@ -11,9 +11,10 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from starlette.responses import JSONResponse
 
 from microvm_blueprint.blueprint.journal import JobJournal
-from microvm_blueprint.blueprint.query import QueryApp
+from microvm_blueprint.blueprint.query import LIST_CHUNK, QueryApp
 from microvm_blueprint.blueprint.server import QueryServer
 from microvm_blueprint.runtime.adapters.in_memory import InMemoryDriver
 from microvm_blueprint.runtime.lifecycle import Lifecycle
@@ -116,6 +117,37 @@ async def test_every_page_shows_each_vms_own_snapshots(api: Api) -> None:
             assert v == one, (limit, v, one)
     assert singles["vm-10"]["snapshots"] == ["z-vm-10", "a-vm-10", "vm-10-vm-10"]
     assert singles["vm-0"]["snapshots"] == []
+
+
+async def test_the_full_list_is_one_plain_array_whatever_its_size(api: Api) -> None:
+    """``GET /vms`` answers the plain JSON array sorted by ``vm_id`` (DESIGN.md §5): whole, with a
+    Content-Length, while it fits in one chunk; beyond that streamed chunk by chunk (so it never holds
+    the event loop), with the very bytes the whole answer would have had, ``?after`` included."""
+    names = [f"vm-{i:04d}" for i in range(2 * LIST_CHUNK + 3)]
+
+    async def expected(after: str | None = None) -> bytes:
+        views = await api.life.list_vms(after=after)
+        return bytes(JSONResponse([v.to_json(with_history=False) for v in views]).body)
+
+    for i, name in enumerate(names[: LIST_CHUNK - 1]):
+        await api.life.create_vm(name, None, Origin(1000 + i))
+    r = await api.http.get("/vms")
+    assert r.headers["content-length"] == str(len(r.content)) and r.content == await expected()
+    for i, name in enumerate(reversed(names[LIST_CHUNK - 1 :])):
+        await api.life.create_vm(name, None, Origin(2000 + i))
+    for i, name in enumerate(names[LIST_CHUNK - 2 : LIST_CHUNK + 2]):  # snapshots about a chunk's edge
+        await api.life.snapshot_vm(name, f"s-{name}", Origin(3000 + i))
+    r = await api.http.get("/vms")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert "content-length" not in r.headers and r.headers["transfer-encoding"] == "chunked"
+    assert r.content == await expected()
+    listed = r.json()
+    assert [v["vm_id"] for v in listed] == names
+    assert listed[LIST_CHUNK]["snapshots"] == [f"s-{names[LIST_CHUNK]}"] and listed[0]["snapshots"] == []
+    # after the third VM: exactly two chunks' worth, so the last chunk read is empty
+    r = await api.http.get("/vms", params={"after": names[2]})
+    assert r.content == await expected(names[2]) and len(r.json()) == 2 * LIST_CHUNK
+    assert (await api.http.get("/vms", params={"after": names[-1]})).json() == []
 
 
 async def test_not_found_and_bad_input(api: Api) -> None:

@@ -239,3 +239,106 @@ async def test_a_swallowed_cancellation_still_stops_it(monkeypatch: pytest.Monke
     task.cancel()
     await asyncio.wait({task}, timeout=10)  # waits without cancelling again: a swallow fails, not hangs
     assert task.done() and task.cancelled()
+
+
+# ---- with a job-log filter (as the operator runs it): logs wake, blocks only count ----
+
+FILTER = {"address": "0x0165878A594ca255338adfa4d48449f69242Eb8F", "topics": [["0xaa", "0xbb"], "0x00"]}
+
+
+def job_log(sub: str, block: int, *, removed: bool = False) -> str:
+    return json.dumps({"jsonrpc": "2.0", "method": "eth_subscription", "params": {
+        "subscription": sub, "result": {"blockNumber": hex(block), "logIndex": "0x0", "removed": removed}}})
+
+
+class TwoSubscriptions:
+    """A node that accepts newHeads ("0xh") and logs ("0xl"), answering the logs request first with a
+    block announced in between (the order a node may choose), then sends what the test queues."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.frames: asyncio.Queue[str] = asyncio.Queue()
+
+    async def __call__(self, ws: ServerConnection) -> None:
+        first, second = json.loads(await ws.recv()), json.loads(await ws.recv())
+        self.requests += [first, second]
+        by_kind = {r["params"][0]: r["id"] for r in (first, second)}
+        await ws.send(json.dumps({"jsonrpc": "2.0", "id": by_kind["newHeads"], "result": "0xh"}))
+        await ws.send(head("0xh", 10))  # before the logs subscription is confirmed
+        await ws.send(json.dumps({"jsonrpc": "2.0", "id": by_kind["logs"], "result": "0xl"}))
+        closed = asyncio.ensure_future(ws.wait_closed())
+        while True:  # until the client goes (a handler blocked on the queue would hold the server open)
+            frame = asyncio.ensure_future(self.frames.get())
+            await asyncio.wait({frame, closed}, return_when=asyncio.FIRST_COMPLETED)
+            if not frame.done():
+                frame.cancel()
+                return
+            await ws.send(frame.result())
+
+
+async def test_a_job_log_wakes_it_and_a_block_alone_does_not(node: Node, running: Any) -> None:
+    server = TwoSubscriptions()
+    node.handler = server
+    heads = NewHeads(node.url, logs=FILTER)
+    running(heads)
+    await asyncio.wait_for(heads.subscribed.wait(), 10)
+    assert [r["params"] for r in server.requests] == [["newHeads"], ["logs", FILTER]]
+    await until(lambda: heads.heads == 1, 10, "the block announced during the handshake")
+    for n in (11, 12, 13):
+        await server.frames.put(head("0xh", n))
+    await until(lambda: heads.heads == 4, 10, "three more blocks")
+    assert not heads.wake.is_set() and heads.head == 13  # blocks are counted, they wake nothing
+    await server.frames.put(job_log("0xl", 14))
+    await asyncio.wait_for(heads.wake.wait(), 10)
+    assert heads.logs == 1
+    # the producer polled but its node was a block behind: the log is still unread, so the next block wakes it
+    heads.wake.clear()
+    heads.read_to(14)
+    await server.frames.put(head("0xh", 14))
+    await asyncio.wait_for(heads.wake.wait(), 10)
+    # read now: later blocks wake nothing again
+    heads.wake.clear()
+    heads.read_to(15)
+    await server.frames.put(head("0xh", 15))
+    await until(lambda: heads.heads == 6, 10, "block 15")
+    assert not heads.wake.is_set()
+    # a log taken back by a reorg wakes the poll (its reorg check finds out what changed)
+    await server.frames.put(job_log("0xl", 15, removed=True))
+    await asyncio.wait_for(heads.wake.wait(), 10)
+
+
+async def test_a_log_wakes_it_only_once_it_has_its_confirmations(node: Node, running: Any) -> None:
+    server = TwoSubscriptions()
+    node.handler = server
+    heads = NewHeads(node.url, logs=FILTER, confirmations=2)
+    running(heads)
+    await asyncio.wait_for(heads.subscribed.wait(), 10)
+    await until(lambda: heads.head == 10, 10, "block 10")
+    await server.frames.put(job_log("0xl", 11))
+    await server.frames.put(head("0xh", 11))
+    await server.frames.put(head("0xh", 12))
+    await until(lambda: heads.heads == 3 and heads.logs == 1, 10, "the log and blocks 11-12")
+    assert not heads.wake.is_set()  # block 11 is one confirmation short at head 12
+    await server.frames.put(head("0xh", 13))
+    await asyncio.wait_for(heads.wake.wait(), 10)
+
+
+async def test_a_refused_log_subscription_is_an_outage_not_a_head_waker(
+    node: Node, running: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node that refuses logs subscriptions: the operator polls every interval (as without a
+    WebSocket) and retries, rather than falling back to a poll per block."""
+    async def handler(ws: ServerConnection) -> None:
+        first, second = json.loads(await ws.recv()), json.loads(await ws.recv())
+        await ws.send(json.dumps({"jsonrpc": "2.0", "id": first["id"], "result": "0xh"}))
+        await ws.send(json.dumps({"jsonrpc": "2.0", "id": second["id"],
+                                  "error": {"code": -32601, "message": "logs subscriptions not supported"}}))
+        await ws.wait_closed()
+
+    node.handler = handler
+    heads = NewHeads(node.url, logs=FILTER, backoff_cap=0.2)
+    caplog.set_level(logging.INFO, logger="microvm_blueprint.tangle.heads")
+    running(heads)
+    await until(lambda: node.connections >= 3, 20, "three attempts")
+    assert not heads.subscribed.is_set() and not heads.wake.is_set() and heads.outages == 1
+    assert any("logs subscriptions not supported" in r.getMessage() for r in caplog.records)

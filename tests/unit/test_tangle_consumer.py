@@ -251,6 +251,46 @@ async def test_a_new_block_is_looked_at_at_once(tmp_path: Path, monkeypatch: pyt
     assert state.outbox_status(0, 1) == ("done", "0x" + f"{1:064x}")
 
 
+class Counted:
+    """The chain, with every method the consumer touches counted (an idle sender must touch none)."""
+
+    def __init__(self, inner: FakeChain) -> None:
+        self.inner = inner
+        self.asked: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        self.asked.append(name)
+        return getattr(self.inner, name)
+
+
+async def test_blocks_cost_an_empty_outbox_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With WS_RPC_URL every block is announced to the sender (it looks for receipts at a new block):
+    with nothing in flight, 500 blocks ask the chain nothing, before a result and after it is done."""
+    clock = Clock()
+    monkeypatch.setattr(consumer_mod, "time", clock)
+    chain = Counted(FakeChain())
+    blocks = [0]
+    consumer, state = make(tmp_path, chain, linger=0, blocks=lambda: blocks[0])  # type: ignore[arg-type]
+
+    async def idle_blocks(n: int) -> None:
+        for _ in range(n):
+            blocks[0] += 1
+            clock.now += 0.1
+            assert await consumer._round() is False
+
+    await idle_blocks(500)
+    assert chain.asked == [] and consumer.receipt_requests == 0
+    finish(consumer, 1)
+    await consumer._round()  # sent
+    blocks[0] += 1
+    clock.now += consumer_mod.COLLECT_INTERVAL
+    await consumer._round()  # its receipt, at the next block
+    assert state.outbox_status(0, 1) == ("done", "0x" + f"{1:064x}")
+    asked = len(chain.asked)
+    await idle_blocks(500)
+    assert len(chain.asked) == asked and consumer.receipt_requests == 1
+
+
 async def test_after_a_reorg_the_nonce_is_read_from_the_chain_again(tmp_path: Path) -> None:
     chain = FakeChain()
     consumer, state = make(tmp_path, chain, linger=0)

@@ -21,7 +21,7 @@ from ..tangle.consumer import TangleConsumer
 from ..tangle.environment import BlueprintEnvironment
 from ..tangle.heads import NewHeads
 from ..tangle.keystore import OperatorKey, load_operator_key
-from ..tangle.producer import TangleProducer
+from ..tangle.producer import TangleProducer, job_topics
 from ..tangle.rpc import JsonRpc
 from ..tangle.runner import BlueprintRunner
 from ..tangle.state import TangleState
@@ -153,9 +153,13 @@ class Operator:
         state = TangleState(data / "tangle.sqlite3")
         rpc = JsonRpc(env.http_rpc_url)
         observer = JournalObserver(journal)
-        # WS_RPC_URL: new blocks wake the producer at once (it still polls every POLL_INTERVAL), and the
-        # result sender looks for its receipts when a block comes instead of on a timer
-        heads = NewHeads(env.ws_rpc_url) if env.ws_rpc_url else None
+        # WS_RPC_URL: an announced job log wakes the producer at once (it still polls every POLL_INTERVAL;
+        # a new block alone costs no request), and the result sender looks for its receipts when a block
+        # comes instead of on a timer
+        heads = NewHeads(
+            env.ws_rpc_url, logs={"address": env.tangle_contract, "topics": job_topics(env.service_id)},
+            confirmations=env.confirmations,
+        ) if env.ws_rpc_url else None
         consumer = TangleConsumer(
             rpc, state, key, contract=env.tangle_contract, dry_run=env.dry_run,
             observer=observer,
@@ -164,7 +168,8 @@ class Operator:
         producer = TangleProducer(
             rpc, state, contract=env.tangle_contract, service_id=env.service_id, from_block=env.from_block,
             max_range=env.max_getlogs_range, poll_interval=env.poll_interval, confirmations=env.confirmations,
-            wake=heads.wake if heads else None, on_reorg=consumer.chain_reorged,
+            wake=heads.wake if heads else None, read_to=heads.read_to if heads else None,
+            on_reorg=consumer.chain_reorged,
         )
         server = QueryServer(QueryApp(provider, journal), settings.api_host, settings.api_port)
         runner = BlueprintRunner(

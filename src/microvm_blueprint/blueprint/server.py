@@ -14,6 +14,9 @@ from .query import QueryApp
 
 log = logging.getLogger(__name__)
 
+#: how long uvicorn may take to stop (its own graceful shutdown gives requests 2 s) before it is cancelled
+STOP_TIMEOUT = 5.0
+
 
 class QueryServer:
     """Serves :class:`QueryApp`; sets ``ready`` once listening; stops when cancelled."""
@@ -66,7 +69,26 @@ class QueryServer:
             # exit below and then awaited, so its sockets and connections close properly.
             await asyncio.shield(task)
         finally:
+            log.info("query API stopping")
             server.should_exit = True
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(asyncio.wait_for(task, 5))
-            sock.close()
+            try:
+                await _stopped(task, STOP_TIMEOUT)
+            finally:
+                sock.close()
+
+
+async def _stopped(task: asyncio.Task[None], timeout: float) -> None:
+    """Wait for uvicorn's ``task`` to end (cancelled after ``timeout``), even if this wait is cancelled
+    meanwhile: the cleanup is shielded, and a cancellation that came during it is raised once it is done.
+    An error of uvicorn's own is logged, not raised over whatever is already on its way out."""
+    stopping = asyncio.ensure_future(asyncio.wait_for(task, timeout))
+    cancelled: asyncio.CancelledError | None = None
+    while not stopping.done():
+        try:
+            await asyncio.wait([stopping])  # a cancelled asyncio.wait leaves `stopping` running
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    if not stopping.cancelled() and (error := stopping.exception()) is not None:
+        log.warning("query API did not stop cleanly: %r", error)
+    if cancelled is not None:
+        raise cancelled

@@ -50,6 +50,12 @@ FRESH_LOOKBACK = 9
 ACTIVATION_SCAN_LIMIT = 1_000_000
 
 
+def job_topics(service_id: int) -> list[Any]:
+    """The ``topics`` filter of our job logs: JobSubmitted or JobSubmittedFromQuote, for ``service_id``
+    (``eth_getLogs`` here, ``eth_subscribe("logs")`` in ``heads``)."""
+    return [[TOPIC_JOB_SUBMITTED, TOPIC_JOB_SUBMITTED_FROM_QUOTE], "0x" + service_id.to_bytes(32, "big").hex()]
+
+
 def _word(topic: str) -> int:
     return int(topic, 16)
 
@@ -140,12 +146,14 @@ class TangleProducer:
         backoff_cap: float = 10.0,
         wake: asyncio.Event | None = None,
         wake_gap: float = 0.05,
+        read_to: Callable[[int], None] | None = None,
         on_reorg: Callable[[], None] | None = None,
     ) -> None:
         self.rpc = rpc
         self.on_reorg = on_reorg  # told of a reorg noticed while running (the result sender's nonce)
-        self.wake = wake  # set on a new block (heads.NewHeads): poll now rather than at the interval
+        self.wake = wake  # set when a job log is announced (heads.NewHeads): poll now, not at the interval
         self.wake_gap = wake_gap
+        self.read_to = read_to  # told the cursor after each poll (heads.NewHeads.read_to: what is still unread)
         self.state = state
         self.contract = contract
         self.service_id = service_id
@@ -162,10 +170,7 @@ class TangleProducer:
         self.reorgs = 0  # reorgs noticed while running
         self._reorg_pending = False  # results to reopen once the re-scan is back (state.reopen_due)
         self._window = self.max_range
-        self._topics: list[Any] = [
-            [TOPIC_JOB_SUBMITTED, TOPIC_JOB_SUBMITTED_FROM_QUOTE],
-            "0x" + service_id.to_bytes(32, "big").hex(),
-        ]
+        self._topics = job_topics(service_id)
 
     async def _retry(self, what: str, fn: Callable[[], Awaitable[Any]], stop: asyncio.Event) -> Any:
         backoff = Backoff(cap=self.backoff_cap)
@@ -304,6 +309,8 @@ class TangleProducer:
         while not stop.is_set():
             try:
                 cursor = await self._step(cursor, deliver, stop)
+                if self.read_to is not None:
+                    self.read_to(cursor.next_block)
                 backoff.reset()
             except _Stopped:
                 raise
@@ -312,9 +319,9 @@ class TangleProducer:
                 await self._pause(backoff, "job producer", exc, stop)
 
     async def _until_due(self, stop: asyncio.Event) -> None:
-        """Wait for the next poll: ``poll_interval`` after the last one, or as soon as a new block is
-        announced but no sooner than ``wake_gap`` after it (a chain mining a block per transaction
-        would otherwise cost two requests a block), or until ``stop``."""
+        """Wait for the next poll: ``poll_interval`` after the last one, or as soon as ``wake`` is set
+        (a job log announced: heads.NewHeads) but no sooner than ``wake_gap`` after the last poll (a
+        burst of jobs, one a block, would otherwise cost two requests a block), or until ``stop``."""
         while not stop.is_set():
             woken = self.wake is not None and self.wake.is_set()
             due = self._last_poll + (min(self.poll_interval, self.wake_gap) if woken else self.poll_interval)
@@ -324,7 +331,7 @@ class TangleProducer:
             await self._idle(left, stop, wakeable=not woken)
 
     async def _idle(self, seconds: float, stop: asyncio.Event, *, wakeable: bool) -> None:
-        """Sleep up to ``seconds``, less if stopped or (``wakeable``) woken by a new block."""
+        """Sleep up to ``seconds``, less if stopped or (``wakeable``) woken by an announced job log."""
         if self.wake is None or not wakeable:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), seconds)
@@ -343,14 +350,14 @@ class TangleProducer:
     async def _step(
         self, cursor: Cursor, deliver: Callable[[JobCall], Awaitable[None]], stop: asyncio.Event
     ) -> Cursor:
-        # one poll per interval once caught up, or at a new block with WS_RPC_URL (a busy chain mines a
-        # block per transaction: polling again at once would cost the node 2 requests a block for nothing)
+        # one poll per interval once caught up, or when a job log is announced with WS_RPC_URL (a busy
+        # chain mines a block per transaction: polling again at once would cost the node 2 requests a block)
         if not self._behind:
             await self._until_due(stop)
             if stop.is_set():
                 return cursor
         if self.wake is not None:
-            self.wake.clear()  # blocks announced from here on wake the next poll
+            self.wake.clear()  # logs announced from here on wake the next poll
         self._last_poll = time.monotonic()
         head, changed = await self._retry(
             "eth_getBlockByNumber(latest)", functools.partial(self._poll_head, cursor), stop
