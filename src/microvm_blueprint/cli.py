@@ -10,16 +10,22 @@ start in a fraction of the operator's import time; ``python -m bench cli_startup
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlsplit
 
 from .blueprint import dev
 from .errors import MicrovmBlueprintError
+
+if TYPE_CHECKING:
+    from .blueprint.jobs import JobDef
 
 DEFAULT_API_URL = "http://127.0.0.1:3000"
 
@@ -78,7 +84,53 @@ def cmd_vms(args: argparse.Namespace) -> int:
             raise CliError(f"{r.status_code}: {r.text}")
         sys.stdout.write(r.text)
         return 0
+    if args.vms_cmd == "ssh":
+        view = _http_get(f"{base}/vms/{quote(args.vm_id, safe='')}")
+        argv = ssh_argv(view, base, identity=args.identity, command=args.command)
+        if shutil.which(argv[0]) is None:
+            raise CliError(f"{argv[0]} not found on PATH: install openssh-client")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execvp(argv[0], argv)  # replaces this process: ssh owns the terminal, its exit code is ours
     raise CliError(f"unknown vms command {args.vms_cmd!r}")
+
+
+SSH_PORT = 22
+
+
+def ssh_argv(view: Any, api_url: str, *, identity: str | None, command: Sequence[str]) -> list[str]:
+    """The ``ssh`` command line for ``vms ssh``: root at the host port that publishes the VM's guest port 22.
+
+    ``view`` is ``GET /vms/{id}``. A VM published on an unspecified address (``0.0.0.0``, ``::``) is
+    reached at the query API's host. ``HostKeyAlias`` names the VM (its id and creation time), not the
+    host port: ports are reused once a VM is destroyed, and every VM has host keys of its own, so keys
+    remembered per port would soon be "changed" keys. ``--`` ends ssh's options, so a command like
+    ``ls -l`` reaches the guest whole."""
+    if not isinstance(view, dict) or not isinstance(view.get("vm_id"), str):
+        raise CliError("the query API answered something that is not a VM")
+    vm_id = view["vm_id"]
+    status = view.get("status")
+    if status != "running":
+        hint = f": start it first (jobs submit start_vm {vm_id})" if status in ("created", "stopped") else ""
+        raise CliError(f"vm {vm_id!r} is {status}, not running{hint}")
+    network = view.get("network") or {}
+    ports = [p for p in network.get("ports") or [] if isinstance(p, dict) and p.get("guest_port") == SSH_PORT]
+    if not ports:
+        published = ", ".join(str(p.get("guest_port")) for p in network.get("ports") or []) or "none"
+        raise CliError(
+            f"vm {vm_id!r} has no published guest port {SSH_PORT} (network {network.get('mode', 'none')}, "
+            f"published ports: {published}); create it with create_vm_with_config ... --port {SSH_PORT}"
+        )
+    host, host_port = str(ports[0]["host"]), int(ports[0]["host_port"])
+    if host in ("", "0.0.0.0", "::"):
+        host = urlsplit(api_url).hostname or "127.0.0.1"
+    alias = hashlib.sha256(f"{vm_id}\0{view.get('created_at')}".encode()).hexdigest()[:24]
+    argv = ["ssh", "-p", str(host_port), "-o", "StrictHostKeyChecking=accept-new", "-o", f"HostKeyAlias=microvm-{alias}"]
+    if identity is not None:
+        if not Path(identity).expanduser().is_file():
+            raise CliError(f"--identity {identity}: no such file")
+        argv += ["-i", str(Path(identity).expanduser())]
+    return [*argv, "--", f"root@{host}", *command]
 
 
 # ---- image -----------------------------------------------------------------------------------
@@ -173,11 +225,85 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
 # ---- jobs submit -----------------------------------------------------------------------------
 
+#: list arguments of a job and the repeatable option that fills each one
+LIST_OPTIONS = {"ssh_authorized_keys": "--ssh-key", "ports": "--port"}
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def read_ssh_keys(path: str) -> list[str]:
+    """The public keys in ``path``: one per non-empty line (``#`` lines are comments), each checked as
+    job 8 will check it. A private key is refused here: the arguments of a job are public, on-chain."""
+    file = Path(path).expanduser()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CliError(f"--ssh-key {path}: no such file") from None
+    except IsADirectoryError:
+        raise CliError(f"--ssh-key {path} is a directory, not a public key file") from None
+    except UnicodeDecodeError:
+        raise CliError(f"--ssh-key {path} is not a text file of public keys") from None
+    except OSError as exc:
+        raise CliError(f"--ssh-key {path}: cannot read it: {exc.strerror or exc}") from None
+    if "PRIVATE KEY" in text:
+        raise CliError(f"--ssh-key {path} is a private key: give the public key (its .pub file); nothing was sent")
+    from .runtime.access import validate_ssh_key
+
+    keys = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keys.append(validate_ssh_key(line, f"--ssh-key {path} line {number}"))
+    if not keys:
+        raise CliError(f"--ssh-key {path} holds no key")
+    return keys
+
+
+def parse_port(text: str) -> str:
+    """One ``--port``: a guest port number 1-65535 (kept as text for :func:`encode_job_args`)."""
+    if not _DIGITS.fullmatch(text) or not 1 <= int(text) <= 65535:
+        raise CliError(f"--port {text!r} is not a port number (1-65535)")
+    return str(int(text))
+
+
+def job_arguments(job: JobDef, positional: Sequence[str], ssh_key_files: Sequence[str],
+                  ports: Sequence[str]) -> list[str | list[str]]:
+    """The job's arguments from the command line: the positional ones in order, each list argument
+    from its repeatable option (:data:`LIST_OPTIONS`). Every check here runs before anything is sent."""
+    given = {"ssh_authorized_keys": (ssh_key_files, "--ssh-key"), "ports": (ports, "--port")}
+    for name, (values, option) in given.items():
+        if values and name not in job.arg_names:
+            raise CliError(f"{option} is for create_vm_with_config, not {job.name}")
+    scalars = [n for n, t in zip(job.arg_names, job.arg_types, strict=True) if not t.endswith("[]")]
+    if len(positional) != len(scalars):
+        options = " ".join(f"[{LIST_OPTIONS.get(n, n)} ...]" for n in job.arg_names if n not in scalars)
+        raise CliError(f"{job.name} takes {len(scalars)} argument(s) ({' '.join(scalars).upper()}{' ' + options if options else ''}): "
+                       f"{job.signature}")
+    keys = [key for path in ssh_key_files for key in read_ssh_keys(path)]
+    numbers = [parse_port(p) for p in ports]
+    repeated = sorted({p for p in numbers if numbers.count(p) > 1}, key=int)
+    if repeated:
+        raise CliError(f"--port {repeated[0]} is given twice")
+    from .runtime.access import MAX_KEYS, MAX_PORTS
+
+    if len(keys) > MAX_KEYS:
+        raise CliError(f"{len(keys)} SSH keys given, more than the maximum of {MAX_KEYS}")
+    if len(numbers) > MAX_PORTS:
+        raise CliError(f"{len(numbers)} ports given, more than the maximum of {MAX_PORTS}")
+    lists: dict[str, list[str]] = {"ssh_authorized_keys": keys, "ports": numbers}
+    out: list[str | list[str]] = []
+    rest = iter(positional)
+    for name, typ in zip(job.arg_names, job.arg_types, strict=True):
+        out.append(lists.get(name, []) if typ.endswith("[]") else next(rest))
+    return out
+
+
 
 async def cmd_jobs_submit(args: argparse.Namespace) -> int:
     from .blueprint.client import TangleCustomer, encode_job_args, resolve_job
     from .tangle.environment import Secret
 
+    job = resolve_job(args.job)  # every argument is checked before any setting is looked for or sent
+    inputs = encode_job_args(job, job_arguments(job, args.args, args.ssh_key, args.port))
     recorded = dev.recorded()
     rpc_url = args.rpc_url or os.environ.get("HTTP_RPC_URL") or recorded.get("rpc_url")
     contract = args.contract or os.environ.get("TANGLE_CONTRACT") or recorded.get("contract")
@@ -190,8 +316,6 @@ async def cmd_jobs_submit(args: argparse.Namespace) -> int:
                               ("--service-id/SERVICE_ID", service), ("--key-file/CUSTOMER_KEY", key_text)) if v in (None, "")]
     if missing:
         raise CliError(f"missing {', '.join(missing)} (or run `make dev` first, which records them)")
-    job = resolve_job(args.job)
-    inputs = encode_job_args(job, args.args)
     customer = TangleCustomer(str(rpc_url), str(contract), int(str(service)), Secret(key_text))
     try:
         sub = await customer.submit(job, inputs)
@@ -262,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--api-url", default=None, help=f"query API (default {DEFAULT_API_URL})")
     submit.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the result")
     submit.add_argument("--no-wait", action="store_true")
+    submit.add_argument("--ssh-key", action="append", default=[], metavar="FILE",
+                        help="create_vm_with_config: public key file(s) for root, one key a line (repeatable)")
+    submit.add_argument("--port", action="append", default=[], metavar="N",
+                        help="create_vm_with_config: a guest port to publish (repeatable)")
 
     vms = sub.add_parser("vms", help="ask the query API about VMs")
     vsub = vms.add_subparsers(dest="vms_cmd", required=True)
@@ -272,7 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     vc = vsub.add_parser("console")
     vc.add_argument("vm_id")
     vc.add_argument("--tail", type=int, default=4096)
-    for v in (vl, vg, vc):
+    vs = vsub.add_parser("ssh", help="ssh as root into a running VM's published port 22",
+                         usage="%(prog)s [--identity FILE] [--api-url URL] VM [-- CMD...]")
+    vs.add_argument("--identity", "-i", default=None, metavar="FILE", help="private key for ssh -i")
+    vs.add_argument("vm_id", metavar="VM")
+    vs.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD", help="run this instead of a shell")
+    for v in (vl, vg, vc, vs):
         v.add_argument("--api-url", default=None)
 
     keys = sub.add_parser("keys", help="operator keystore (blueprint-sdk layout)")

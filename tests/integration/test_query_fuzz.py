@@ -18,7 +18,7 @@ from microvm_blueprint.blueprint.query import QueryApp  # noqa: E402
 from microvm_blueprint.blueprint.server import QueryServer  # noqa: E402
 from microvm_blueprint.runtime.adapters.in_memory import InMemoryDriver  # noqa: E402
 from microvm_blueprint.runtime.lifecycle import Lifecycle  # noqa: E402
-from microvm_blueprint.runtime.model import Origin  # noqa: E402
+from microvm_blueprint.runtime.model import NetworkMode, NetworkSettings, Origin, VmSpec  # noqa: E402
 from microvm_blueprint.runtime.store import Store  # noqa: E402
 
 
@@ -26,13 +26,15 @@ from microvm_blueprint.runtime.store import Store  # noqa: E402
 def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp: Path = tmp_path_factory.mktemp("fuzz")
     loop = asyncio.new_event_loop()
-    life = Lifecycle(InMemoryDriver(), Store(tmp / "s.sqlite3"), state_dir=tmp / "state")
+    network = NetworkSettings(mode=NetworkMode.USER, port_range=(43300, 43399))
+    life = Lifecycle(InMemoryDriver(), Store(tmp / "s.sqlite3"), state_dir=tmp / "state", network=network)
     journal = JobJournal(tmp / "jobs.sqlite3")
 
     async def seed() -> None:
         await life.create_vm("vm-1", None, Origin(1, "0xc"))
         await life.start_vm("vm-1", Origin(2))
         await life.snapshot_vm("vm-1", "snap-1", Origin(3))
+        await life.create_vm("vm-net", VmSpec(disk_mib=1024, ports=(22, 8080)), Origin(4))  # a network object
         journal.received(1, "create_vm", 0, "0xc")
         journal.finished(1, error=None)
 

@@ -9,6 +9,7 @@ API's ``/jobs/{call_id}`` why (failed jobs are never written on-chain).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,18 +42,47 @@ def resolve_job(name_or_index: str) -> JobDef:
     raise ClientError(f"unknown job {name_or_index!r}; known: {', '.join(JOBS_BY_NAME)}")
 
 
-def encode_job_args(job: JobDef, raw: Sequence[str]) -> bytes:
-    """Turn command-line strings into the job's ABI argument tuple (flat form)."""
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def _parse_uint(typ: str, name: str, text: str) -> int:
+    """``text`` as a ``uintN`` (ASCII digits only: ``str.isdigit`` would take ``²``, which ``int`` refuses)."""
+    bits = int(typ[4:] or "256")
+    if not _DIGITS.fullmatch(text):
+        raise ClientError(f"{name} must be an unsigned integer, not {text[:40]!r}")
+    value = int(text)
+    if value >= 2**bits:
+        raise ClientError(f"{name} {value} does not fit in a {typ} (at most {2**bits - 1})")
+    return value
+
+
+def _parse_value(typ: str, name: str, text: str) -> Any:
+    if typ.startswith("uint"):
+        return _parse_uint(typ, name, text)
+    if typ == "string":
+        return text
+    raise ClientError(f"{name}: arguments of type {typ} cannot be given on the command line")
+
+
+def encode_job_args(job: JobDef, raw: Sequence[str | Sequence[str]]) -> bytes:
+    """Turn command-line strings into the job's ABI argument tuple (flat form).
+
+    One entry per argument of the job: a string for a scalar argument (``string``, ``uintN``), a
+    sequence of strings for an array argument (``string[]``, ``uint16[]``: each element parsed as the
+    element type; the CLI builds these from ``--ssh-key``/``--port``). Errors name the argument (and
+    the element: ``ports[2]``) and are raised before anything is sent."""
     if len(raw) != len(job.arg_types):
         raise ClientError(f"{job.name} takes {len(job.arg_types)} argument(s): {job.signature}")
     values: list[Any] = []
-    for typ, name, text in zip(job.arg_types, job.arg_names, raw, strict=True):
-        if typ.startswith("uint"):
-            if not text.isdigit():
-                raise ClientError(f"{name} must be an unsigned integer")
-            values.append(int(text))
+    for typ, name, given in zip(job.arg_types, job.arg_names, raw, strict=True):
+        if typ.endswith("[]"):
+            if isinstance(given, str):
+                raise ClientError(f"{name} is a list ({typ}), not one value")
+            values.append([_parse_value(typ[:-2], f"{name}[{i}]", item) for i, item in enumerate(given)])
         else:
-            values.append(text)
+            if not isinstance(given, str):
+                raise ClientError(f"{name} is one value ({typ}), not a list")
+            values.append(_parse_value(typ, name, given))
     return encode_args(job.arg_types, values)
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +66,7 @@ async def run_dev(
     run_dir.mkdir(parents=True)
     kind = _provider(provider)
     host, port = parse_addr(api_addr, "--api-addr")
+    ssh_key = ssh_public_key(data)
     print(f"dev: starting anvil on 127.0.0.1:{rpc_port} ...", flush=True)
     async with Anvil(port=rpc_port, block_time=block_time, log_dir=run_dir) as chain:
         deployment = await deploy_dev_tangle(chain.rpc_url)
@@ -93,6 +96,7 @@ async def run_dev(
             f"dev: try        .venv/bin/microvm-blueprint jobs submit create_vm vm-1\n"
             f"                .venv/bin/microvm-blueprint jobs submit start_vm vm-1\n"
             f"                .venv/bin/microvm-blueprint vms list\n"
+            f"{ssh_hint(ssh_key, settings.network.mode.value, kind)}"
             f"dev: Ctrl-C stops everything.",
             flush=True,
         )
@@ -116,6 +120,16 @@ def _provider(choice: str) -> ProviderKind:
     return ProviderKind.IN_MEMORY
 
 
+def _image_built(name: str) -> bool:
+    try:
+        from ..runtime import images
+
+        images.resolve_image(name, images.default_cache_dir())
+        return True
+    except (ImportError, MicrovmBlueprintError):
+        return False
+
+
 def _ensure_image(*, required: bool) -> bool:
     try:
         from ..runtime import images
@@ -133,3 +147,72 @@ def _ensure_image(*, required: bool) -> bool:
             raise ConfigError(f"--provider qemu: cannot use QEMU: {exc}") from exc
         print(f"dev: no guest image ({exc})", flush=True)
         return False
+
+
+SSH_VM = "ssh-1"
+CLI = ".venv/bin/microvm-blueprint"
+
+
+def ssh_public_key(data_dir: Path) -> tuple[Path, Path | None] | None:
+    """The public key ``dev`` suggests for a VM you can SSH into, and the private key ``vms ssh`` needs
+    (``None``: ssh finds it itself). The user's own ``~/.ssh/id_*.pub`` if there is one (ed25519 first),
+    else ``<dev dir>/ssh/id_ed25519``, made once with ``ssh-keygen`` and kept across runs. ``None``
+    when there is neither and no ``ssh-keygen``."""
+    home_keys = sorted((Path.home() / ".ssh").glob("id_*.pub"), key=lambda p: (p.name != "id_ed25519.pub", p.name))
+    if home_keys:
+        return home_keys[0], None
+    private = data_dir / "ssh" / "id_ed25519"
+    public = private.with_name(private.name + ".pub")
+    if public.is_file() and private.is_file():
+        return public, private
+    if shutil.which("ssh-keygen") is None:
+        print("dev: no ~/.ssh/id_*.pub and no ssh-keygen (openssh-client): no SSH key to suggest", flush=True)
+        return None
+    private.parent.mkdir(parents=True, exist_ok=True)
+    private.unlink(missing_ok=True)
+    public.unlink(missing_ok=True)
+    argv = ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "microvm-blueprint dev", "-f", str(private)]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:  # run() has killed and reaped it
+        print("dev: ssh-keygen did not finish in 30 s: no SSH key to suggest", flush=True)
+        return None
+    if done.returncode != 0 or not public.is_file():
+        print(f"dev: ssh-keygen failed ({(done.stderr or done.stdout).strip()[:200]}): no SSH key to suggest", flush=True)
+        return None
+    print(f"dev: made an SSH key for your VMs: {_shown(private)} (no ~/.ssh/id_*.pub found)", flush=True)
+    return public, private
+
+
+def _shown(path: Path) -> str:
+    """``path`` as a user would type it: relative to the working directory or ``~/``, shell-quoted."""
+    path = path.absolute()
+    for base, prefix in ((Path.cwd(), ""), (Path.home(), "~/")):
+        try:
+            return prefix + shlex.quote(str(path.relative_to(base)))
+        except ValueError:
+            continue
+    return shlex.quote(str(path))
+
+
+def ssh_hint(key: tuple[Path, Path | None] | None, network: str, kind: ProviderKind) -> str:
+    """The banner's lines on creating a VM you can SSH into (empty without a key or a network)."""
+    from .settings import ProviderKind
+
+    if key is None:
+        return ""
+    if network == "none":
+        return "dev: ssh      MICROVM_NETWORK=none: no published ports, so no SSH into VMs\n"
+    public, private = key
+    identity = f"--identity {_shown(private)} " if private is not None else ""
+    commands = [
+        f"{CLI} jobs submit create_vm_with_config {SSH_VM} 1 512 0 debian --ssh-key {_shown(public)} --port 22",
+        f"{CLI} jobs submit start_vm {SSH_VM}",
+        f"{CLI} vms ssh {identity}{SSH_VM}    # ... {SSH_VM} -- uname -a: one command",
+    ]
+    if kind is ProviderKind.QEMU and not _image_built("debian"):
+        commands.insert(0, f"{CLI} image build debian    # once, a few minutes")
+    elif kind is not ProviderKind.QEMU:
+        commands.append("(in-memory VMs record their ports, but no guest answers on them: use --provider qemu)")
+    lines = [("dev: ssh" if i == 0 else "").ljust(16) + c for i, c in enumerate(commands)]
+    return "\n".join(lines) + "\n"

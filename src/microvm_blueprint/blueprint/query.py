@@ -200,18 +200,63 @@ class QueryApp:
 
 
 _ERR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
+_PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
+_SPEC = {
+    "type": "object",
+    "description": "What the VM was created with. `disk_mib`, `ssh_keys` and `ports` appear only when set (job 8).",
+    "required": ["vcpus", "mem_mib", "image"],
+    "properties": {
+        "vcpus": {"type": "integer", "minimum": 1},
+        "mem_mib": {"type": "integer", "minimum": 1},
+        "image": {"type": "string"},
+        "disk_mib": {"type": "integer", "minimum": 1, "description": "root disk size (absent: the image's size)"},
+        "ssh_keys": {
+            "type": "integer", "minimum": 1, "maximum": 16,
+            "description": "how many SSH keys root has (counted; the keys themselves are not served)",
+        },
+        "ports": {"type": "array", "items": _PORT, "maxItems": 16, "description": "guest ports asked for, sorted"},
+    },
+}
+_NETWORK = {
+    "type": "object",
+    "description": (
+        "How the guest is wired (DESIGN.md §8). Each published guest port is reachable at `host:host_port` "
+        "while the VM runs; the host ports are the VM's from create on, until it is destroyed "
+        "(a destroyed VM lists none). A restored VM has host ports of its own."
+    ),
+    "required": ["mode", "guest_ip", "ports"],
+    "properties": {
+        "mode": {"type": "string", "enum": ["none", "user", "bridge"], "description": "MICROVM_NETWORK"},
+        "guest_ip": {"type": "string", "nullable": True, "description": "the guest's address; null with mode none"},
+        "ports": {
+            "type": "array",
+            "maxItems": 17,
+            "description": "published guest ports (guest port 22 is added when SSH keys are given), by guest port",
+            "items": {
+                "type": "object",
+                "required": ["guest_port", "host", "host_port"],
+                "properties": {
+                    "guest_port": _PORT,
+                    "host": {"type": "string", "description": "MICROVM_PUBLISH_ADDR"},
+                    "host_port": {**_PORT, "description": "taken from MICROVM_PORT_RANGE"},
+                },
+            },
+        },
+    },
+}
 _VM = {
     "type": "object",
-    "required": ["vm_id", "status", "snapshots"],
+    "required": ["vm_id", "status", "snapshots", "spec", "network", "created_at", "updated_at"],
     "properties": {
         "vm_id": {"type": "string"},
         "status": {"type": "string", "enum": ["created", "running", "stopped", "destroyed", "failed"]},
         "snapshots": {"type": "array", "items": {"type": "string"}},
-        "spec": {"type": "object"},
+        "spec": _SPEC,
+        "network": _NETWORK,
         "created_at": {"type": "number"},
         "updated_at": {"type": "number"},
         "error": {"type": "string"},
-        "history": {"type": "array", "items": {"type": "object"}},
+        "history": {"type": "array", "items": {"type": "object"}, "description": "GET /vms/{vm_id} only"},
     },
 }
 _ID = {"type": "string", "minLength": 1, "maxLength": 256}
