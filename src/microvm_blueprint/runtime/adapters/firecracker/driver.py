@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ....procs import Child, kill_pid, pid_alive, tail
+from ....procs import Child, kill_pid, pid_alive, read_pid, runs_in, tail, wait_pid_exit
 from ...driver import ExitListener
 from ...errors import ImageError, InvalidInput, VmError, VmmApiError, VmmError, VmmTimeout
 from ...model import DEFAULT_IMAGE, SnapshotRecord, VmHandle, VmRecord, VmSpec, VmStatus
@@ -237,7 +237,7 @@ class FirecrackerDriver:
         if vm.child is not None:
             code: int | None = await vm.child.proc.wait()
         else:
-            await _wait_pid_exit(vm.pid)
+            await wait_pid_exit(vm.pid)
             code = None
         if vm.stopping or self._vms.get(vm.vm_id) is not vm:
             return
@@ -258,15 +258,15 @@ class FirecrackerDriver:
             vm.stopping = True
             if vm.child is not None:
                 code = await vm.child.stop(polite=None, grace=0, term_grace=grace)
-            elif vm.pid and _is_ours(vm.pid, workdir):
+            elif vm.pid and runs_in(vm.pid, workdir):
                 await kill_pid(vm.pid, grace=grace)
             if vm.watcher is not None:
                 await _stop_task(vm.watcher)
             await vm.api.aclose()
             sockets = {vm.socket}
         else:  # not ours in this process (operator restarted, never adopted): find it by its pid file
-            pid = handle.pid if handle is not None and handle.pid else _read_pid(workdir)
-            if pid and _is_ours(pid, workdir):
+            pid = handle.pid if handle is not None and handle.pid else read_pid(workdir / PID)
+            if pid and runs_in(pid, workdir):
                 await kill_pid(pid, grace=grace)
             sockets = {self.socket_path(workdir)}
             if handle is not None and handle.control:
@@ -505,8 +505,8 @@ class FirecrackerDriver:
     async def _probe(self, vm: VmRecord) -> _Vm | None:
         """A VMM of ``vm`` left by an earlier operator process: pid alive, ours, and ``GET /`` answers."""
         workdir = Path(vm.workdir)
-        pid = vm.handle.pid if vm.handle is not None and vm.handle.pid else _read_pid(workdir)
-        if not pid or not pid_alive(pid) or not _is_ours(pid, workdir):
+        pid = vm.handle.pid if vm.handle is not None and vm.handle.pid else read_pid(workdir / PID)
+        if not pid or not runs_in(pid, workdir):  # alive, and a VMM this driver started there
             return None
         sock = Path(vm.handle.control) if vm.handle is not None and vm.handle.control else self.socket_path(workdir)
         saved = _read_json(workdir / CONFIG)
@@ -556,21 +556,6 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _read_pid(workdir: Path) -> int | None:
-    try:
-        return int((workdir / PID).read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _is_ours(pid: int, workdir: Path) -> bool:
-    """The pid is a VMM this driver started for ``workdir`` (spawned with it as cwd): guards pid reuse."""
-    try:
-        return os.readlink(f"/proc/{pid}/cwd") == str(workdir.resolve())
-    except OSError:
-        return False
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -616,28 +601,3 @@ async def _stop_task(task: asyncio.Task[None]) -> None:
     await asyncio.wait({task})
     if not task.cancelled() and (exc := task.exception()) is not None:
         log.warning("%s failed: %s", task.get_name(), exc)
-
-
-async def _wait_pid_exit(pid: int | None) -> None:
-    """Wait for a process that is not our child (a re-adopted VMM) to exit: a pidfd, else polling."""
-    if not pid:
-        return
-    try:
-        fd = os.pidfd_open(pid)
-    except (OSError, AttributeError):
-        while pid_alive(pid):
-            await asyncio.sleep(0.2)
-        return
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def readable() -> None:
-        if not done.done():
-            done.set_result(None)
-
-    loop.add_reader(fd, readable)
-    try:
-        await done
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
