@@ -8,15 +8,17 @@ not the deprecated ``mem_file_path``; no ``/serial``, no ``clock_realtime``).
 
 Per VM (``vm.workdir``, handed over by the lifecycle core): ``firecracker.log`` (the process's
 stdout + stderr: Firecracker's own log *and* the guest's serial console, since Firecracker wires the
-guest's ttyS0 to its stdout), ``firecracker.pid``, ``vm.json`` (the configuration sent) and, unless
-the root filesystem is read-only, ``rootfs.ext4`` (the VM's own copy). The API socket lives in
+guest's ttyS0 to its stdout), ``firecracker.pid``, ``vm.json`` (the configuration sent), ``cidata.img`` (the VM's config drive,
+DESIGN.md §8: cloud-init NoCloud, a new ``instance-id`` for every VM and every restored clone) and,
+unless the root filesystem is read-only, ``rootfs.ext4`` (the VM's own copy). There is no NIC
+(``MICROVM_NETWORK=none``; TAP devices come with the bridge mode). The API socket lives in
 ``socket_dir`` under a name derived from the VM's folder name (never the raw id), kept short
 because Unix socket paths are limited to 107 bytes.
 
 Lifecycle:
 
-* create = spawn + ``PUT /machine-config``, ``/boot-source``, ``/drives/rootfs`` (+ ``/logger`` if a
-  log level is set); not started.
+* create = build ``cidata.img``, spawn + ``PUT /machine-config``, ``/boot-source``, ``/drives/rootfs``,
+  ``/drives/cidata`` (not root, read-only) (+ ``/logger`` if a log level is set); not started.
 * boot = ``InstanceStart``; ready when ``GET /`` says ``Running`` and, if the VM has a ready line,
   that line shows on its serial console in ``firecracker.log`` (this needs ``console=ttyS0`` in the
   boot args; the default has it). The ready line is decided at create
@@ -26,17 +28,21 @@ Lifecycle:
   word (``InstanceStart`` accepted, ``GET /`` says ``Running``) is the ready signal. A boot that
   misses ``boot_timeout_ms`` is a :class:`VmmTimeout` with the console tail.
 * stop / start = ``PATCH /vm`` ``Paused`` / ``Resumed`` (resume ready = ``GET /`` says ``Running``).
-* snapshot of a running or stopped VM: pause if running, copy the disk into the snapshot folder
-  (disks are not part of a Firecracker snapshot), point the drive at that copy
-  (``PATCH /drives/rootfs``) so the saved device state names a file the snapshot owns,
-  ``PUT /snapshot/create`` (Full), point the drive back, resume if it was running. Without the
+* snapshot of a running or stopped VM: pause if running, copy the disk and the config drive (a
+  hard link: it is never written) into the snapshot folder (disks are not part of a Firecracker
+  snapshot), point the drives at those copies (``PATCH /drives/{id}``) so the saved device state names
+  files the snapshot owns, ``PUT /snapshot/create`` (Full), point the drives back, resume if it was
+  running. Without the
   re-pointing, the saved state would name the source VM's disk, and ``PUT /snapshot/load`` (which
   opens the disks it names) would fail once the source VM is destroyed, although snapshots outlive
   their VM. A snapshot of a ``created`` VM is ``manifest.json`` (its configuration) + the disk copy.
-* restore (§7): a fresh process, ``PUT /snapshot/load`` first (only the logger may come before it)
-  with ``resume_vm: false``, ``PATCH /drives/rootfs`` to the new VM's own disk copy, then
-  ``PATCH /vm Resumed`` if the snapshot was taken running (a stopped one stays paused). A
-  ``created`` snapshot configures a fresh process from its manifest.
+* restore (§7): the new VM's own disk copy and a new ``cidata.img``; a fresh process,
+  ``PUT /snapshot/load`` first (only the logger may come before it) with ``resume_vm: false`` (it opens
+  the snapshot's copies, which the saved state names), ``PATCH /drives/rootfs`` and
+  ``/drives/cidata`` to the new VM's own files, then ``PATCH /vm Resumed`` if the snapshot was taken
+  running (a stopped one stays paused). A ``created`` snapshot configures a fresh process from its
+  manifest, with the new config drive. A live snapshot from before config drives has none in its
+  saved state, and none can be added after a load: its clones have no config drive.
 * destroy = SIGTERM, then SIGKILL, each with a deadline (``SendCtrlAltDel`` is x86-only and a
   guest may ignore it); always reaped; the socket and the folder are removed.
 
