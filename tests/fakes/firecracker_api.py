@@ -36,7 +36,13 @@ a getty login prompt, and nothing after. A snapshot records the configuration, t
 the tick count (its memory file has ``mem_size_mib`` KiB: a scaled-down fake), so a restore carries
 on counting.
 
-    firecracker_api.py --api-sock PATH [--id ID] [--fake-spec YAML] [--fake-never-listen]
+With ``--fake-journal FILE`` it records its drives: after every accepted ``PUT``/``PATCH /drives/{id}``
+and snapshot load, one JSON line ``{"pid", "id", "event", "drives"}`` with every drive it then has and,
+for each drive that is not the root, what a guest would find on it: the FAT volume label (read from the
+boot sector, as this project's guest init does) and, on a ``cidata`` drive, its ``meta-data`` (read with
+``mtype``). Tests read it after the process (and the VM's folder) is gone.
+
+    firecracker_api.py --api-sock PATH [--id ID] [--fake-spec YAML] [--fake-never-listen] [--fake-journal FILE]
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ import os
 import re
 import signal
 import socketserver
+import subprocess
 import sys
 import threading
 import time
@@ -164,8 +171,9 @@ class Spec:
 class Vmm:
     """The microVM's state machine (one per process, like Firecracker)."""
 
-    def __init__(self, instance_id: str) -> None:
+    def __init__(self, instance_id: str, journal: Path | None = None) -> None:
         self.id = instance_id
+        self.journal = journal
         self.state = NOT_STARTED
         self.machine: dict[str, Any] = {"vcpu_count": 1, "mem_size_mib": 128, "smt": False, "track_dirty_pages": False}
         self.boot_source: dict[str, Any] | None = None
@@ -240,6 +248,19 @@ class Vmm:
         print("", flush=True)
         print("localhost login: ", end="", flush=True)
 
+    def _record(self, event: str) -> None:
+        """One line of the drive journal (``--fake-journal``): the drives as they are now."""
+        if self.journal is None:
+            return
+        drives = [{**d, **({} if d.get("is_root_device") else {"found": drive_contents(d["path_on_host"])})}
+                  for d in self.drives.values()]
+        line = json.dumps({"pid": os.getpid(), "id": self.id, "event": event, "drives": drives}) + "\n"
+        fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
     # ---- requests -------------------------------------------------------------------------------
 
     @property
@@ -312,6 +333,7 @@ class Vmm:
             raise Refused("A root block device already exists!")
         self.configured = True
         self.drives[drive_id] = body
+        self._record("put")
         return 204, None
 
     def op_patch_drives_drive_id(self, path: str, body: Any) -> tuple[int, Any]:
@@ -325,6 +347,7 @@ class Vmm:
             if not Path(body["path_on_host"]).is_file():
                 raise Refused(f"Unable to patch the block device: cannot open {body['path_on_host']}")
             drive["path_on_host"] = body["path_on_host"]
+        self._record("patch")
         return 204, None
 
     def op_put_network_interfaces_iface_id(self, path: str, body: Any) -> tuple[int, Any]:
@@ -416,7 +439,34 @@ class Vmm:
         self.guest = state["guest"]
         self.loaded = True
         self.state = RUNNING if body.get("resume_vm") else PAUSED
+        self._record("load")
         return 204, None
+
+
+def drive_contents(path: str) -> dict[str, Any]:
+    """What a guest finds on a (non-root) drive: its FAT volume label, and a NoCloud drive's meta-data."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+    except OSError as exc:
+        return {"error": str(exc)}
+    label = None
+    if head[510:512] == b"\x55\xaa":  # FAT12/16 keep the label at 43, FAT32 at 71
+        label = (head[71:82] if head[82:90].startswith(b"FAT32") else head[43:54]).decode("ascii", "replace").strip()
+    found: dict[str, Any] = {"fat_label": label}
+    if label is not None and label.lower() == "cidata":
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "MTOOLS_SKIP_CHECK": "1", "MTOOLSRC": "/dev/null",
+               "HOME": "/nonexistent", "LC_ALL": "C"}
+        try:
+            proc = subprocess.run(["mtype", "-i", path, "::meta-data"], capture_output=True, timeout=10, env=env,
+                                  check=False, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            found["error"] = f"mtype: {exc}"
+        else:
+            found["meta-data"] = proc.stdout.decode("utf-8", "replace") if proc.returncode == 0 else None
+            if proc.returncode != 0:
+                found["error"] = proc.stderr.decode("utf-8", "replace")[-300:]
+    return found
 
 
 def serve(sock_path: str, spec: Spec, vmm: Vmm) -> None:
@@ -479,6 +529,7 @@ def main() -> int:
     parser.add_argument("--id", default="anonymous-instance")
     parser.add_argument("--fake-spec", default=None, help="stand-in: the firecracker.yaml to check against")
     parser.add_argument("--fake-never-listen", action="store_true", help="stand-in: never create the socket")
+    parser.add_argument("--fake-journal", default=None, help="stand-in: append the drives it has to this file")
     args = parser.parse_args()
     if not ID_RULE.match(args.id):
         print(f"Invalid instance ID: {args.id}", file=sys.stderr, flush=True)
@@ -492,7 +543,7 @@ def main() -> int:
     if os.path.exists(args.api_sock):
         print(f"Failed to open the API socket: {args.api_sock} already exists", file=sys.stderr, flush=True)
         return 1
-    serve(args.api_sock, spec, Vmm(args.id))
+    serve(args.api_sock, spec, Vmm(args.id, Path(args.fake_journal) if args.fake_journal else None))
     return 0
 
 

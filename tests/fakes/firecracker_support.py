@@ -1,4 +1,5 @@
-"""Make a FirecrackerDriver whose binary is the spec-checking stand-in; find stand-ins left running."""
+"""Make a FirecrackerDriver whose binary is the spec-checking stand-in; find stand-ins left running;
+read the drives the stand-ins had (their ``--fake-journal``)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from microvm_blueprint.runtime import images
 from microvm_blueprint.runtime.adapters.firecracker import FirecrackerDriver, FirecrackerSettings
 
 STAND_IN = Path(__file__).resolve().parent / "firecracker_api.py"
+JOURNAL = "drives.jsonl"
 
 
 def fake_binary(tmp: Path, *extra: str) -> Path:
@@ -63,11 +66,12 @@ def fake_stock_image(folder: Path) -> tuple[Path, Path]:
 
 
 def stand_in_settings(tmp: Path, *extra: str, stock: bool = False, **overrides: object) -> FirecrackerSettings:
-    """Settings over the stand-in booting a fake project image (``stock=True``: a stock rootfs)."""
+    """Settings over the stand-in booting a fake project image (``stock=True``: a stock rootfs); every
+    stand-in process journals its drives to ``tmp/drives.jsonl`` (see :func:`final_drives`)."""
     tmp.mkdir(parents=True, exist_ok=True)
     kernel, rootfs = (fake_stock_image if stock else fake_project_image)(tmp / ("stock" if stock else "image"))
     values: dict[str, object] = {
-        "bin": str(fake_binary(tmp, *extra)), "kernel": str(kernel), "rootfs": str(rootfs),
+        "bin": str(fake_binary(tmp, "--fake-journal", str(tmp / JOURNAL), *extra)), "kernel": str(kernel), "rootfs": str(rootfs),
         "socket_dir": short_socket_dir(tmp), "rootfs_ro": False, "boot_timeout_ms": 15000,
         "socket_ready_timeout_ms": 15000, **overrides,
     }
@@ -103,3 +107,47 @@ def kill_stand_ins(marker: str) -> list[int]:
         except ProcessLookupError:
             pass
     return pids
+
+
+def final_drives(journal: Path) -> dict[int, list[dict[str, Any]]]:
+    """The drives each stand-in process (by pid) had at its last drive change or load, as it journalled
+    them (``--fake-journal``): readable after the processes and the VMs' folders are gone."""
+    last: dict[int, list[dict[str, Any]]] = {}
+    try:
+        lines = journal.read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    for line in lines:
+        entry = json.loads(line)
+        last[int(entry["pid"])] = list(entry["drives"])
+    return last
+
+
+def config_drive_problems(drives: list[dict[str, Any]]) -> list[str]:
+    """What is wrong with a VM's drives, judged by DESIGN.md §8: exactly the root drive and a read-only,
+    non-root ``cidata`` drive whose FAT label is CIDATA and whose meta-data has an instance-id."""
+    problems = []
+    if [d.get("drive_id") for d in drives] != ["rootfs", "cidata"]:
+        problems.append(f"drives are {[d.get('drive_id') for d in drives]}, not ['rootfs', 'cidata']")
+    for d in drives:
+        if d.get("drive_id") == "rootfs" and d.get("is_root_device") is not True:
+            problems.append("rootfs is not the root device")
+        if d.get("drive_id") == "cidata":
+            if (d.get("is_root_device"), d.get("is_read_only")) != (False, True):
+                problems.append(f"cidata is not a read-only non-root drive: {d}")
+            found = d.get("found") or {}
+            if found.get("fat_label") != "CIDATA":
+                problems.append(f"cidata's FAT label is {found.get('fat_label')!r}: {found}")
+            elif not instance_id(found.get("meta-data")):
+                problems.append(f"cidata's meta-data has no instance-id: {found}")
+    return problems
+
+
+def instance_id(meta_data: str | None) -> str:
+    """The ``instance-id`` of a NoCloud meta-data file ('' if none)."""
+    try:
+        doc = json.loads(meta_data or "")
+    except ValueError:
+        return ""
+    value = doc.get("instance-id") if isinstance(doc, dict) else None
+    return value if isinstance(value, str) else ""

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -28,6 +29,7 @@ from microvm_blueprint.runtime.adapters.firecracker import (
     api_refusal,
     map_api_error,
 )
+from microvm_blueprint.runtime.configdrive import hostname_for
 from microvm_blueprint.runtime.errors import (
     ImageError,
     InvalidInput,
@@ -37,12 +39,25 @@ from microvm_blueprint.runtime.errors import (
     VmmTimeout,
 )
 from microvm_blueprint.runtime.lifecycle import Lifecycle
-from microvm_blueprint.runtime.model import Origin, SnapshotRecord, VmRecord, VmSpec, VmStatus, fs_name
+from microvm_blueprint.runtime.model import (
+    NetworkMode,
+    Origin,
+    SnapshotRecord,
+    VmNetwork,
+    VmRecord,
+    VmSpec,
+    VmStatus,
+    fs_name,
+)
 from microvm_blueprint.runtime.store import Store
 
 from ..fakes.firecracker_support import (
+    JOURNAL,
+    config_drive_problems,
     fake_project_image,
     fake_stock_image,
+    final_drives,
+    instance_id,
     kill_stand_ins,
     short_socket_dir,
     stand_in_driver,
@@ -55,17 +70,26 @@ ANON = Origin()
 
 @pytest.fixture
 def make(tmp_path: Path, shared: Path) -> Iterator[Callable[..., FirecrackerDriver]]:
-    """Builds drivers over the stand-in; afterwards asserts that no stand-in process is left."""
-    made: list[FirecrackerDriver] = []
+    """Builds drivers over the stand-in; afterwards asserts that no stand-in process is left, and that
+    every VMM any of them configured had exactly its root drive and a read-only config drive (a FAT
+    ``CIDATA`` with an instance-id), no two with the same instance-id (DESIGN.md §8)."""
+    made: list[tuple[FirecrackerDriver, Path]] = []
 
     def factory(*extra: str, sub: str = "fc", **overrides: object) -> FirecrackerDriver:
         driver = stand_in_driver(tmp_path / sub, *extra, **overrides)
-        made.append(driver)
+        made.append((driver, tmp_path / sub))
         return driver
 
     yield factory
-    leftovers = [pid for d in made for pid in kill_stand_ins(d.settings.socket_dir)]
+    leftovers = [pid for d, _ in made for pid in kill_stand_ins(d.settings.socket_dir)]
     assert leftovers == [], f"stand-in processes left running: {leftovers}"
+    seen: dict[str, int] = {}
+    for _, folder in made:
+        for pid, drives in final_drives(folder / JOURNAL).items():
+            assert config_drive_problems(drives) == [], f"stand-in {pid}: {drives}"
+            iid = instance_id(drives[1]["found"]["meta-data"])
+            assert iid not in seen, f"stand-ins {seen.get(iid)} and {pid} share instance-id {iid}"
+            seen[iid] = pid
 
 
 def life_over(driver: FirecrackerDriver, tmp: Path) -> Lifecycle:
@@ -89,10 +113,25 @@ async def vm_api(driver: FirecrackerDriver, life: Lifecycle, vm_id: str, method:
         await api.aclose()
 
 
-def record(tmp: Path, vm_id: str, status: VmStatus = VmStatus.CREATED, spec: VmSpec | None = None) -> VmRecord:
+def record(tmp: Path, vm_id: str, status: VmStatus = VmStatus.CREATED, spec: VmSpec | None = None,
+           network: VmNetwork | None = None) -> VmRecord:
     workdir = tmp / "vms" / fs_name(vm_id)
     workdir.mkdir(parents=True, exist_ok=True)
-    return VmRecord(vm_id=vm_id, status=status, spec=spec or VmSpec(), workdir=str(workdir))
+    return VmRecord(vm_id=vm_id, status=status, spec=spec or VmSpec(), workdir=str(workdir),
+                    network=network or VmNetwork())
+
+
+def read_cidata(image: Path) -> dict[str, Any]:
+    """A config drive read back as a guest would: a FAT image labelled CIDATA (boot sector), its meta-data
+    through ``mtype``."""
+    head = image.read_bytes()[:512]
+    assert head[510:512] == b"\x55\xaa" and head[54:62] in (b"FAT12   ", b"FAT16   "), "not a FAT image"
+    assert head[43:54] == b"CIDATA     "
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1", "MTOOLSRC": "/dev/null"}
+    out = subprocess.run(["mtype", "-i", str(image), "::meta-data"], capture_output=True, text=True, timeout=30,
+                         env=env, check=True).stdout
+    meta: dict[str, Any] = json.loads(out)
+    return meta
 
 
 # ---- the lifecycle ------------------------------------------------------------------------------
@@ -167,6 +206,70 @@ async def test_full_lifecycle_snapshots_and_restores(make: Callable[..., Firecra
     await life.close(stop_vms=True)
     assert list((tmp_path / "state" / "vms").iterdir()) == []
     assert list(Path(driver.settings.socket_dir).iterdir()) == []
+
+
+async def test_every_vm_gets_a_config_drive_and_every_clone_a_new_instance_id(
+        make: Callable[..., FirecrackerDriver], tmp_path: Path) -> None:
+    """DESIGN.md §8: a read-only second drive in NoCloud format, a new instance-id for every VM and every
+    restored clone. A live snapshot keeps a copy of the drive its saved state names (the load opens it,
+    even after the source VM is gone); the clone's drive is then pointed at a new one of its own."""
+    driver = make()
+    life = life_over(driver, tmp_path)
+
+    async def drives_of(vm_id: str) -> tuple[Path, list[dict[str, Any]]]:
+        workdir = Path(life.store.get_vm(vm_id).workdir)  # type: ignore[union-attr]
+        return workdir, (await vm_api(driver, life, vm_id, "GET", "/vm/config"))["drives"]
+
+    ids: dict[str, str] = {}
+
+    async def check(vm_id: str) -> None:
+        workdir, drives = await drives_of(vm_id)
+        assert [d["drive_id"] for d in drives] == ["rootfs", "cidata"], vm_id
+        assert drives[0]["is_root_device"] is True and drives[0]["path_on_host"] == str(workdir / "rootfs.ext4")
+        assert drives[1] == {"drive_id": "cidata", "path_on_host": str(workdir / "cidata.img"),
+                             "is_root_device": False, "is_read_only": True}, vm_id
+        meta = read_cidata(workdir / "cidata.img")
+        assert meta["local-hostname"] == hostname_for(vm_id)
+        assert meta["instance-id"] not in ids.values(), f"{vm_id} has the instance-id of another vm: {ids}"
+        ids[vm_id] = meta["instance-id"]
+
+    await life.create_vm("a", None, ANON)
+    await life.create_vm("a2", None, ANON)
+    await life.create_vm("fresh", None, ANON)
+    for vm_id in ("a", "a2", "fresh"):
+        await check(vm_id)
+    await life.start_vm("a", ANON)
+    await life.snapshot_vm("a", "hot", ANON)
+    await life.stop_vm("a", ANON)
+    await life.snapshot_vm("a", "cold", ANON)
+    await life.snapshot_vm("fresh", "config-only", ANON)
+    _, drives = await drives_of("a")
+    assert drives[1]["path_on_host"].endswith("/cidata.img") and "/vms/" in drives[1]["path_on_host"]  # back
+    hot_dir = Path(life.store.get_snapshot("a", "hot").path)  # type: ignore[union-attr]
+    assert read_cidata(hot_dir / "cidata.img")["instance-id"] == ids["a"]  # the drive the saved state names
+    config_only = Path(life.store.get_snapshot("fresh", "config-only").path)  # type: ignore[union-attr]
+    assert not (config_only / "cidata.img").exists()  # a created VM's restore configures a new drive anyway
+    await life.destroy_vm("a", ANON)
+    await life.destroy_vm("fresh", ANON)
+    await life.restore_vm("a", "hot", "b", ANON)
+    await life.restore_vm("a", "cold", "c", ANON)
+    await life.restore_vm("a", "hot", "b2", ANON)  # the same snapshot twice: two new instance-ids
+    await life.restore_vm("fresh", "config-only", "d", ANON)
+    for vm_id in ("b", "c", "b2", "d"):
+        await check(vm_id)
+    assert len(set(ids.values())) == 7
+    await life.start_vm("d", ANON)
+    (hot_dir / "cidata.img").unlink()
+    with pytest.raises(VmmError, match=r"missing cidata\.img"):
+        await life.restore_vm("a", "hot", "e", ANON)
+    await life.close(stop_vms=True)
+
+
+async def test_firecracker_vms_have_no_network_yet(make: Callable[..., FirecrackerDriver], tmp_path: Path) -> None:
+    driver = make()
+    with pytest.raises(VmmError, match="network mode 'user' is not available with the firecracker provider"):
+        await driver.create(record(tmp_path, "a", network=VmNetwork(NetworkMode.USER)))
+    assert stand_ins(driver.settings.socket_dir) == []
 
 
 async def test_read_only_rootfs_is_shared_not_copied(make: Callable[..., FirecrackerDriver], tmp_path: Path) -> None:

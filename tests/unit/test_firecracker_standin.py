@@ -14,8 +14,17 @@ import httpx
 import pytest
 
 from microvm_blueprint.runtime import images
+from microvm_blueprint.runtime.configdrive import GuestConfig, build_config_drive
 
-from ..fakes.firecracker_support import STAND_IN, kill_stand_ins, short_socket_dir, stand_ins
+from ..fakes.firecracker_support import (
+    STAND_IN,
+    config_drive_problems,
+    final_drives,
+    instance_id,
+    kill_stand_ins,
+    short_socket_dir,
+    stand_ins,
+)
 
 PROJECT_ROOTFS = b"\0" * 1000 + images.ROOT_INIT.format(ready=images.READY_LINE).encode()
 
@@ -53,12 +62,12 @@ def wait_exit(proc: subprocess.Popen[bytes], timeout: float = 10) -> int:
     return proc.wait(timeout)
 
 
-def start(tmp: Path, name: str = "fc") -> Api:
+def start(tmp: Path, name: str = "fc", *extra: str) -> Api:
     sock = Path(short_socket_dir(tmp)) / f"{name}.sock"
     sock.parent.mkdir(parents=True, exist_ok=True)
     out = tmp / f"{name}.log"
     with open(out, "wb") as log:
-        proc = subprocess.Popen([sys.executable, str(STAND_IN), "--api-sock", str(sock), "--id", "test-vm"],
+        proc = subprocess.Popen([sys.executable, str(STAND_IN), "--api-sock", str(sock), "--id", "test-vm", *extra],
                                 stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 15
     while not sock.exists():
@@ -159,6 +168,40 @@ def test_drive_rules(api: Api) -> None:
     ok(api.c.put("/drives/rootfs", json=d))
     assert "root block device already exists" in api.fault(api.c.put("/drives/b", json={**d, "drive_id": "b"}))
     assert "before starting" in api.fault(api.c.patch("/drives/rootfs", json={"drive_id": "rootfs"}))
+
+
+def test_the_journal_records_the_drives_and_what_a_guest_finds_on_them(tmp_path: Path, shared: Path) -> None:
+    journal = tmp_path / "drives.jsonl"
+    a = start(tmp_path, "fc", "--fake-journal", str(journal))
+    try:
+        first = build_config_drive(GuestConfig.make("i-first", "host-a"), tmp_path / "cidata.img")
+        second = build_config_drive(GuestConfig.make("i-second", "host-a"), tmp_path / "cidata2.img")
+        (tmp_path / "plain").write_bytes(b"\0" * 4096)
+        root = {"drive_id": "rootfs", "path_on_host": str(tmp_path / "d"), "is_root_device": True, "is_read_only": False}
+        ok(a.c.put("/drives/rootfs", json=root))
+        cidata = {"drive_id": "cidata", "path_on_host": str(first), "is_root_device": False, "is_read_only": True}
+        ok(a.c.put("/drives/cidata", json=cidata))
+        assert "Unable to open drive file" in a.fault(a.c.put("/drives/x", json={**cidata, "drive_id": "x",
+                                                                                   "path_on_host": "/nope"}))
+        ok(a.c.put("/boot-source", json={"kernel_image_path": str(tmp_path / "k")}))
+        ok(a.c.put("/actions", json={"action_type": "InstanceStart"}))
+        ok(a.c.patch("/drives/cidata", json={"drive_id": "cidata", "path_on_host": str(second)}))
+        lines = [json.loads(line) for line in journal.read_text().splitlines()]
+        assert [(x["pid"], x["event"]) for x in lines] == [(a.proc.pid, "put")] * 2 + [(a.proc.pid, "patch")]
+        assert "found" not in lines[0]["drives"][0]  # the root drive is not read
+        assert instance_id(lines[1]["drives"][1]["found"]["meta-data"]) == "i-first"
+        drives = final_drives(journal)[a.proc.pid]
+        assert drives == lines[-1]["drives"] and config_drive_problems(drives) == []
+        assert drives[1]["found"]["fat_label"] == "CIDATA" and instance_id(drives[1]["found"]["meta-data"]) == "i-second"
+        assert config_drive_problems([drives[0]]) == ["drives are ['rootfs'], not ['rootfs', 'cidata']"]
+        plain = {**drives[1], "path_on_host": str(tmp_path / "plain"), "found": {"fat_label": None}}
+        assert config_drive_problems([drives[0], plain]) == ["cidata's FAT label is None: {'fat_label': None}"]
+        writable = {**drives[1], "is_read_only": False}
+        assert config_drive_problems([drives[0], writable])[0].startswith("cidata is not a read-only non-root drive")
+    finally:
+        a.c.close()
+        a.proc.kill()
+        a.proc.wait()
 
 
 def test_pause_resume_only_after_boot(api: Api) -> None:

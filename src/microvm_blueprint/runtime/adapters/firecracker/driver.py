@@ -8,15 +8,17 @@ not the deprecated ``mem_file_path``; no ``/serial``, no ``clock_realtime``).
 
 Per VM (``vm.workdir``, handed over by the lifecycle core): ``firecracker.log`` (the process's
 stdout + stderr: Firecracker's own log *and* the guest's serial console, since Firecracker wires the
-guest's ttyS0 to its stdout), ``firecracker.pid``, ``vm.json`` (the configuration sent) and, unless
-the root filesystem is read-only, ``rootfs.ext4`` (the VM's own copy). The API socket lives in
+guest's ttyS0 to its stdout), ``firecracker.pid``, ``vm.json`` (the configuration sent), ``cidata.img`` (the VM's config drive,
+DESIGN.md §8: cloud-init NoCloud, a new ``instance-id`` for every VM and every restored clone) and,
+unless the root filesystem is read-only, ``rootfs.ext4`` (the VM's own copy). There is no NIC
+(``MICROVM_NETWORK=none``; TAP devices come with the bridge mode). The API socket lives in
 ``socket_dir`` under a name derived from the VM's folder name (never the raw id), kept short
 because Unix socket paths are limited to 107 bytes.
 
 Lifecycle:
 
-* create = spawn + ``PUT /machine-config``, ``/boot-source``, ``/drives/rootfs`` (+ ``/logger`` if a
-  log level is set); not started.
+* create = build ``cidata.img``, spawn + ``PUT /machine-config``, ``/boot-source``, ``/drives/rootfs``,
+  ``/drives/cidata`` (not root, read-only) (+ ``/logger`` if a log level is set); not started.
 * boot = ``InstanceStart``; ready when ``GET /`` says ``Running`` and, if the VM has a ready line,
   that line shows on its serial console in ``firecracker.log`` (this needs ``console=ttyS0`` in the
   boot args; the default has it). The ready line is decided at create
@@ -26,17 +28,21 @@ Lifecycle:
   word (``InstanceStart`` accepted, ``GET /`` says ``Running``) is the ready signal. A boot that
   misses ``boot_timeout_ms`` is a :class:`VmmTimeout` with the console tail.
 * stop / start = ``PATCH /vm`` ``Paused`` / ``Resumed`` (resume ready = ``GET /`` says ``Running``).
-* snapshot of a running or stopped VM: pause if running, copy the disk into the snapshot folder
-  (disks are not part of a Firecracker snapshot), point the drive at that copy
-  (``PATCH /drives/rootfs``) so the saved device state names a file the snapshot owns,
-  ``PUT /snapshot/create`` (Full), point the drive back, resume if it was running. Without the
+* snapshot of a running or stopped VM: pause if running, copy the disk and the config drive (a
+  hard link: it is never written) into the snapshot folder (disks are not part of a Firecracker
+  snapshot), point the drives at those copies (``PATCH /drives/{id}``) so the saved device state names
+  files the snapshot owns, ``PUT /snapshot/create`` (Full), point the drives back, resume if it was
+  running. Without the
   re-pointing, the saved state would name the source VM's disk, and ``PUT /snapshot/load`` (which
   opens the disks it names) would fail once the source VM is destroyed, although snapshots outlive
   their VM. A snapshot of a ``created`` VM is ``manifest.json`` (its configuration) + the disk copy.
-* restore (§7): a fresh process, ``PUT /snapshot/load`` first (only the logger may come before it)
-  with ``resume_vm: false``, ``PATCH /drives/rootfs`` to the new VM's own disk copy, then
-  ``PATCH /vm Resumed`` if the snapshot was taken running (a stopped one stays paused). A
-  ``created`` snapshot configures a fresh process from its manifest.
+* restore (§7): the new VM's own disk copy and a new ``cidata.img``; a fresh process,
+  ``PUT /snapshot/load`` first (only the logger may come before it) with ``resume_vm: false`` (it opens
+  the snapshot's copies, which the saved state names), ``PATCH /drives/rootfs`` and
+  ``/drives/cidata`` to the new VM's own files, then ``PATCH /vm Resumed`` if the snapshot was taken
+  running (a stopped one stays paused). A ``created`` snapshot configures a fresh process from its
+  manifest, with the new config drive. A live snapshot from before config drives has none in its
+  saved state, and none can be added after a load: its clones have no config drive.
 * destroy = SIGTERM, then SIGKILL, each with a deadline (``SendCtrlAltDel`` is x86-only and a
   guest may ignore it); always reaped; the socket and the folder are removed.
 
@@ -54,15 +60,16 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ....procs import Child, kill_pid, pid_alive, tail
+from ....procs import Child, kill_pid, pid_alive, read_pid, runs_in, tail, wait_pid_exit
+from ...configdrive import build_config_drive_async, guest_config
 from ...driver import ExitListener
 from ...errors import ImageError, InvalidInput, VmError, VmmApiError, VmmError, VmmTimeout
-from ...model import DEFAULT_IMAGE, SnapshotRecord, VmHandle, VmRecord, VmSpec, VmStatus
+from ...model import DEFAULT_IMAGE, NetworkMode, SnapshotRecord, VmHandle, VmRecord, VmSpec, VmStatus
 from .api import FirecrackerApi
 from .settings import ENV_PREFIX, MAX_VCPUS, SOCKET_NAME_LEN, FirecrackerSettings
 
@@ -73,10 +80,13 @@ PID = "firecracker.pid"
 CONFIG = "vm.json"
 DISK = "rootfs.ext4"
 DRIVE_ID = "rootfs"
+CIDATA = "cidata.img"
+CIDATA_ID = "cidata"
 SNAP_MANIFEST = "manifest.json"
 SNAP_STATE = "vmstate.bin"
 SNAP_MEM = "memory.bin"
 SNAP_DISK = "rootfs.ext4"
+SNAP_CIDATA = "cidata.img"
 SNAP_FORMAT = "microvm-blueprint/firecracker-snapshot/1"
 
 LOG_TAIL = 2000
@@ -176,6 +186,13 @@ class FirecrackerDriver:
     def _handle(vm: _Vm) -> VmHandle:
         return VmHandle(pid=vm.pid, control=str(vm.socket), extra={"driver": "firecracker", "disk": str(vm.disk)})
 
+    @staticmethod
+    def _check_network(vm: VmRecord) -> None:
+        """Firecracker VMs have no NIC yet (TAP devices come with the bridge mode, DESIGN.md §10)."""
+        if vm.network.mode is not NetworkMode.NONE:
+            raise VmmError(f"network mode '{vm.network.mode.value}' is not available with the firecracker "
+                           "provider yet (MICROVM_NETWORK=none)")
+
     def _check_spec(self, spec: VmSpec) -> None:
         if (spec.image or DEFAULT_IMAGE) != DEFAULT_IMAGE:
             raise ImageError(
@@ -199,15 +216,22 @@ class FirecrackerDriver:
             raise VmmError(f"cannot start firecracker ({type(exc).__name__}: {exc})") from exc
         vm = _Vm(record.vm_id, workdir, sock, self._new_api(sock), child, child.pid, disk, disk_read_only)
         self._vms[record.vm_id] = vm
-        try:
+        async with self._killed_on_error(vm, "cannot start firecracker"):
             (workdir / PID).write_text(str(child.pid))
             await self._wait_api(vm)
-        except BaseException as exc:
-            await asyncio.shield(self._kill(record.vm_id, workdir))
-            if isinstance(exc, OSError):
-                raise VmmError(f"cannot start firecracker ({type(exc).__name__}: {exc})") from exc
-            raise
         return vm
+
+    @contextlib.asynccontextmanager
+    async def _killed_on_error(self, vm: _Vm, what: str) -> AsyncIterator[None]:
+        """Stop ``vm``'s VMM (shielded) if the block fails or is cancelled; an ``OSError`` (a file of
+        the VM's folder) becomes a :class:`VmmError` saying ``what``."""
+        try:
+            yield
+        except BaseException as exc:
+            await asyncio.shield(self._kill(vm.vm_id, vm.workdir))
+            if isinstance(exc, OSError):
+                raise VmmError(f"{what} ({type(exc).__name__}: {exc})") from exc
+            raise
 
     async def _wait_api(self, vm: _Vm) -> None:
         timeout_ms = self.settings.socket_ready_timeout_ms
@@ -237,7 +261,7 @@ class FirecrackerDriver:
         if vm.child is not None:
             code: int | None = await vm.child.proc.wait()
         else:
-            await _wait_pid_exit(vm.pid)
+            await wait_pid_exit(vm.pid)
             code = None
         if vm.stopping or self._vms.get(vm.vm_id) is not vm:
             return
@@ -258,15 +282,15 @@ class FirecrackerDriver:
             vm.stopping = True
             if vm.child is not None:
                 code = await vm.child.stop(polite=None, grace=0, term_grace=grace)
-            elif vm.pid and _is_ours(vm.pid, workdir):
+            elif vm.pid and runs_in(vm.pid, workdir):
                 await kill_pid(vm.pid, grace=grace)
             if vm.watcher is not None:
                 await _stop_task(vm.watcher)
             await vm.api.aclose()
             sockets = {vm.socket}
         else:  # not ours in this process (operator restarted, never adopted): find it by its pid file
-            pid = handle.pid if handle is not None and handle.pid else _read_pid(workdir)
-            if pid and _is_ours(pid, workdir):
+            pid = handle.pid if handle is not None and handle.pid else read_pid(workdir / PID)
+            if pid and runs_in(pid, workdir):
                 await kill_pid(pid, grace=grace)
             sockets = {self.socket_path(workdir)}
             if handle is not None and handle.control:
@@ -277,15 +301,17 @@ class FirecrackerDriver:
         return code
 
     def _config(self, spec: VmSpec, disk: Path, read_only: bool, kernel: str, initrd: str,
-                boot_args: str) -> dict[str, Any]:
+                boot_args: str, cidata: Path | None) -> dict[str, Any]:
         boot: dict[str, Any] = {"kernel_image_path": kernel, "boot_args": boot_args}
         if initrd:
             boot["initrd_path"] = initrd
+        drives = [{"drive_id": DRIVE_ID, "path_on_host": str(disk), "is_root_device": True, "is_read_only": read_only}]
+        if cidata is not None:
+            drives.append(_cidata_drive(cidata))
         return {
             "machine-config": {"vcpu_count": spec.vcpus, "mem_size_mib": spec.mem_mib},
             "boot-source": boot,
-            "drives": [{"drive_id": DRIVE_ID, "path_on_host": str(disk), "is_root_device": True,
-                        "is_read_only": read_only}],
+            "drives": drives,
         }
 
     async def _logger(self, vm: _Vm) -> None:
@@ -310,24 +336,21 @@ class FirecrackerDriver:
     async def create(self, vm: VmRecord) -> VmHandle | None:
         s = self.settings
         self._check_spec(vm.spec)
+        self._check_network(vm)
         s.check_host()
         workdir = Path(vm.workdir)
         read_only = s.rootfs_ro
         disk = Path(s.rootfs).resolve() if read_only else workdir / DISK  # read-only: shared, never copied
         if not read_only:
             await _place(Path(s.rootfs), disk, link=False)
+        cidata = await build_config_drive_async(guest_config(vm), workdir / CIDATA)  # a new instance-id
         q = await self._spawn(vm, disk, read_only)
         q.ready_line = s.guest_ready_line()  # decided by the rootfs the VM boots, kept in vm.json
         config = self._config(vm.spec, disk, read_only, str(Path(s.kernel).resolve()),
-                              str(Path(s.initrd).resolve()) if s.initrd else "", s.boot_args)
-        try:
+                              str(Path(s.initrd).resolve()) if s.initrd else "", s.boot_args, cidata)
+        async with self._killed_on_error(q, "cannot write the firecracker configuration"):
             await self._configure(q, config)
             self._save_config(q, config)
-        except BaseException as exc:
-            await asyncio.shield(self._kill(vm.vm_id, workdir))
-            if isinstance(exc, OSError):
-                raise VmmError(f"cannot write the firecracker configuration ({exc})") from exc
-            raise
         self._start_watcher(q)
         return self._handle(q)
 
@@ -390,7 +413,7 @@ class FirecrackerDriver:
         manifest: dict[str, Any] = {
             "format": SNAP_FORMAT, "vm_status": vm.status.value, "spec": vm.spec.to_json(),
             "config": q.config or self._config(vm.spec, q.disk, q.disk_read_only, self.settings.kernel,
-                                               self.settings.initrd, self.settings.boot_args),
+                                               self.settings.initrd, self.settings.boot_args, None),
             "disk": SNAP_DISK, "disk_read_only": q.disk_read_only, "ready_line": q.ready_line,
         }
         if vm.status is VmStatus.CREATED:
@@ -405,15 +428,22 @@ class FirecrackerDriver:
             raise VmmError(f"cannot write the snapshot manifest ({exc})") from exc
 
     async def _snapshot_live(self, q: _Vm, out: Path, *, running: bool) -> None:
-        """Pause (if running), copy the disk, save with the drive pointing at the copy, undo, resume."""
-        snap_disk = out / SNAP_DISK
+        """Pause (if running), copy the disks, save with the drives pointing at the copies, undo, resume.
+
+        The config drive is copied too (a link: it is never written): the saved state names it, and a
+        load opens every drive the state names."""
+        copies = [(DRIVE_ID, q.disk, out / SNAP_DISK, q.disk_read_only and q.disk.parent == q.workdir)]
+        cidata = _drive_path(q.config, CIDATA_ID)
+        if cidata is not None:
+            copies.append((CIDATA_ID, cidata, out / SNAP_CIDATA, True))
         if running:
             await self._call(q, "PATCH", "/vm", {"state": "Paused"})
-        repointed = False
+        repointed: list[tuple[str, Path]] = []
         try:
-            await _place(q.disk, snap_disk, link=q.disk_read_only and q.disk.parent == q.workdir)
-            await self._call(q, "PATCH", f"/drives/{DRIVE_ID}", {"drive_id": DRIVE_ID, "path_on_host": str(snap_disk)})
-            repointed = True
+            for drive_id, own, copy, link in copies:
+                await _place(own, copy, link=link)
+                await self._call(q, "PATCH", f"/drives/{drive_id}", {"drive_id": drive_id, "path_on_host": str(copy)})
+                repointed.append((drive_id, own))
             await self._call(q, "PUT", "/snapshot/create", {
                 "snapshot_type": "Full",
                 "snapshot_path": str(out / SNAP_STATE),
@@ -422,8 +452,9 @@ class FirecrackerDriver:
         finally:
             if repointed:
                 try:
-                    await self._call(q, "PATCH", f"/drives/{DRIVE_ID}",
-                                     {"drive_id": DRIVE_ID, "path_on_host": str(q.disk)})
+                    for drive_id, own in repointed:
+                        await self._call(q, "PATCH", f"/drives/{drive_id}",
+                                         {"drive_id": drive_id, "path_on_host": str(own)})
                 except VmmError as exc:
                     # Resumed, the guest would write into the snapshot's disk: stop it instead.
                     await asyncio.shield(self._kill(q.vm_id, q.workdir))
@@ -435,49 +466,56 @@ class FirecrackerDriver:
             await self._wait_state(q, "Running", self.settings.api_timeout_ms)
 
     async def restore(self, vm: VmRecord, snapshot: SnapshotRecord) -> VmHandle | None:
+        self._check_network(vm)
         src = Path(snapshot.path)
         manifest = _read_manifest(src)
         status = snapshot.vm_status
         read_only = bool(manifest.get("disk_read_only", False))
         config: dict[str, Any] = manifest["config"]
         boot = config.get("boot-source") or {}
+        # A live snapshot taken before config drives has none in its saved state, and no drive can be
+        # added after a load: such a clone stays without one. Every other restore gets a new drive.
+        with_cidata = status is VmStatus.CREATED or _drive_path(config, CIDATA_ID) is not None
         if status is VmStatus.CREATED:
             self.settings.check_host(kernel=str(boot.get("kernel_image_path", "")),
                                      initrd=str(boot.get("initrd_path", "")), rootfs=str(src / SNAP_DISK))
         else:
             self.settings.check_binary()  # the kernel is in the snapshot's memory
-            for name in (SNAP_STATE, SNAP_MEM, SNAP_DISK):
+            for name in (SNAP_STATE, SNAP_MEM, SNAP_DISK, *([SNAP_CIDATA] if with_cidata else [])):
                 if not (src / name).is_file():
                     raise VmmError(f"snapshot '{snapshot.snapshot_id}' of vm '{snapshot.vm_id}' is missing {name}")
         workdir = Path(vm.workdir)
         disk = workdir / DISK
         await _place(src / SNAP_DISK, disk, link=read_only)  # the new VM's own copy (a link if read-only)
+        own = {DRIVE_ID: disk}
+        if with_cidata:  # the clone's own, with a new instance-id
+            own[CIDATA_ID] = await build_config_drive_async(guest_config(vm), workdir / CIDATA)
+        drives = [d for d in config.get("drives", []) if d.get("drive_id") != CIDATA_ID]
+        drives += [_cidata_drive(own[CIDATA_ID])] if with_cidata else []
+        config = {**config, "drives": [{**d, "path_on_host": str(own[d["drive_id"]])} if d.get("drive_id") in own
+                                       else d for d in drives]}
         q = await self._spawn(vm, disk, read_only)
         q.ready_line = self._ready_line(manifest.get("ready_line"))
-        try:
-            config = {**config, "drives": [{**d, "path_on_host": str(disk)} if d.get("drive_id") == DRIVE_ID else d
-                                           for d in config.get("drives", [])]}
+        async with self._killed_on_error(q, "cannot write the firecracker configuration"):
             if status is VmStatus.CREATED:
                 await self._configure(q, config)
             else:
                 await self._logger(q)  # logger (and metrics) are the only calls allowed before a load
+                # The load opens the drives the saved state names (the snapshot's own copies); then each
+                # is pointed at this VM's own file (drives are not part of a Firecracker snapshot).
                 await self._call(q, "PUT", "/snapshot/load", {
                     "snapshot_path": str(src / SNAP_STATE),
                     "mem_backend": {"backend_type": "File", "backend_path": str(src / SNAP_MEM)},
                     "resume_vm": False,
                 })
-                await self._call(q, "PATCH", f"/drives/{DRIVE_ID}", {"drive_id": DRIVE_ID, "path_on_host": str(disk)})
+                for drive_id, path in own.items():
+                    await self._call(q, "PATCH", f"/drives/{drive_id}", {"drive_id": drive_id, "path_on_host": str(path)})
                 if status is VmStatus.RUNNING:
                     await self._call(q, "PATCH", "/vm", {"state": "Resumed"})
                     await self._wait_state(q, "Running", self.settings.api_timeout_ms)
                 else:
                     await self._wait_state(q, "Paused", self.settings.api_timeout_ms)
             self._save_config(q, config)
-        except BaseException as exc:
-            await asyncio.shield(self._kill(vm.vm_id, workdir))
-            if isinstance(exc, OSError):
-                raise VmmError(f"cannot write the firecracker configuration ({exc})") from exc
-            raise
         self._start_watcher(q)
         return self._handle(q)
 
@@ -505,8 +543,8 @@ class FirecrackerDriver:
     async def _probe(self, vm: VmRecord) -> _Vm | None:
         """A VMM of ``vm`` left by an earlier operator process: pid alive, ours, and ``GET /`` answers."""
         workdir = Path(vm.workdir)
-        pid = vm.handle.pid if vm.handle is not None and vm.handle.pid else _read_pid(workdir)
-        if not pid or not pid_alive(pid) or not _is_ours(pid, workdir):
+        pid = vm.handle.pid if vm.handle is not None and vm.handle.pid else read_pid(workdir / PID)
+        if not pid or not runs_in(pid, workdir):  # alive, and a VMM this driver started there
             return None
         sock = Path(vm.handle.control) if vm.handle is not None and vm.handle.control else self.socket_path(workdir)
         saved = _read_json(workdir / CONFIG)
@@ -556,19 +594,17 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _read_pid(workdir: Path) -> int | None:
-    try:
-        return int((workdir / PID).read_text().strip())
-    except (OSError, ValueError):
-        return None
+def _cidata_drive(path: Path) -> dict[str, Any]:
+    """The config drive (DESIGN.md §8): a second, read-only virtio-blk drive."""
+    return {"drive_id": CIDATA_ID, "path_on_host": str(path), "is_root_device": False, "is_read_only": True}
 
 
-def _is_ours(pid: int, workdir: Path) -> bool:
-    """The pid is a VMM this driver started for ``workdir`` (spawned with it as cwd): guards pid reuse."""
-    try:
-        return os.readlink(f"/proc/{pid}/cwd") == str(workdir.resolve())
-    except OSError:
-        return False
+def _drive_path(config: Mapping[str, Any], drive_id: str) -> Path | None:
+    """The host file of drive ``drive_id`` in a saved configuration, if it has that drive."""
+    for drive in config.get("drives") or []:
+        if isinstance(drive, dict) and drive.get("drive_id") == drive_id and drive.get("path_on_host"):
+            return Path(drive["path_on_host"])
+    return None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -616,28 +652,3 @@ async def _stop_task(task: asyncio.Task[None]) -> None:
     await asyncio.wait({task})
     if not task.cancelled() and (exc := task.exception()) is not None:
         log.warning("%s failed: %s", task.get_name(), exc)
-
-
-async def _wait_pid_exit(pid: int | None) -> None:
-    """Wait for a process that is not our child (a re-adopted VMM) to exit: a pidfd, else polling."""
-    if not pid:
-        return
-    try:
-        fd = os.pidfd_open(pid)
-    except (OSError, AttributeError):
-        while pid_alive(pid):
-            await asyncio.sleep(0.2)
-        return
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def readable() -> None:
-        if not done.done():
-            done.set_result(None)
-
-    loop.add_reader(fd, readable)
-    try:
-        await done
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
