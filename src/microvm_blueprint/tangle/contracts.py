@@ -200,8 +200,10 @@ TOPIC_JOB_RESULT_SUBMITTED = topic(JOB_RESULT_SUBMITTED)
 TOPIC_JOB_COMPLETED = topic(JOB_COMPLETED)
 TOPIC_SERVICE_ACTIVATED = topic(SERVICE_ACTIVATED)
 
-ERROR_BY_SELECTOR: dict[str, str] = {
-    selector(e): name for name, e in {**ERRORS, **OTHER_ERRORS, **STATUS_REGISTRY_ERRORS}.items()
+ERROR_BY_SELECTOR: dict[str, str] = {selector(e): name for name, e in {**ERRORS, **OTHER_ERRORS}.items()}
+#: every custom error a revert is named by: the Tangle contract's and the status registry's
+REVERT_NAMES: dict[str, str] = {
+    **ERROR_BY_SELECTOR, **{selector(e): name for name, e in STATUS_REGISTRY_ERRORS.items()}
 }
 
 #: Reverts that mean "the chain already has a result for this call": success for an operator.

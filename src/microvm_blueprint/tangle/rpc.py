@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from .contracts import ERROR_BY_SELECTOR
+from .contracts import REVERT_NAMES
 from .errors import RpcError, RpcUnavailable, TangleError
 
 #: JSON-RPC error codes that mean "the EVM reverted": 3 (geth, anvil, reth: execution reverted, with
@@ -32,7 +32,7 @@ class ContractRevert(TangleError):
         self.method = method
         self.code = code
         self.selector = data[:10] if data and len(data) >= 10 else None
-        self.name = ERROR_BY_SELECTOR.get(self.selector or "", None)
+        self.name = REVERT_NAMES.get(self.selector or "", None)
         super().__init__(f"reverted: {self.name or message}")
 
 
