@@ -10,7 +10,7 @@ from eth_account.messages import encode_typed_data
 from eth_utils import keccak
 
 from microvm_blueprint.tangle import contracts
-from microvm_blueprint.tangle.errors import TangleError
+from microvm_blueprint.tangle.errors import ConfigError, TangleError
 from microvm_blueprint.tangle.heartbeat import (
     HEARTBEAT_TYPEHASH,
     SEL_SUBMIT_HEARTBEAT,
@@ -117,3 +117,30 @@ def test_submit_heartbeat_calldata() -> None:
     assert data[:4] == SEL_SUBMIT_HEARTBEAT
     assert decode(["uint64", "uint64", "uint8", "bytes", "uint64", "bytes"], data[4:]) == (
         1, 2, 3, b"\x01\x02", 4, b"\x05" * 65)
+
+
+BASE_ENV = {"DATA_DIR": "/var/lib/op", "BLUEPRINT_ID": "3", "SERVICE_ID": "7",
+            "TANGLE_CONTRACT": "0x0165878A594ca255338adfa4d48449f69242Eb8F"}
+
+
+def test_heartbeat_interval_setting() -> None:
+    from microvm_blueprint.tangle.environment import BlueprintEnvironment
+
+    assert BlueprintEnvironment.load(BASE_ENV).heartbeat_interval == 300.0
+    assert BlueprintEnvironment.load({**BASE_ENV, "HEARTBEAT_INTERVAL_SECS": "0"}).heartbeat_interval == 0.0
+    assert BlueprintEnvironment.load({**BASE_ENV, "HEARTBEAT_INTERVAL_SECS": "60"}).heartbeat_interval == 60.0
+    assert BlueprintEnvironment.load({**BASE_ENV, "HEARTBEAT_INTERVAL_SECS": " "}).heartbeat_interval == 300.0
+    for bad, words in [("abc", "is not a number of seconds"), ("-1", "must be between"), ("0.5", "at least 1"),
+                       ("1e9", "must be between")]:
+        with pytest.raises(ConfigError, match="HEARTBEAT_INTERVAL_SECS") as info:
+            BlueprintEnvironment.load({**BASE_ENV, "HEARTBEAT_INTERVAL_SECS": bad})
+        assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_jitter_stays_within_ten_percent() -> None:
+    from microvm_blueprint.tangle.heartbeat import HeartbeatService
+
+    hb = HeartbeatService(None, None, _from_secret(KEY), registry=REGISTRY, service_id=0,  # type: ignore[arg-type]
+                          blueprint_id=0, interval=300)
+    delays = [hb.next_delay() for _ in range(2000)]
+    assert 270 <= min(delays) < 280 and 320 < max(delays) <= 330
