@@ -180,3 +180,56 @@ async def test_an_rpc_outage_is_logged_once_and_survived(real_tangle: RealTangle
         assert hb.sent == 1
         assert any("heartbeats resumed" in r.message for r in caplog.records)
         assert await is_online(s.rpc, chain) is True
+
+
+async def test_the_operator_beats_every_interval(real_tangle: RealTangleChain, tmp_path: Path) -> None:
+    """The whole operator (in-process, in-memory VMs) with HEARTBEAT_INTERVAL_SECS=1: online at once,
+    getLastHeartbeat moves with later beats, the heartbeat carries the VM and job counts, and /metrics
+    shows the last one."""
+    import httpx
+
+    from microvm_blueprint.blueprint.operator import Operator
+    from microvm_blueprint.blueprint.settings import OperatorSettings
+    from microvm_blueprint.tangle.environment import BlueprintEnvironment
+
+    chain = real_tangle
+    operator_key(tmp_path, chain.operator_key)
+    env = BlueprintEnvironment.load({
+        "HTTP_RPC_URL": chain.rpc_url, "DATA_DIR": str(tmp_path / "op"), "KEYSTORE_URI": str(tmp_path / "keystore"),
+        "BLUEPRINT_ID": "0", "SERVICE_ID": "0", "TANGLE_CONTRACT": chain.tangle,
+        "STATUS_REGISTRY_CONTRACT": chain.status_registry, "HEARTBEAT_INTERVAL_SECS": "1", "POLL_INTERVAL": "0.1",
+    })
+    settings = OperatorSettings.from_env({}, env.data_dir, api_host="127.0.0.1", api_port=0)
+    op = Operator.assemble(env, settings)
+    assert op.heartbeat is not None
+    task = asyncio.create_task(op.run())
+    rpc = JsonRpc(chain.rpc_url)
+    try:
+        await wait_for(lambda: op.runner.ready.is_set() or task.done(), 30, "the operator")
+        assert not task.done()
+        await wait_for(lambda: is_online(rpc, chain), 20, "isOnline")
+        first = await last_heartbeat(rpc, chain)
+        chain.rpc("evm_increaseTime", [5])
+        await wait_for(lambda: _after(rpc, chain, first), 20, "a later heartbeat")
+        hb = op.heartbeat
+        assert hb.last is not None and hb.failed == 0
+        tx = await rpc.call("eth_getTransactionByHash", [hb.last.tx_hash])
+        _sid, _bid, code, sent_metrics, _ts, _sig = decode(
+            ["uint64", "uint64", "uint8", "bytes", "uint64", "bytes"], bytes.fromhex(tx["input"][10:])
+        )
+        assert code == 0
+        (pairs,) = decode(["(string,uint256)[]"], sent_metrics)
+        assert [name for name, _ in pairs] == ["vms_running", "vms_total", "jobs_done", "jobs_failed",
+                                               "guest_memory_mib"]
+        async with httpx.AsyncClient(timeout=10) as http:
+            text = (await http.get(f"{op.server.url}/metrics")).text
+        (line,) = [x for x in text.splitlines() if x.startswith("blueprint_last_heartbeat ")]
+        assert int(line.split()[1]) >= hb.last.timestamp - 5 > 0
+    finally:
+        op.stop()
+        await asyncio.wait_for(task, 30)
+        await rpc.aclose()
+
+
+async def _after(rpc: JsonRpc, chain: RealTangleChain, first: int) -> bool:
+    return await last_heartbeat(rpc, chain) > first
