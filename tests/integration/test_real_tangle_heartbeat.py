@@ -233,3 +233,27 @@ async def test_the_operator_beats_every_interval(real_tangle: RealTangleChain, t
 
 async def _after(rpc: JsonRpc, chain: RealTangleChain, first: int) -> bool:
     return await last_heartbeat(rpc, chain) > first
+
+
+async def test_a_heartbeat_in_flight_never_holds_a_result_back(real_tangle: RealTangleChain, tmp_path: Path) -> None:
+    """With mining paused, a heartbeat waits in the pool; a result finished meanwhile is sent at once
+    (it does not wait for the heartbeat's receipt to gather into a batch)."""
+    chain = real_tangle
+    async with running(chain, tmp_path) as s:
+        call_id = (await submit_job(s.rpc, chain, 0, encode(["string"], ["vm-x"])))[0]
+        chain.rpc("evm_setAutomine", [False])
+        try:
+            beat = asyncio.create_task(s.heartbeat.beat())
+            await wait_for(lambda: any(fl.extra is not None for fl in s.consumer._in_flight.values()), 10,
+                           "the heartbeat in flight")
+            s.state.finish(chain.service_id, call_id, TRUE)
+            s.consumer.wake()
+            await wait_for(lambda: (s.state.outbox_status(chain.service_id, call_id) or ("",))[0] == "sent", 5,
+                           "the result sent while the heartbeat is unmined")
+            assert not beat.done()
+            chain.rpc("evm_mine", [])
+        finally:
+            chain.rpc("evm_setAutomine", [True])
+        await asyncio.wait_for(beat, 20)
+        await wait_for(lambda: call_id in s.recorder.submitted, 20, "the result mined")
+        assert await is_online(s.rpc, chain) is True
