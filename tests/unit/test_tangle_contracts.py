@@ -106,3 +106,19 @@ def test_topics_and_selectors_equal_those_of_the_real_abi(real_abi: list[dict]) 
     assert contracts.ALREADY_DONE <= set(contracts.ERROR_BY_SELECTOR.values())
     assert contracts.PERMANENT <= set(contracts.ERROR_BY_SELECTOR.values())
     assert not contracts.ALREADY_DONE & contracts.PERMANENT
+
+
+def test_status_registry_fragments_match_the_real_abi(shared: Path) -> None:
+    path = shared / "tangle" / "operator-status-registry-abi.json"
+    if not path.is_file():
+        pytest.skip(f"{path} not available")
+    raw = json.loads(path.read_text())
+    real = _index(raw["abi"] if isinstance(raw, dict) else raw)
+    for item in contracts.STATUS_REGISTRY_ABI:
+        key = (item["type"], _sig(item))
+        assert key in real, f"{key} is not in the real registry ABI"
+        if item["type"] == "function":
+            assert _sig({"name": "", "inputs": item["outputs"]}) == _sig({"name": "", "inputs": real[key]["outputs"]})
+    assert contracts.selector(contracts.SUBMIT_HEARTBEAT) == "0x2bf4d6a7"
+    for name in contracts.STATUS_REGISTRY_ERRORS:
+        assert contracts.REVERT_NAMES[contracts.selector(contracts.STATUS_REGISTRY_ERRORS[name])] == name

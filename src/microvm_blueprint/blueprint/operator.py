@@ -20,6 +20,7 @@ from ..tangle.calls import JobCall
 from ..tangle.consumer import TangleConsumer
 from ..tangle.environment import BlueprintEnvironment
 from ..tangle.heads import NewHeads
+from ..tangle.heartbeat import HeartbeatService, TangleHealth
 from ..tangle.keystore import OperatorKey, load_operator_key
 from ..tangle.producer import TangleProducer, job_topics
 from ..tangle.rpc import JsonRpc
@@ -27,6 +28,7 @@ from ..tangle.runner import BlueprintRunner
 from ..tangle.state import TangleState
 from .jobs import build_router
 from .journal import JobJournal
+from .metrics import Observers, OperatorMetrics
 from .query import QueryApp
 from .server import QueryServer
 from .settings import OperatorSettings, ProviderKind
@@ -117,6 +119,25 @@ class JournalObserver:
         self.journal.dropped(call_id, reason)
 
 
+def build_heartbeat(env: BlueprintEnvironment, rpc: JsonRpc, consumer: TangleConsumer, producer: TangleProducer,
+                    key: OperatorKey | None, metrics: OperatorMetrics) -> HeartbeatService | None:
+    """The QoS heartbeat (sent through the result sender's nonces), or ``None`` (said in one line) when
+    there is no registry, HEARTBEAT_INTERVAL_SECS is 0, or no transaction may be sent."""
+    if env.status_registry_contract is None:
+        log.info("no STATUS_REGISTRY_CONTRACT: QoS heartbeats are off")
+    elif env.heartbeat_interval == 0:
+        log.info("HEARTBEAT_INTERVAL_SECS=0: QoS heartbeats are off")
+    elif key is None or env.dry_run:
+        log.info("--dry-run: QoS heartbeats are off")
+    else:
+        return HeartbeatService(
+            rpc, consumer, key, registry=env.status_registry_contract, service_id=env.service_id or 0,
+            blueprint_id=env.blueprint_id, interval=env.heartbeat_interval, metrics=metrics.heartbeat_metrics,
+            health=TangleHealth(consumer, producer, rpc).check,
+        )
+    return None
+
+
 @dataclass
 class Operator:
     """Everything ``run`` starts, assembled; ``await operator.run()`` until ``operator.stop()``."""
@@ -130,6 +151,8 @@ class Operator:
     state: TangleState
     rpc: JsonRpc
     key: OperatorKey | None
+    metrics: OperatorMetrics | None = None
+    heartbeat: HeartbeatService | None = None
 
     @classmethod
     def assemble(
@@ -152,7 +175,9 @@ class Operator:
         journal = JobJournal(data / "jobs.sqlite3")
         state = TangleState(data / "tangle.sqlite3")
         rpc = JsonRpc(env.http_rpc_url)
-        observer = JournalObserver(journal)
+        metrics = OperatorMetrics(service_id=env.service_id, blueprint_id=env.blueprint_id)
+        metrics.watch_vms(provider.store)
+        observer = Observers(JournalObserver(journal), metrics.observer())
         # WS_RPC_URL: an announced job log wakes the producer at once (it still polls every POLL_INTERVAL;
         # a new block alone costs no request), and the result sender looks for its receipts when a block
         # comes instead of on a timer
@@ -171,12 +196,15 @@ class Operator:
             wake=heads.wake if heads else None, read_to=heads.read_to if heads else None,
             on_reorg=consumer.chain_reorged,
         )
-        server = QueryServer(QueryApp(provider, journal), settings.api_host, settings.api_port)
+        heartbeat = build_heartbeat(env, rpc, consumer, producer, key, metrics)
+        metrics.watch_tangle(consumer, producer, rpc, heartbeat)
+        server = QueryServer(QueryApp(provider, journal, metrics.render), settings.api_host, settings.api_port)
         runner = BlueprintRunner(
             build_router(provider), producer, consumer, state,
-            background_services=[server, *([heads] if heads else [])], observer=observer,
+            background_services=[server, *([heads] if heads else []), *([heartbeat] if heartbeat else [])],
+            observer=observer,
         )
-        return cls(env, settings, provider, runner, server, journal, state, rpc, key)
+        return cls(env, settings, provider, runner, server, journal, state, rpc, key, metrics, heartbeat)
 
     def stop(self) -> None:
         self.runner.stop()

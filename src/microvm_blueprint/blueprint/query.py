@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
@@ -42,6 +42,8 @@ LIST_CHUNK = 32
 #: loop turns a streamed list waits between chunks (see ``_let_others_run``)
 YIELD_TURNS = 3
 _DIGITS = re.compile(r"[0-9]+")
+#: the Prometheus text exposition format
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class BadRequest(MicrovmBlueprintError):
@@ -88,11 +90,13 @@ def _int_param(query: dict[str, list[str]], name: str, *, default: int | None, l
 
 
 class QueryApp:
-    """ASGI callable. ``vms`` answers VM questions; ``journal`` answers ``/jobs``."""
+    """ASGI callable. ``vms`` answers VM questions; ``journal`` answers ``/jobs``; ``metrics`` (the
+    Prometheus text, ``metrics.OperatorMetrics.render``) answers ``/metrics``."""
 
-    def __init__(self, vms: VmQuery, journal: JobJournal | None) -> None:
+    def __init__(self, vms: VmQuery, journal: JobJournal | None, metrics: Callable[[], str] | None = None) -> None:
         self.vms = vms
         self.journal = journal
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -146,6 +150,8 @@ class QueryApp:
                 return PlainTextResponse("ok")
             case ["openapi.json"]:
                 return _json(OPENAPI)
+            case ["metrics"] if self.metrics is not None:
+                return Response(self.metrics(), media_type=METRICS_TYPE)
             case ["vms"] | ["vms", ""]:
                 limit = _int_param(query, "limit", default=None, lo=1, hi=MAX_PAGE)
                 after = query.get("after", [None])[-1]
@@ -278,6 +284,17 @@ OPENAPI: dict[str, Any] = {
     "info": {"title": "microvm-blueprint query API", "version": "1", "description": "Read-only; non-GET is 405."},
     "paths": {
         "/health": {"get": {"responses": {"200": _ok({"type": "string"}, "text/plain")}}},
+        "/metrics": {
+            "get": {
+                "summary": "Operator metrics in the Prometheus text format (0.0.4)",
+                "description": (
+                    "blueprint-sdk's blueprint_job_executions, blueprint_job_execution_time, blueprint_job_errors, "
+                    "blueprint_uptime, blueprint_last_heartbeat, and the host's microvm_* metrics (README, "
+                    "Metrics). 404 when the server runs without metrics."
+                ),
+                "responses": {"200": _ok({"type": "string"}, "text/plain"), "404": _E404},
+            }
+        },
         "/vms": {
             "get": {
                 "summary": "VMs sorted by vm_id, as one JSON array",

@@ -355,6 +355,10 @@ class Store:
             history=history,
         )
 
+    def status_counts(self) -> dict[str, int]:
+        """Number of VMs in each status (the metrics' ``microvm_vms``); statuses with none are absent."""
+        return {str(status): int(n) for status, n in self._read("SELECT status, count(*) FROM vms GROUP BY status")}  # type: ignore[call-overload]
+
     def usage(self) -> tuple[int, int, int]:
         """(live VM count, their total guest memory MiB, total snapshot bytes)."""
         live = self._read(

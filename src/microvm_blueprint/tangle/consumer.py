@@ -11,6 +11,12 @@ whose transaction was sent before a restart is watched again rather than sent tw
 estimate x 1.3; the fixed :data:`GAS_FALLBACK` is used only when the node refuses to estimate (not a
 revert) for a call known to be open. Transport errors back off and retry. Nothing here can take the
 service down: every failure ends in a log line and a retry or a drop.
+
+The consumer is the one owner of the operator's nonces: any other transaction signed with the
+operator key (the QoS heartbeat, ``heartbeat.py``) is queued through :meth:`TangleConsumer.send_call`
+and sent between result rounds, after the results of that round, with the next nonce. Such a call is
+simulated first (a revert fails the caller's wait and sends nothing), and a transaction of its own
+in flight never holds results back (they do not wait for it to gather into a batch).
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ import asyncio
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from eth_abi import decode, encode
 
@@ -63,12 +71,23 @@ LINGER = 0.05
 
 
 @dataclass
+class _Call:
+    """A transaction other than a result (``send_call``), waiting for its turn; ``done`` gets its receipt."""
+
+    to: str
+    data: bytes
+    label: str
+    done: asyncio.Future[dict[str, Any]]
+
+
+@dataclass
 class _InFlight:
     tx_hash: str
     service_id: int
     call_ids: list[int]
     sent_at: float
     nonce: int  # -1: sent by an earlier run, watched again
+    extra: _Call | None = None  # a send_call transaction, not results
 
 
 def submit_result_data(service_id: int, call_id: int, output: bytes) -> bytes:
@@ -127,6 +146,63 @@ class TangleConsumer:
         self._nonce: int | None = None
         self._chain_id: int | None = None
         self._gas_price: int | None = None
+        self._calls: deque[_Call] = deque()
+        #: result transactions sent, mined and successful, mined and failed (the metrics read them)
+        self.tx_sent = 0
+        self.tx_mined = 0
+        self.tx_failed = 0
+        #: rounds that failed (RPC outage, database hiccup) and were retried with backoff
+        self.round_errors = 0
+
+    async def send_call(self, to: str, data: bytes, *, label: str = "call",
+                        timeout: float = RECEIPT_TIMEOUT) -> dict[str, Any]:
+        """Send one transaction to ``to`` with the operator key and this consumer's nonces, between
+        result rounds; return its receipt (mined, any status). Raises :class:`ContractRevert` when its
+        simulation reverts (nothing is sent), :class:`TangleError` when it cannot be sent (no key, dry
+        run, the sender stopped, an RPC failure) or no receipt comes within ``timeout`` seconds."""
+        if self.dry_run or self.key is None:
+            raise TangleError(f"{label}: not sent (dry run / no operator key)")
+        done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._calls.append(_Call(to, bytes(data), label, done))
+        self.wake()
+        try:
+            return await asyncio.wait_for(done, timeout)
+        except TimeoutError:
+            raise TangleError(f"{label}: no receipt within {timeout:.0f}s") from None
+
+    async def _serve_calls(self) -> None:
+        """Send the queued ``send_call`` transactions (after this round's results)."""
+        while self._calls:
+            call = self._calls.popleft()
+            if call.done.done():  # its caller gave up
+                continue
+            try:
+                gas = await self.rpc.estimate_gas(call.to, call.data, self._operator().address)
+            except TangleError as exc:
+                call.done.set_exception(exc)  # a revert, or the chain is away: nothing is sent
+                if isinstance(exc, RpcUnavailable):
+                    raise
+                continue
+            try:
+                tx_hash, nonce = await self._sign_and_send(call.to, call.data, _gas_limit(gas))
+            except TangleError as exc:
+                if not call.done.done():
+                    call.done.set_exception(exc)
+                raise
+            self._in_flight[tx_hash] = _InFlight(tx_hash, -1, [], time.monotonic(), nonce, extra=call)
+            log.info("sent %s in %s", call.label, tx_hash)
+
+    def _fail_calls(self, why: str) -> None:
+        """The sender is stopping: every queued or unconfirmed ``send_call`` gets ``why``."""
+        waiting = list(self._calls)
+        waiting += [fl.extra for fl in self._in_flight.values() if fl.extra is not None]
+        self._calls.clear()
+        for call in waiting:
+            if not call.done.done():
+                call.done.set_exception(TangleError(f"{call.label}: {why}"))
+
+    def _results_in_flight(self) -> int:
+        return sum(1 for fl in self._in_flight.values() if fl.extra is None)
 
     def chain_reorged(self) -> None:
         """The producer saw a reorg (it reopened the results mined in the replaced blocks): our
@@ -245,7 +321,9 @@ class TangleConsumer:
             first = ok[:1]
             return first, _batch_data(service_id, first), _gas_limit(gas_one)
 
-    async def _send(self, service_id: int, rows: list[OutboxRow], data: bytes, gas_limit: int) -> None:
+    async def _sign_and_send(self, to: str, data: bytes, gas_limit: int) -> tuple[str, int]:
+        """Sign with the operator key and the next nonce (the one place nonces are taken) and send;
+        returns ``(tx hash, nonce)``."""
         key = self._operator()
         try:
             if self._chain_id is None:
@@ -254,7 +332,8 @@ class TangleConsumer:
                 self._nonce = await self.rpc.nonce(key.address)
             if self._gas_price is None:
                 self._gas_price = await self.rpc.gas_price()
-            tx = LegacyTx(nonce=self._nonce, gas_price=self._gas_price, gas=gas_limit, to=self.contract, data=data,
+            nonce = self._nonce
+            tx = LegacyTx(nonce=nonce, gas_price=self._gas_price, gas=gas_limit, to=to, data=data,
                           chain_id=self._chain_id)
             tx_hash = await self.rpc.send_raw(sign_legacy(tx, key.secret.reveal()))
         except BaseException:
@@ -262,11 +341,16 @@ class TangleConsumer:
             self._nonce = None
             self._gas_price = None
             raise
+        self._nonce = nonce + 1
+        return tx_hash, nonce
+
+    async def _send(self, service_id: int, rows: list[OutboxRow], data: bytes, gas_limit: int) -> None:
+        tx_hash, nonce = await self._sign_and_send(self.contract, data, gas_limit)
+        self.tx_sent += 1
         crash_point("consumer.after_send")
         ids = [r.call_id for r in rows]
         self.state.mark(service_id, ids, "sent", tx_hash=tx_hash)
-        self._in_flight[tx_hash] = _InFlight(tx_hash, service_id, ids, time.monotonic(), self._nonce)
-        self._nonce += 1
+        self._in_flight[tx_hash] = _InFlight(tx_hash, service_id, ids, time.monotonic(), nonce)
         self._collect_every = COLLECT_INTERVAL  # a new transaction: look for it soon
         log.info("sent %d result(s) in %s (gas limit %d)", len(ids), tx_hash, gas_limit,
                  extra={"call_ids": ",".join(map(str, ids))})
@@ -317,16 +401,26 @@ class TangleConsumer:
                     log.warning("no receipt for %s after %.0fs; re-checking its calls", tx_hash, RECEIPT_TIMEOUT)
                     del self._in_flight[tx_hash]
                     self._nonce = None
-                    self.state.mark(fl.service_id, fl.call_ids, "pending")
+                    if fl.extra is not None:
+                        if not fl.extra.done.done():
+                            fl.extra.done.set_exception(TangleError(f"{fl.extra.label}: no receipt for {tx_hash}"))
+                    else:
+                        self.state.mark(fl.service_id, fl.call_ids, "pending")
                 continue
             found = True
             del self._in_flight[tx_hash]
+            if fl.extra is not None:
+                if not fl.extra.done.done():
+                    fl.extra.done.set_result(receipt)
+                continue
+            self.tx_mined += 1
             if _receipt_ok(receipt):
                 crash_point("consumer.after_receipt")
                 self.state.mark(fl.service_id, fl.call_ids, "done", tx_hash=tx_hash, block=_block_of(receipt))
                 for call_id in fl.call_ids:
                     self.observer.on_submitted(call_id, tx_hash)
             else:
+                self.tx_failed += 1
                 log.warning("result transaction %s failed on-chain; re-checking its calls", tx_hash)
                 self.state.mark(fl.service_id, fl.call_ids, "pending")
         self._collect_every = COLLECT_INTERVAL if found else min(COLLECT_CAP, self._collect_every * 2)
@@ -355,9 +449,10 @@ class TangleConsumer:
         if not rows:
             self._gathering_since = None
             return bool(self._in_flight)
-        if len(self._in_flight) >= self.max_in_flight:
+        results_flying = self._results_in_flight()  # a send_call transaction never holds results back
+        if results_flying >= self.max_in_flight:
             return True
-        if self._in_flight and len(rows) < self.batch_max:
+        if results_flying and len(rows) < self.batch_max:
             # a transaction is on its way: let results gather into one full batch instead of
             # paying for many small ones (a full batch still pipelines immediately)
             return True
@@ -396,6 +491,12 @@ class TangleConsumer:
     async def run(self, stop: asyncio.Event) -> None:
         """Send until ``stop`` is set, then flush best-effort: until nothing is pending or in flight, or
         ``drain_timeout`` passes (what is left stays in the outbox for the next start)."""
+        try:
+            await self._run(stop)
+        finally:
+            self._fail_calls("the result sender stopped")
+
+    async def _run(self, stop: asyncio.Event) -> None:
         backoff = Backoff(cap=self.backoff_cap)
         drain_deadline: float | None = None
         while True:
@@ -408,13 +509,18 @@ class TangleConsumer:
                     return
             try:
                 busy = await self._round()
+                if self._calls and not self.dry_run:
+                    await self._serve_calls()
+                    busy = True
                 backoff.reset()
             except TangleError as exc:  # RpcError, ContractRevert, a database hiccup
+                self.round_errors += 1
                 delay = backoff.next()
                 log.warning("result sender: %s; retrying in %.1fs", exc, delay)
                 await _wait(stop if drain_deadline is None else None, _clip(delay, drain_deadline))
                 continue
             except Exception:
+                self.round_errors += 1
                 delay = backoff.next()
                 log.exception("result sender: unexpected error; retrying in %.1fs", delay)
                 await _wait(stop if drain_deadline is None else None, _clip(delay, drain_deadline))

@@ -137,6 +137,34 @@ OTHER_ERRORS = {
     "Unauthorized": _err("Unauthorized"),
 }
 
+# ---- OperatorStatusRegistry (QoS heartbeats, DESIGN.md §11) ----
+SUBMIT_HEARTBEAT = _fn(
+    "submitHeartbeat",
+    [_in("serviceId", "uint64"), _in("blueprintId", "uint64"), _in("statusCode", "uint8"), _in("metrics", "bytes"),
+     _in("timestamp", "uint64"), _in("signature", "bytes")],
+    [],
+    "nonpayable",
+)
+IS_ONLINE = _fn("isOnline", [_in("serviceId", "uint64"), _in("operator", "address")], [_in("", "bool")], "view")
+GET_LAST_HEARTBEAT = _fn(
+    "getLastHeartbeat", [_in("serviceId", "uint64"), _in("operator", "address")], [_in("", "uint256")], "view"
+)
+HEARTBEAT_TYPEHASH = _fn("HEARTBEAT_TYPEHASH", [], [_in("", "bytes32")], "view")
+DOMAIN_SEPARATOR = _fn("DOMAIN_SEPARATOR", [], [_in("", "bytes32")], "view")
+STATUS_REGISTRY_ERRORS = {
+    "HeartbeatStale": _err("HeartbeatStale", "uint64", "uint64"),
+    "HeartbeatFromFuture": _err("HeartbeatFromFuture", "uint64", "uint64"),
+    "NotRegisteredOperator": _err("NotRegisteredOperator"),
+    "InvalidSignature": _err("InvalidSignature"),
+    "ECDSAInvalidSignature": _err("ECDSAInvalidSignature"),
+    "ECDSAInvalidSignatureLength": _err("ECDSAInvalidSignatureLength", "uint256"),
+    "OperatorSlashed": _err("OperatorSlashed"),
+}
+STATUS_REGISTRY_ABI: list[dict[str, Any]] = [
+    SUBMIT_HEARTBEAT, IS_ONLINE, GET_LAST_HEARTBEAT, HEARTBEAT_TYPEHASH, DOMAIN_SEPARATOR,
+    *STATUS_REGISTRY_ERRORS.values(),
+]
+
 TANGLE_ABI: list[dict[str, Any]] = [
     SUBMIT_JOB,
     SUBMIT_RESULT,
@@ -173,6 +201,10 @@ TOPIC_JOB_COMPLETED = topic(JOB_COMPLETED)
 TOPIC_SERVICE_ACTIVATED = topic(SERVICE_ACTIVATED)
 
 ERROR_BY_SELECTOR: dict[str, str] = {selector(e): name for name, e in {**ERRORS, **OTHER_ERRORS}.items()}
+#: every custom error a revert is named by: the Tangle contract's and the status registry's
+REVERT_NAMES: dict[str, str] = {
+    **ERROR_BY_SELECTOR, **{selector(e): name for name, e in STATUS_REGISTRY_ERRORS.items()}
+}
 
 #: Reverts that mean "the chain already has a result for this call": success for an operator.
 ALREADY_DONE = frozenset({"JobAlreadyCompleted", "ResultAlreadySubmitted"})

@@ -122,6 +122,8 @@ class BlueprintEnvironment:
     confirmations: int = 0
     #: how long the first result waiting for a transaction waits for company (consumer.LINGER)
     result_linger: float = 0.05
+    #: QoS heartbeat period in seconds (HEARTBEAT_INTERVAL_SECS; 0 = off); sent with +-10 % jitter
+    heartbeat_interval: float = 300.0
 
     @classmethod
     def load(
@@ -168,6 +170,10 @@ class BlueprintEnvironment:
             raise ConfigError("MAX_GETLOGS_RANGE must be at least 1")
         poll = parse_duration("POLL_INTERVAL", get("POLL_INTERVAL", "poll_interval") or "1.0", 0.01, 3600)
         linger = parse_duration("RESULT_LINGER", env.get("RESULT_LINGER") or "0.05", 0.0, 60)
+        heartbeat = Env(env).duration("HEARTBEAT_INTERVAL_SECS", 300.0, 0.0, 86400.0)
+        if 0 < heartbeat < 1:
+            raise ConfigError(f"HEARTBEAT_INTERVAL_SECS={env.get('HEARTBEAT_INTERVAL_SECS')!r} must be 0 (off) or "
+                              "at least 1 second")
         flag_bool = {k: flags.get(k) for k in ("test_mode", "dry_run")}
         return cls(
             http_rpc_url=http,
@@ -187,5 +193,6 @@ class BlueprintEnvironment:
             max_getlogs_range=max_range,
             poll_interval=poll,
             result_linger=linger,
+            heartbeat_interval=heartbeat,
             confirmations=_uint("CONFIRMATIONS", get("CONFIRMATIONS", "confirmations") or "0", 16),
         )

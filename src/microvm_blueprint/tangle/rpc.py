@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from .contracts import ERROR_BY_SELECTOR
+from .contracts import REVERT_NAMES
 from .errors import RpcError, RpcUnavailable, TangleError
 
 #: JSON-RPC error codes that mean "the EVM reverted": 3 (geth, anvil, reth: execution reverted, with
@@ -32,7 +32,7 @@ class ContractRevert(TangleError):
         self.method = method
         self.code = code
         self.selector = data[:10] if data and len(data) >= 10 else None
-        self.name = ERROR_BY_SELECTOR.get(self.selector or "", None)
+        self.name = REVERT_NAMES.get(self.selector or "", None)
         super().__init__(f"reverted: {self.name or message}")
 
 
@@ -66,6 +66,8 @@ class JsonRpc:
     def __init__(self, url: str, *, timeout: float = 10.0) -> None:
         self.url = url
         self._ids = itertools.count(1)
+        #: requests that failed in transport or protocol (not reverts): the metrics and the heartbeat read it
+        self.errors = 0
         self._client = httpx.AsyncClient(
             timeout=timeout, limits=httpx.Limits(max_connections=16, max_keepalive_connections=16)
         )
@@ -74,6 +76,13 @@ class JsonRpc:
         await self._client.aclose()
 
     async def _post(self, method: str, what: str, payload: Any) -> Any:
+        try:
+            return await self._post_once(method, what, payload)
+        except RpcError:
+            self.errors += 1
+            raise
+
+    async def _post_once(self, method: str, what: str, payload: Any) -> Any:
         try:
             response = await self._client.post(self.url, json=payload)
         except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
