@@ -226,13 +226,13 @@ class Operators:
 
     async def finish(self, failed: bool) -> None:
         life = self.all[-1] if self.all else self.make()
-        if failed:
-            for folder in sorted((self.tmp / "state" / "vms").glob("*")):
-                log = folder / CONSOLE_LOG
+        if failed:  # keep the evidence: every VM's console (QEMU's own log file, read before destroy)
+            for stored in life.store.list_vms():
+                log = Path(stored.workdir) / CONSOLE_LOG
                 if log.exists():
                     text = log.read_text(errors="replace")[-8000:]
-                    (self.tmp / f"console-{folder.name}.log").write_text(text)
-                    print(f"--- console of {folder.name} ---\n{text}")
+                    (self.tmp / f"console-{stored.vm_id}.log").write_text(text)
+                    print(f"--- console of {stored.vm_id} ---\n{text}")
         for vm in await life.list_vms():
             if vm.status is not VmStatus.DESTROYED:
                 with contextlib.suppress(VmError):
