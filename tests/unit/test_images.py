@@ -441,3 +441,31 @@ def test_debian_recipe_is_chosen_by_name_and_unknown_recipes_refused(tmp_path: P
 def test_default_image_key_is_unchanged_by_the_debian_recipe() -> None:
     # the default image's cache address must not move (recipe 2, same inputs): built images stay valid
     assert images.image_key(INPUTS, 64) == "ae07cb59b4ab2f4b"  # what the code before the debian recipe gave
+
+
+def test_a_manifest_with_relative_paths_names_the_files_in_its_own_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A manifest written with a relative cache dir (``MICROVM_IMAGE_DIR=.cache/images``) named its files
+    relative to the builder's cwd: QEMU (run in a VM's folder) and ``qemu-img`` (which takes a relative
+    backing file as relative to the overlay) then miss them. Loaded, its paths are its own folder's."""
+    m = _fake_image(tmp_path / "cache", "default")
+    folder = Path(m.root)
+    data = {**asdict(m), **{k: f".cache/images/{folder.name}/{Path(getattr(m, k)).name}"
+                            for k in ("bzimage", "vmlinux", "initramfs", "rootfs")},
+            "root": f".cache/images/{folder.name}"}
+    (folder / "manifest.json").write_text(json.dumps(data))
+    monkeypatch.chdir(tmp_path)  # wherever the operator runs
+    loaded = images.resolve_image("default", Path("cache"))
+    assert loaded == m
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in (loaded.bzimage, loaded.rootfs))
+
+
+@needs_mkfs
+def test_an_import_into_a_relative_cache_dir_records_absolute_paths(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel, rootfs = _bzimage(tmp_path / "vmlinuz"), _ext4(tmp_path / "root.ext4")
+    monkeypatch.chdir(tmp_path)
+    m = images.import_image("mine", kernel=kernel, rootfs=rootfs, cache_dir=Path("cache"))
+    written = json.loads((tmp_path / "cache" / "mine" / "manifest.json").read_text())
+    assert Path(written["rootfs"]).is_absolute() and Path(written["bzimage"]).is_absolute()
+    assert Path(m.rootfs) == (tmp_path / "cache").resolve() / Path(m.root).name / "rootfs.ext4"

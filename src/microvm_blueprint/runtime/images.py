@@ -27,6 +27,7 @@ size) with a ``manifest.json``; a build happens in a temporary folder renamed in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import lzma
@@ -171,11 +172,22 @@ class ImageManifest:
 
     @classmethod
     def load(cls, folder: Path) -> ImageManifest:
+        """The manifest in ``folder``, its file paths taken as absolute paths inside ``folder``: an image's
+        files always live in its own folder, so a manifest written with a relative cache dir (or a cache
+        that moved) still names files QEMU finds from a VM's folder and ``qemu-img`` from an overlay."""
+        folder = Path(folder).absolute()
         try:
             data = json.loads((folder / "manifest.json").read_text())
-            return cls(**data)
+            manifest = cls(**data)
         except (OSError, ValueError, TypeError) as exc:
             raise ImageError(f"image manifest in {folder} is unreadable: {exc}") from exc
+
+        def here(path: str) -> str:
+            return str(folder / Path(path).name) if path else path
+
+        return dataclasses.replace(manifest, root=str(folder), bzimage=here(manifest.bzimage),
+                                   vmlinux=here(manifest.vmlinux), initramfs=here(manifest.initramfs),
+                                   rootfs=here(manifest.rootfs))
 
 
 Progress = Callable[[str], None]
@@ -372,7 +384,7 @@ def build_image(
     ``recipe`` is ``default`` (busybox guest) or ``debian`` (Debian bookworm with SSH); when not given it is
     ``debian`` for the name ``debian`` and ``default`` for every other name."""
     say = _timed(progress)
-    cache = Path(cache_dir or default_cache_dir())
+    cache = Path(cache_dir or default_cache_dir()).absolute()  # the manifest names absolute paths
     _plain_name(name)
     recipe = recipe or ("debian" if name == "debian" else "default")
     if recipe not in RECIPES:
@@ -722,7 +734,7 @@ def import_image(
         ipath, ihead = _import_file(Path(initrd), "initrd", 1, INITRD_MAX_BYTES)
         if not ihead.startswith(_INITRD_MAGIC):
             raise ImageError(f"initrd {ipath} is neither a cpio archive nor a compressed one")
-    cache = Path(cache_dir or default_cache_dir())
+    cache = Path(cache_dir or default_cache_dir()).absolute()  # the manifest names absolute paths
     cache.mkdir(parents=True, exist_ok=True)
     say("hashing the files")
     sums = {"kernel": _sha256(kpath), "rootfs": _sha256(rpath), **({"initrd": _sha256(ipath)} if ipath else {})}

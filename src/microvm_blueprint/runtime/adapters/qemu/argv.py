@@ -26,8 +26,6 @@ CONFIG_DRIVE = "cidata.img"
 CONFIG = "vm.json"
 SNAP_MEMORY = "memory.bin"
 SNAP_DISK = "disk.qcow2"
-CONFIG_DRIVE = "cidata.img"
-"""The VM's NoCloud config drive (DESIGN.md §8), a second read-only virtio disk after the root."""
 SNAP_CONFIG = "vm.json"
 LAST_SAVE = "last-save.bin"
 """Hard link (or copy) of the memory file of the last save of a VM that stayed paused after it.
