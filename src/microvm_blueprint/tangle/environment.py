@@ -188,7 +188,7 @@ class BlueprintEnvironment:
         protocol_raw = get("PROTOCOL", "protocol") or "tangle"
         protocol = PROTOCOLS.get(protocol_raw.strip().lower())
         if protocol is None:
-            raise ConfigError(f"PROTOCOL={protocol_raw!r} is not supported (only 'tangle', alias 'tangle-evm')")
+            raise ConfigError(f"PROTOCOL={protocol_raw!r} is not supported (only 'tangle'), or its alias 'tangle-evm'")
         chain = get("CHAIN", "chain")
         if chain is not None:
             chain = chain.strip().lower()
