@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -203,16 +204,30 @@ def _install_signals(stop: Callable[[], None]) -> None:
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
+    from . import logs
     from .blueprint.operator import Operator
     from .blueprint.settings import OperatorSettings, parse_addr
-    from .tangle.environment import BlueprintEnvironment
+    from .tangle.environment import BlueprintEnvironment, log_level_for
 
     env = BlueprintEnvironment.load(
         os.environ,
         http_rpc_url=args.http_rpc_url, ws_rpc_url=args.ws_rpc_url, keystore_uri=args.keystore_uri,
         data_dir=args.data_dir, chain=args.chain, protocol=args.protocol, test_mode=args.test_mode,
-        dry_run=args.dry_run, from_block=args.from_block,
+        dry_run=args.dry_run, from_block=args.from_block, pretty=args.pretty, verbose=args.verbose,
+        keystore_password=args.keystore_password, bridge_socket_path=args.bridge_socket_path,
+        bootnodes=args.bootnodes,
     )
+    if env.pretty or env.verbose:  # blueprint-sdk's logging flags, as its manager passes them
+        logs.configure(log_level_for(env.verbose) or args.log_level, json_lines=False if env.pretty else args.log_json)
+    if env.keystore_password is not None:
+        logging.getLogger(__name__).info("--keystore-password/KEYSTORE_PASSWORD given: not used (the keystore "
+                                         "holds plain keys, blueprint-sdk's filesystem layout)")
+    if env.registration_only:
+        from .tangle.registration import write_registration_inputs
+
+        path = write_registration_inputs(env.registration_output_path or env.data_dir / "registration_inputs.bin")
+        print(f"registration inputs (none: 0 bytes) written to {path}", flush=True)
+        return 0
     overrides: dict[str, object] = {}
     if args.api_addr:
         overrides["api_host"], overrides["api_port"] = parse_addr(args.api_addr, "--api-addr")
@@ -221,6 +236,45 @@ async def cmd_run(args: argparse.Namespace) -> int:
     _install_signals(operator.stop)
     await operator.run()
     return 0
+
+
+# ---- register --------------------------------------------------------------------------------
+
+
+async def cmd_register(args: argparse.Namespace) -> int:
+    from .tangle.environment import BlueprintEnvironment
+    from .tangle.keystore import load_operator_key
+    from .tangle.registration import register_operator
+    from .tangle.rpc import JsonRpc
+
+    env = BlueprintEnvironment.load(
+        os.environ, require_service=False, require_data_dir=False, http_rpc_url=args.http_rpc_url,
+        keystore_uri=args.keystore_uri, blueprint_id=args.blueprint_id, tangle_contract=args.tangle_contract,
+    )
+    key = load_operator_key(env.keystore_uri)
+    rpc = JsonRpc(env.http_rpc_url, timeout=30)
+    try:
+        done = await register_operator(rpc, env.tangle_contract, env.blueprint_id, key, args.rpc_address)
+    finally:
+        await rpc.aclose()
+    if done.already:
+        print(f"operator {done.operator} is already registered for blueprint {done.blueprint_id}")
+    else:
+        print(f"registered operator {done.operator} for blueprint {done.blueprint_id} (tx {done.tx_hash})")
+    return 0
+
+
+def _rpc_address(text: str) -> str:
+    from urllib.parse import urlparse
+
+    try:
+        parsed = urlparse(text)
+        ok = parsed.scheme in ("http", "https", "ws", "wss") and bool(parsed.hostname) and (parsed.port or 1) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http(s)/ws(s) URL")
+    return text
 
 
 # ---- jobs submit -----------------------------------------------------------------------------
@@ -354,17 +408,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-json", action="store_true", default=None, help="JSON log lines even on a TTY")
     sub = p.add_subparsers(dest="cmd", required=True)
 
+    # blueprint-sdk's `run` flags (each also read from the env var named in its help), so its manager can
+    # launch this binary as it launches a Rust blueprint (DESIGN.md §11); unknown flags stay an error
     run = sub.add_parser("run", help="run the operator (producer, jobs, consumer, query API)")
-    run.add_argument("--http-rpc-url", default=None)
-    run.add_argument("--ws-rpc-url", default=None)
-    run.add_argument("--keystore-uri", default=None)
-    run.add_argument("--data-dir", default=None)
-    run.add_argument("--chain", default=None)
-    run.add_argument("--protocol", default=None)
-    run.add_argument("--test-mode", action="store_true", default=None)
-    run.add_argument("--dry-run", action="store_true", default=None)
+    run.add_argument("--http-rpc-url", default=None, help="HTTP_RPC_URL (default http://127.0.0.1:9944)")
+    run.add_argument("--ws-rpc-url", default=None, help="WS_RPC_URL")
+    run.add_argument("-k", "--keystore-uri", default=None, help="KEYSTORE_URI (default ./keystore)")
+    run.add_argument("-d", "--data-dir", default=None, help="DATA_DIR (required)")
+    run.add_argument("--chain", default=None, help="CHAIN: local_testnet, local_mainnet, testnet or mainnet")
+    run.add_argument("--protocol", default=None, help="PROTOCOL: tangle (alias tangle-evm)")
+    run.add_argument("-t", "--test-mode", action="store_true", default=None, help="TEST_MODE: no manager bridge")
+    run.add_argument("--dry-run", action="store_true", default=None, help="DRY_RUN: run jobs, send no transaction")
+    run.add_argument("--pretty", action="store_true", default=None, help="PRETTY: human log lines, not JSON")
+    run.add_argument("-v", "--verbose", action="count", default=0,
+                     help="log level as blueprint-sdk counts it: -v WARNING, -vv INFO, -vvv DEBUG")
+    run.add_argument("--keystore-password", default=None, help="KEYSTORE_PASSWORD: accepted, not used")
+    run.add_argument("--bridge-socket-path", default=None, help="BRIDGE_SOCKET_PATH: the manager's gRPC socket")
+    run.add_argument("--bootnodes", action="append", default=None, help="BOOTNODES: accepted, not used (no p2p)")
     run.add_argument("--from-block", type=int, default=None)
     run.add_argument("--api-addr", default=None, help="query API HOST:PORT (MICROVM_API_ADDR, default 127.0.0.1:3000)")
+
+    reg = sub.add_parser("register", help="register the operator key for BLUEPRINT_ID (registerOperator)")
+    reg.add_argument("--rpc-address", required=True, type=_rpc_address,
+                     help="the operator's RPC address published on-chain (http(s)/ws(s) URL)")
+    reg.add_argument("--http-rpc-url", default=None, help="HTTP_RPC_URL")
+    reg.add_argument("-k", "--keystore-uri", default=None, help="KEYSTORE_URI (default ./keystore)")
+    reg.add_argument("--blueprint-id", type=int, default=None, help="BLUEPRINT_ID")
+    reg.add_argument("--tangle-contract", default=None, help="TANGLE_CONTRACT")
 
     devp = sub.add_parser("dev", help="local chain + dev contract + operator + query API, until Ctrl-C")
     devp.add_argument("--data-dir", default=str(dev.default_dir()))
@@ -459,6 +529,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_keys(args)
         if args.cmd == "run":
             return asyncio.run(cmd_run(args))
+        if args.cmd == "register":
+            return asyncio.run(cmd_register(args))
         if args.cmd == "dev":
             return asyncio.run(cmd_dev(args))
         if args.cmd == "jobs":

@@ -19,11 +19,13 @@ from ..runtime.store import Store
 from ..tangle.calls import JobCall
 from ..tangle.consumer import TangleConsumer
 from ..tangle.environment import BlueprintEnvironment
+from ..tangle.errors import RpcError
 from ..tangle.heads import NewHeads
 from ..tangle.heartbeat import HeartbeatService, TangleHealth
 from ..tangle.keystore import OperatorKey, load_operator_key
 from ..tangle.producer import TangleProducer, job_topics
-from ..tangle.rpc import JsonRpc
+from ..tangle.registration import check_service_operator
+from ..tangle.rpc import ContractRevert, JsonRpc
 from ..tangle.runner import BlueprintRunner
 from ..tangle.state import TangleState
 from .jobs import build_router
@@ -35,6 +37,7 @@ from .settings import OperatorSettings, ProviderKind
 
 if TYPE_CHECKING:
     from ..runtime.adapters.firecracker.settings import FirecrackerSettings
+    from ..tangle.bridge.client import ManagerBridge
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +156,7 @@ class Operator:
     key: OperatorKey | None
     metrics: OperatorMetrics | None = None
     heartbeat: HeartbeatService | None = None
+    bridge: ManagerBridge | None = None
 
     @classmethod
     def assemble(
@@ -211,8 +215,6 @@ class Operator:
 
     async def run(self) -> None:
         env = self.env
-        if env.test_mode:
-            log.info("TEST_MODE is set: accepted for compatibility (there is no blueprint-manager bridge here)")
         if env.dry_run:
             log.info("--dry-run: jobs run, no transaction is sent")
         log.info(
@@ -220,13 +222,48 @@ class Operator:
             self.key.address if self.key else "(dry run, no key)", env.service_id, env.tangle_contract,
             self.settings.provider.value,
         )
-        await self.provider.reconcile()
         try:
+            await self._report_to_manager()
+            await self._check_membership()
+            await self.provider.reconcile()
             await self.runner.run()
         finally:
             await asyncio.shield(self._close())
 
+    async def _report_to_manager(self) -> None:
+        """Outside test mode with ``BRIDGE_SOCKET_PATH``: ``Ping`` the manager first (a failure ends
+        ``run``), then take the query API port it grants (DESIGN.md §11)."""
+        env = self.env
+        if env.test_mode:
+            log.info("test mode: no blueprint manager bridge")
+            return
+        if env.bridge_socket_path is None:
+            log.info("no blueprint manager present (BRIDGE_SOCKET_PATH unset): running on our own")
+            return
+        from ..tangle.bridge.client import ManagerBridge
+
+        self.bridge = ManagerBridge(env.bridge_socket_path)
+        await self.bridge.ping()
+        port = await self.bridge.request_port(self.server.port)
+        log.info("blueprint manager answered Ping on %s; query API port %d (asked %d)", env.bridge_socket_path,
+                 port, self.server.port)
+        self.server.port = port
+
+    async def _check_membership(self) -> None:
+        """``isServiceOperator(SERVICE_ID, me)`` false ends ``run`` (one line); a chain that cannot
+        answer now is logged and the operator goes on (the producer waits for it as ever)."""
+        if self.key is None or self.env.service_id is None:
+            return
+        try:
+            await asyncio.wait_for(check_service_operator(
+                self.rpc, self.env.tangle_contract, self.env.service_id, self.key.address), 15)
+        except (RpcError, ContractRevert, TimeoutError) as exc:
+            log.warning("could not check that %s is an operator of service %d: %s", self.key.address,
+                        self.env.service_id, exc or type(exc).__name__)
+
     async def _close(self) -> None:
+        if self.bridge is not None:
+            await self.bridge.aclose()
         await self.provider.close(stop_vms=self.settings.stop_vms_on_exit)
         await self.rpc.aclose()
         self.journal.close()

@@ -97,8 +97,24 @@ FLAG_NAMES = frozenset(
         "http_rpc_url", "ws_rpc_url", "keystore_uri", "data_dir", "chain", "protocol", "test_mode", "dry_run",
         "blueprint_id", "service_id", "tangle_contract", "staking_contract", "status_registry_contract",
         "from_block", "max_getlogs_range", "poll_interval", "confirmations",
+        "pretty", "verbose", "keystore_password", "bridge_socket_path", "bootnodes",
     }
 )
+
+#: blueprint-sdk's ``SupportedChains`` (``CHAIN`` / ``--chain``), as its manager writes them.
+CHAINS = ("local_testnet", "local_mainnet", "testnet", "mainnet")
+#: ``PROTOCOL`` / ``--protocol`` values meaning Tangle (``tangle-evm`` is blueprint-sdk's alias).
+PROTOCOLS = {"tangle": "tangle", "tangle-evm": "tangle"}
+#: Where registration inputs go when ``REGISTRATION_OUTPUT_PATH`` is not set (blueprint-sdk's default).
+REGISTRATION_FILE = "registration_inputs.bin"
+
+
+def log_level_for(verbose: int) -> str | None:
+    """The log level ``-v`` repeated ``verbose`` times asks for, as blueprint-sdk's manager reads it
+    (1 WARNING, 2 INFO, 3+ DEBUG); ``None`` without ``-v`` (then ``--log-level``/``LOG_LEVEL``)."""
+    if verbose <= 0:
+        return None
+    return {1: "WARNING", 2: "INFO"}.get(verbose, "DEBUG")
 
 
 @dataclass(frozen=True)
@@ -124,14 +140,33 @@ class BlueprintEnvironment:
     result_linger: float = 0.05
     #: QoS heartbeat period in seconds (HEARTBEAT_INTERVAL_SECS; 0 = off); sent with +-10 % jitter
     heartbeat_interval: float = 300.0
+    #: human log lines (``--pretty``/``PRETTY``) and the ``-v`` count (:func:`log_level_for`)
+    pretty: bool = False
+    verbose: int = 0
+    #: accepted for blueprint-sdk compatibility; this keystore is not encrypted, so it is not used
+    keystore_password: Secret[str] | None = None
+    #: the blueprint manager's gRPC socket (``BRIDGE_SOCKET_PATH``); ``None``: no manager
+    bridge_socket_path: Path | None = None
+    #: libp2p bootnodes (``BOOTNODES``): accepted, unused (this blueprint has no p2p network)
+    bootnodes: tuple[str, ...] = ()
+    #: ``REGISTRATION_MODE_ON`` / ``REGISTRATION_CAPTURE_ONLY``: write the registration inputs and exit
+    registration_mode: bool = False
+    registration_capture_only: bool = False
+    registration_output_path: Path | None = None
+
+    @property
+    def registration_only(self) -> bool:
+        """``run`` only writes its registration inputs and exits (the manager registers)."""
+        return self.registration_mode or self.registration_capture_only
 
     @classmethod
     def load(
-        cls, env: Mapping[str, str], *, require_service: bool = True, **flags: Any
+        cls, env: Mapping[str, str], *, require_service: bool = True, require_data_dir: bool = True, **flags: Any
     ) -> BlueprintEnvironment:
         """Build from ``env`` with ``flags`` (CLI values, ``None`` = not given) taking precedence.
 
-        ``require_service=False`` is for commands other than ``run`` (SERVICE_ID may then be absent).
+        ``require_service=False`` is for commands other than ``run`` (SERVICE_ID may then be absent);
+        ``require_data_dir=False`` for those that keep no state (``register``: DATA_DIR then defaults to ``.``).
         Raises :class:`ConfigError` with one line naming the offending variable.
         """
         unknown = set(flags) - FLAG_NAMES
@@ -148,11 +183,28 @@ class BlueprintEnvironment:
         ws_raw = get("WS_RPC_URL", "ws_rpc_url")
         ws = _url("WS_RPC_URL", ws_raw, ("ws", "wss")) if ws_raw else None
         data_dir = get("DATA_DIR", "data_dir")
+        if (not data_dir or not data_dir.strip()) and not require_data_dir:
+            data_dir = "."
         if not data_dir or not data_dir.strip():
             raise ConfigError("DATA_DIR is required (env DATA_DIR or --data-dir)")
-        protocol = (get("PROTOCOL", "protocol") or "tangle").lower()
-        if protocol != "tangle":
-            raise ConfigError(f"PROTOCOL={protocol!r} is not supported (only 'tangle')")
+        protocol_raw = get("PROTOCOL", "protocol") or "tangle"
+        protocol = PROTOCOLS.get(protocol_raw.strip().lower())
+        if protocol is None:
+            raise ConfigError(f"PROTOCOL={protocol_raw!r} is not supported (only 'tangle'), or its alias 'tangle-evm'")
+        chain = get("CHAIN", "chain")
+        if chain is not None:
+            chain = chain.strip().lower()
+            if chain not in CHAINS:
+                raise ConfigError(f"CHAIN={chain!r} is not one of {', '.join(CHAINS)}")
+        bridge = get("BRIDGE_SOCKET_PATH", "bridge_socket_path")
+        password = get("KEYSTORE_PASSWORD", "keystore_password")
+        boot_flag = flags.get("bootnodes")
+        boot_raw = " ".join(boot_flag) if isinstance(boot_flag, list | tuple) else (get("BOOTNODES") or "")
+        registration_out = get("REGISTRATION_OUTPUT_PATH")
+        verbose = flags.get("verbose") or 0
+        if not isinstance(verbose, int) or verbose < 0:
+            raise ConfigError(f"-v count {verbose!r} is not a count")
+        reader = Env(env)
         blueprint = get("BLUEPRINT_ID", "blueprint_id")
         if blueprint is None:
             raise ConfigError("BLUEPRINT_ID is required")
@@ -174,19 +226,20 @@ class BlueprintEnvironment:
         if 0 < heartbeat < 1:
             raise ConfigError(f"HEARTBEAT_INTERVAL_SECS={env.get('HEARTBEAT_INTERVAL_SECS')!r} must be 0 (off) or "
                               "at least 1 second")
-        flag_bool = {k: flags.get(k) for k in ("test_mode", "dry_run")}
+        flag_bool = {k: flags.get(k) for k in ("test_mode", "dry_run", "pretty")}
+        data_path = _path("DATA_DIR", data_dir)
         return cls(
             http_rpc_url=http,
             ws_rpc_url=ws,
-            data_dir=_path("DATA_DIR", data_dir),
+            data_dir=data_path,
             keystore_uri=_path("KEYSTORE_URI", get("KEYSTORE_URI", "keystore_uri") or "./keystore"),
             blueprint_id=_uint("BLUEPRINT_ID", blueprint),
             service_id=_uint("SERVICE_ID", service_raw) if service_raw is not None else None,
             tangle_contract=_address("TANGLE_CONTRACT", tangle),
-            chain=get("CHAIN", "chain"),
+            chain=chain,
             protocol=protocol,
-            test_mode=bool(flag_bool["test_mode"]) or Env(env).boolean("TEST_MODE", False),
-            dry_run=bool(flag_bool["dry_run"]) or Env(env).boolean("DRY_RUN", False),
+            test_mode=bool(flag_bool["test_mode"]) or reader.boolean("TEST_MODE", False),
+            dry_run=bool(flag_bool["dry_run"]) or reader.boolean("DRY_RUN", False),
             staking_contract=_address("STAKING_CONTRACT", staking) if staking else None,
             status_registry_contract=_address("STATUS_REGISTRY_CONTRACT", registry) if registry else None,
             from_block=_uint("FROM_BLOCK", from_block) if from_block is not None else None,
@@ -195,4 +248,14 @@ class BlueprintEnvironment:
             result_linger=linger,
             heartbeat_interval=heartbeat,
             confirmations=_uint("CONFIRMATIONS", get("CONFIRMATIONS", "confirmations") or "0", 16),
+            pretty=bool(flag_bool["pretty"]) or reader.boolean("PRETTY", False),
+            verbose=verbose,
+            keystore_password=Secret(password) if password is not None else None,
+            bridge_socket_path=_path("BRIDGE_SOCKET_PATH", bridge) if bridge else None,
+            bootnodes=tuple(boot_raw.replace(",", " ").split()),
+            registration_mode=reader.boolean("REGISTRATION_MODE_ON", False),
+            registration_capture_only=reader.boolean("REGISTRATION_CAPTURE_ONLY", False),
+            registration_output_path=(
+                _path("REGISTRATION_OUTPUT_PATH", registration_out) if registration_out else data_path / REGISTRATION_FILE
+            ),
         )

@@ -9,7 +9,9 @@
         ├── AbiDecodeError           calldata that does not decode as the job's argument tuple
         ├── RpcError                 the chain answered an error or garbage (retried)
         │   └── RpcUnavailable       the chain could not be reached at all (connection, timeout, HTTP 5xx)
-        └── JobError                 a handler refused a call; the text is recorded, never sent
+        ├── JobError                 a handler refused a call; the text is recorded, never sent
+        ├── BridgeError              the blueprint manager's bridge (gRPC socket) failed or refused
+        └── RegistrationError        operator registration refused, or not an operator of the service
 
 httpx/eth-abi/OSError exceptions are translated at the boundary with ``raise ... from exc``.
 """
@@ -18,7 +20,10 @@ from __future__ import annotations
 
 from ..errors import ConfigError, MicrovmBlueprintError
 
-__all__ = ["AbiDecodeError", "ConfigError", "JobError", "KeystoreError", "RpcError", "RpcUnavailable", "TangleError"]
+__all__ = [
+    "AbiDecodeError", "BridgeError", "ConfigError", "JobError", "KeystoreError", "RegistrationError", "RpcError",
+    "RpcUnavailable", "TangleError",
+]
 
 
 class TangleError(MicrovmBlueprintError):
@@ -52,3 +57,12 @@ class RpcUnavailable(RpcError):
 
 class JobError(TangleError):
     """A job handler refused a call. The message is what the customer sees in the journal."""
+
+
+class BridgeError(TangleError):
+    """The blueprint manager's bridge (``BRIDGE_SOCKET_PATH``) could not be reached or refused a call."""
+
+
+class RegistrationError(TangleError):
+    """Operator registration was refused (the contract's revert, named), or the operator is not one
+    of the service's operators."""
