@@ -603,3 +603,80 @@ OPENAPI: dict[str, Any] = {
         },
     },
 }
+
+# ---- live endpoints (issue #16) --------------------------------------------------------------------
+
+_TIMEOUT = {
+    **_p("timeout", "query", {"type": "integer", "minimum": 1, "maximum": MAX_WAIT, "default": DEFAULT_WAIT}),
+    "description": "seconds to wait",
+}
+_E408 = {"description": "still not there when the timeout ran out", "content": {"application/json": {"schema": _ERR}}}
+_E503 = {
+    "description": "too many waiting requests or event streams, or the server is stopping",
+    "content": {"application/json": {"schema": _ERR}},
+}
+_EVENT = {
+    "type": "object",
+    "required": ["seq", "vm_id", "status", "action", "call_id", "caller", "at"],
+    "properties": {
+        "seq": {"type": "integer", "description": "the event id (also the SSE `id:`): its place in the history"},
+        "vm_id": {"type": "string"},
+        "status": _VM["properties"]["status"],  # type: ignore[index]
+        "action": {"type": "string", "description": "create, start, stop, snapshot, destroy, restore, "
+                                                     "delete_snapshot, vmm_exit, ..."},
+        "call_id": {"type": "integer", "nullable": True},
+        "caller": {"type": "string", "nullable": True},
+        "at": {"type": "number", "description": "Unix time"},
+    },
+}
+OPENAPI["paths"].update({
+    "/": {"get": {"summary": "the dashboard: a read-only HTML page, live through /events",
+                  "responses": {"200": _ok({"type": "string"}, "text/html")}}},
+    "/vms/{vm_id}/wait": {
+        "get": {
+            "summary": "the VM as soon as it is in `status`",
+            "description": "Answers at once if the VM already is in that status, else when a change brings it "
+                           "there (woken by the change, no polling), or 408 after `timeout` seconds.",
+            "parameters": [
+                _p("vm_id"),
+                {**_p("status", "query", _VM["properties"]["status"]), "required": True},  # type: ignore[index]
+                _TIMEOUT,
+            ],
+            "responses": {"200": _ok(_VM), "400": _E400, "404": _E404, "408": _E408, "503": _E503},
+        }
+    },
+    "/jobs/{call_id}/wait": {
+        "get": {
+            "summary": "a job call's entry (as GET /jobs/{call_id}) once it has an outcome",
+            "description": "`until=finished` (default): the job ran, done or failed. `until=result`: failed, or "
+                           "done and its result is on-chain (`result_tx`) or will never be (an `error` on a "
+                           "done call). A call the operator has not seen yet is waited for too (it may still be "
+                           "on its way from the chain).",
+            "parameters": [
+                _p("call_id", schema={"type": "integer", "minimum": 0, "maximum": 2**64 - 1}),
+                _p("until", "query", {"type": "string", "enum": ["finished", "result"], "default": "finished"}),
+                _TIMEOUT,
+            ],
+            "responses": {"200": _ok({"type": "object"}), "400": _E400, "404": _E404, "408": _E408, "503": _E503},
+        }
+    },
+    "/events": {
+        "get": {
+            "summary": "lifecycle events as Server-Sent Events",
+            "description": "One event per change of a VM (`id:` = its history seq, `data:` = the JSON object). "
+                           "Starts live; `Last-Event-ID` (or `after`) first sends the history after that id, "
+                           "`last=N` the last N events. A comment every "
+                           f"{HEARTBEAT:.0f} s keeps idle connections open. A reader that falls "
+                           "too far behind is sent a `: dropped` comment and the stream ends (reconnect with "
+                           "Last-Event-ID to resume).",
+            "parameters": [
+                {**_p("vm_id", "query"), "description": "only this VM's events"},
+                {**_p("Last-Event-ID", "header", {"type": "integer", "minimum": 0})},
+                {**_p("after", "query", {"type": "integer", "minimum": 0}), "description": "as Last-Event-ID"},
+                {**_p("last", "query", {"type": "integer", "minimum": 0, "maximum": MAX_BACKLOG_LAST}),
+                 "description": "first send the last N past events"},
+            ],
+            "responses": {"200": _ok(_EVENT, "text/event-stream"), "400": _E400, "503": _E503},
+        }
+    },
+})
