@@ -1,4 +1,4 @@
-"""Run every benchmark (or the ones named): `python -m bench [pipeline] [lifecycle] [query] [density] [cli] [idle]`."""
+"""Run every benchmark (or the ones named): `python -m bench [pipeline] [lifecycle] [query] [density] [cli] [idle] [events]`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 import logging
 import sys
 
-from . import cli, idle, pipeline, query, vmm
+from . import cli, events, idle, pipeline, query, vmm
 
 BENCHES = {
     "pipeline": pipeline.run,
@@ -15,6 +15,7 @@ BENCHES = {
     "density": vmm.density,
     "cli": cli.run,
     "idle": idle.run,
+    "events": events.run,
 }
 
 
