@@ -22,6 +22,12 @@ command -v mcopy >/dev/null || need+=(mtools)
 command -v ssh >/dev/null && command -v ssh-keygen >/dev/null || need+=(openssh-client)
 command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)
+# The dashboard's browser test (tests/integration/test_dashboard_browser.py) drives Debian's chromium over
+# the DevTools protocol. ~100 MB, so only when asked (MICROVM_BROWSER_TESTS=1) or in CI (CI=true); without
+# it that test skips and says why.
+if [ "${MICROVM_BROWSER_TESTS:-}" = 1 ] || [ "${CI:-}" = true ]; then
+  command -v chromium >/dev/null || need+=(chromium)
+fi
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 # Guest images are built from Debian packages with `apt-get download`: the package lists must exist.

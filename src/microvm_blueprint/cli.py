@@ -85,6 +85,8 @@ def cmd_vms(args: argparse.Namespace) -> int:
             raise CliError(f"{r.status_code}: {r.text}")
         sys.stdout.write(r.text)
         return 0
+    if args.vms_cmd == "watch":
+        return _vms_watch(base, args)
     if args.vms_cmd == "ssh":
         view = _http_get(f"{base}/vms/{quote(args.vm_id, safe='')}")
         argv = ssh_argv(view, base, identity=args.identity, command=args.command)
@@ -132,6 +134,25 @@ def ssh_argv(view: Any, api_url: str, *, identity: str | None, command: Sequence
             raise CliError(f"--identity {identity}: no such file")
         argv += ["-i", str(Path(identity).expanduser())]
     return [*argv, "--", f"root@{host}", *command]
+
+
+def _vms_watch(base: str, args: argparse.Namespace) -> int:
+    """``vms watch VM``: its lifecycle events as they happen (``GET /events``), or with ``--until S``
+    wait for that status (``GET /vms/{id}/wait``); nothing polls."""
+    import time
+
+    from .blueprint.client import iter_events, wait_vm
+
+    if args.until:
+        vm = wait_vm(base, args.vm_id, args.until, args.timeout)
+        print(f"{vm['vm_id']} is {vm['status']}")
+        return 0
+    _http_get(f"{base}/vms/{quote(args.vm_id, safe='')}")  # an unknown VM is an error, not a silent wait
+    for ev in iter_events(base, args.vm_id, last=args.last):
+        at = time.strftime("%H:%M:%S", time.localtime(ev["at"]))
+        by = f" call {ev['call_id']}" if ev["call_id"] is not None else ""
+        print(f"{at} {ev['vm_id']} {ev['action']} -> {ev['status']}{by}", flush=True)
+    return 0
 
 
 # ---- image -----------------------------------------------------------------------------------
@@ -475,7 +496,13 @@ def build_parser() -> argparse.ArgumentParser:
     vs.add_argument("--identity", "-i", default=None, metavar="FILE", help="private key for ssh -i")
     vs.add_argument("vm_id", metavar="VM")
     vs.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD", help="run this instead of a shell")
-    for v in (vl, vg, vc, vs):
+    vw = vsub.add_parser("watch", help="print a VM's lifecycle events as they happen (Ctrl-C ends)")
+    vw.add_argument("vm_id")
+    vw.add_argument("--last", type=int, default=10, help="past events to print first (default 10)")
+    vw.add_argument("--until", choices=["created", "running", "stopped", "destroyed", "failed"], default=None,
+                    help="instead: wait until the VM is in this status, print it and exit")
+    vw.add_argument("--timeout", type=float, default=60.0, help="seconds --until waits (default 60)")
+    for v in (vl, vg, vc, vs, vw):
         v.add_argument("--api-url", default=None)
 
     keys = sub.add_parser("keys", help="operator keystore (blueprint-sdk layout)")

@@ -13,6 +13,7 @@ schemathesis = pytest.importorskip("schemathesis")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+from microvm_blueprint.blueprint import query  # noqa: E402
 from microvm_blueprint.blueprint.journal import JobJournal  # noqa: E402
 from microvm_blueprint.blueprint.query import QueryApp  # noqa: E402
 from microvm_blueprint.blueprint.server import QueryServer  # noqa: E402
@@ -21,10 +22,17 @@ from microvm_blueprint.runtime.lifecycle import Lifecycle  # noqa: E402
 from microvm_blueprint.runtime.model import NetworkMode, NetworkSettings, Origin, VmSpec  # noqa: E402
 from microvm_blueprint.runtime.store import Store  # noqa: E402
 
+#: endless by design (a stream, not an answer): its inputs are checked in test_query_live.py
+ENDLESS = {"/events"}
+
 
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp: Path = tmp_path_factory.mktemp("fuzz")
+    # the waits are fuzzed too, holding at most 1 s each: a longer timeout is a 400 here
+    mp = pytest.MonkeyPatch()
+    mp.setattr(query, "MAX_WAIT", 1)
+    mp.setattr(query, "DEFAULT_WAIT", 1)
     loop = asyncio.new_event_loop()
     network = NetworkSettings(mode=NetworkMode.USER, port_range=(43300, 43399))
     life = Lifecycle(InMemoryDriver(), Store(tmp / "s.sqlite3"), state_dir=tmp / "state", network=network)
@@ -63,6 +71,7 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield server.url
     stop.set()
     thread.join(10)
+    mp.undo()
 
 
 def test_openapi_fuzz(server_url: str) -> None:
@@ -78,6 +87,8 @@ def test_openapi_fuzz(server_url: str) -> None:
 
     for op in schema.get_all_operations():
         operation = op.ok()
+        if operation.path in ENDLESS:
+            continue
         strategy = operation.as_strategy()
         from hypothesis import given
 

@@ -2,16 +2,19 @@
 
 Used by ``microvm-blueprint jobs submit``, the end-to-end tests and the benchmarks. Signs locally
 with the customer's key (never logged), reads the call id from the ``JobSubmitted`` log of the
-receipt, then watches ``JobResultSubmitted`` for that call. When no result comes it asks the query
-API's ``/jobs/{call_id}`` why (failed jobs are never written on-chain).
+receipt, then waits on the query API's ``/jobs/{call_id}/wait`` (woken when the operator's journal
+changes) and reads the result log once it is on-chain; without that endpoint it watches
+``JobResultSubmitted`` for the call and asks ``/jobs/{call_id}`` why no result came (failed jobs are
+never written on-chain). :func:`iter_events` and :func:`wait_vm` are the ``vms watch`` side.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -217,10 +220,16 @@ class TangleCustomer:
         api_url: str | None = None,
         progress: Callable[[str], None] | None = None,
     ) -> Outcome:
-        """Wait for this call's result log; stop early if the operator's journal says it failed."""
+        """Wait for this call's result log; stop early if the operator's journal says it failed. With
+        ``api_url``, the query API wakes this wait when the journal changes (no polling); an operator
+        without ``/jobs/{call_id}/wait`` is polled as before."""
         deadline = time.monotonic() + timeout
         started = time.monotonic()
         status: dict[str, Any] | None = None
+        if api_url:
+            outcome = await self._wait_via_api(sub, deadline, api_url, progress)
+            if outcome is not None:
+                return outcome
         async with httpx.AsyncClient(timeout=5) as http:
             while True:
                 found = await self.results(sub.block_number)
@@ -237,6 +246,86 @@ class TangleCustomer:
                 if time.monotonic() > deadline:
                     return Outcome(sub.call_id, None, None, status)
                 await asyncio.sleep(0.25)
+
+
+    async def _wait_via_api(
+        self, sub: Submitted, deadline: float, api_url: str, progress: Callable[[str], None] | None
+    ) -> Outcome | None:
+        """The outcome through ``/jobs/{call_id}/wait?until=result``; ``None``: ask the chain instead
+        (no such endpoint, the API unreachable, or a result the chain does not show yet)."""
+        started = time.monotonic()
+        async with httpx.AsyncClient() as http:
+            while (remaining := deadline - time.monotonic()) > 0:
+                wait = max(1, min(WAIT_CHUNK, int(remaining)))
+                try:
+                    r = await http.get(f"{api_url}/jobs/{sub.call_id}/wait", params={"until": "result", "timeout": wait},
+                                       timeout=wait + 10)
+                except httpx.HTTPError:
+                    return None
+                if r.status_code == 408:
+                    if progress:
+                        progress(f"waiting for the result of call {sub.call_id} ({time.monotonic() - started:.0f}s)")
+                    continue
+                if r.status_code != 200:
+                    return None
+                entry: dict[str, Any] = r.json()
+                if entry.get("status") == "failed" or not entry.get("result_tx"):
+                    return Outcome(sub.call_id, None, None, entry)  # failed, or its result was dropped
+                found = await self.results(sub.block_number)
+                if sub.call_id not in found:
+                    return None
+                raw, tx, _ = found[sub.call_id]
+                return Outcome(sub.call_id, decode_result("bool", raw), tx, None)
+            return Outcome(sub.call_id, None, None, await _job_status(http, api_url, sub.call_id))
+
+
+#: seconds one long-poll of ``/jobs/{call_id}/wait`` may last (progress is shown between them)
+WAIT_CHUNK = 30
+
+
+def iter_events(api_url: str, vm_id: str | None = None, *, last: int = 0) -> Iterator[dict[str, Any]]:
+    """The query API's lifecycle events (``GET /events``), forever: the last ``last`` first, then live.
+    A stream the server ends (it dropped a slow reader, or restarted) is resumed from the last event
+    seen (``Last-Event-ID``); a server that cannot be reached raises :class:`ClientError`."""
+    params: dict[str, Any] = {"last": last}
+    if vm_id is not None:
+        params["vm_id"] = vm_id
+    headers: dict[str, str] = {}
+    while True:
+        try:
+            with httpx.stream("GET", f"{api_url}/events", params=params, headers=headers,
+                              timeout=httpx.Timeout(10, read=60)) as r:
+                if r.status_code != 200:
+                    r.read()
+                    raise ClientError(f"GET /events: {r.status_code}: {r.text}")
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        event: dict[str, Any] = json.loads(line[6:])
+                        headers["Last-Event-ID"] = str(event["seq"])
+                        yield event
+        except httpx.HTTPError as exc:
+            raise ClientError(f"event stream at {api_url} failed: {exc}") from exc
+
+
+def wait_vm(api_url: str, vm_id: str, status: str, timeout: float) -> dict[str, Any]:
+    """The VM's view once it is in ``status`` (``GET /vms/{id}/wait``, long-polls of at most 300 s);
+    :class:`ClientError` on a timeout or any other answer."""
+    from urllib.parse import quote
+
+    deadline = time.monotonic() + timeout
+    while True:
+        wait = max(1, min(300, int(deadline - time.monotonic())))
+        try:
+            r = httpx.get(f"{api_url}/vms/{quote(vm_id, safe='')}/wait", params={"status": status, "timeout": wait},
+                          timeout=wait + 10)
+        except httpx.HTTPError as exc:
+            raise ClientError(f"query API at {api_url} is unreachable: {exc}") from exc
+        if r.status_code == 408 and deadline - time.monotonic() >= 1:
+            continue
+        body = r.json()
+        if r.status_code != 200:
+            raise ClientError(f"{r.status_code}: {body.get('error') if isinstance(body, dict) else body}")
+        return body  # type: ignore[no-any-return]
 
 
 async def _job_status(http: httpx.AsyncClient, api_url: str, call_id: int) -> dict[str, Any] | None:

@@ -6,7 +6,9 @@ customer learns why no result came. Fed by the runner's ``JobObserver`` callback
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -14,6 +16,8 @@ from typing import Any
 
 from ..errors import MicrovmBlueprintError
 from ..sqlitedb import Database
+
+log = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 2000
 
@@ -76,16 +80,33 @@ class JobJournal:
     def __init__(self, path: str | Path) -> None:
         self._dbx = Database(path, _SCHEMA, error=JournalError, what="job journal")
         self.path = self._dbx.path
+        self._listeners: list[Callable[[int], None]] = []
 
     def close(self) -> None:
         self._dbx.close()
 
-    def _write(self, sql: str, args: tuple[object, ...]) -> None:
+    def add_listener(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(call_id)`` after each committed change to that call's entry (``GET
+        /jobs/{call_id}/wait``). It must be quick; an exception from it is logged, not raised."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[int], None]) -> None:
+        """Stop calling ``listener`` (no error if it was not added)."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def _write(self, call_id: int, sql: str, args: tuple[object, ...]) -> None:
         with self._dbx.tx() as db:
             db.execute(sql, args)
+        for listener in tuple(self._listeners):
+            try:
+                listener(call_id)
+            except Exception:
+                log.exception("job journal listener failed")
 
     def received(self, call_id: int, job: str, job_index: int, caller: str | None) -> None:
         self._write(
+            call_id,
             "INSERT OR IGNORE INTO jobs (call_id, job, job_index, status, caller, received_at) "
             "VALUES (?,?,?,?,?,?)",
             (_i64(call_id), job, job_index, JobStatus.PENDING.value, caller, time.time()),
@@ -94,15 +115,17 @@ class JobJournal:
     def finished(self, call_id: int, *, error: str | None) -> None:
         status = JobStatus.FAILED if error is not None else JobStatus.DONE
         self._write(
+            call_id,
             "UPDATE jobs SET status=?, error=?, finished_at=? WHERE call_id=?",
             (status.value, error[:MAX_ERROR_CHARS] if error else None, time.time(), _i64(call_id)),
         )
 
     def submitted(self, call_id: int, tx_hash: str) -> None:
-        self._write("UPDATE jobs SET result_tx=? WHERE call_id=?", (tx_hash, _i64(call_id)))
+        self._write(call_id, "UPDATE jobs SET result_tx=? WHERE call_id=?", (tx_hash, _i64(call_id)))
 
     def dropped(self, call_id: int, reason: str) -> None:
         self._write(
+            call_id,
             "UPDATE jobs SET error=coalesce(error, ?) WHERE call_id=?",
             (f"result not accepted on-chain: {reason}"[:MAX_ERROR_CHARS], _i64(call_id)),
         )

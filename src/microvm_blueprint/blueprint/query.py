@@ -18,18 +18,23 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from functools import cache
+from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from ..errors import MicrovmBlueprintError
 from ..runtime.errors import InvalidInput, SnapshotNotFound, VmNotFound
-from ..runtime.model import VmView
+from ..runtime.model import VmStatus, VmView
 from ..runtime.provider import VmQuery
-from .journal import JobJournal
+from ..runtime.store import Store
+from .events import Closed, EventHub, Subscriber, TooBusy, sse_bytes
+from .journal import JobEntry, JobJournal, JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,10 @@ METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 class BadRequest(MicrovmBlueprintError):
     pass
+
+
+class _Unavailable(MicrovmBlueprintError):
+    """Answered 503: too many waiters or streams, shutting down, or no event hub."""
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -91,12 +100,18 @@ def _int_param(query: dict[str, list[str]], name: str, *, default: int | None, l
 
 class QueryApp:
     """ASGI callable. ``vms`` answers VM questions; ``journal`` answers ``/jobs``; ``metrics`` (the
-    Prometheus text, ``metrics.OperatorMetrics.render``) answers ``/metrics``."""
+    Prometheus text, ``metrics.OperatorMetrics.render``) answers ``/metrics``; ``events`` serves the waits
+    and ``/events`` (by default a hub over ``vms.store`` when ``vms`` has a store)."""
 
-    def __init__(self, vms: VmQuery, journal: JobJournal | None, metrics: Callable[[], str] | None = None) -> None:
+    def __init__(self, vms: VmQuery, journal: JobJournal | None, metrics: Callable[[], str] | None = None,
+                 events: EventHub | None = None) -> None:
         self.vms = vms
         self.journal = journal
         self.metrics = metrics
+        store = getattr(vms, "store", None)
+        if events is None and isinstance(store, Store):
+            events = EventHub(store, journal)
+        self.events = events
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -140,6 +155,8 @@ class QueryApp:
             return _error(400, str(exc))
         except (VmNotFound, SnapshotNotFound) as exc:
             return _error(404, str(exc))
+        except _Unavailable as exc:
+            return _error(503, str(exc))
         except MicrovmBlueprintError as exc:
             log.warning("query failed: %s", exc)
             return _error(500, str(exc))
@@ -176,7 +193,83 @@ class QueryApp:
                 if entry is None:
                     return _error(404, f"job call {int(call_id)} not found")
                 return _json(entry.to_json())
+        return await self._route_live(parts, query)
+
+    # ---- live: waits, the event stream, the dashboard (issue #16) --------------------------------
+
+    async def _route_live(self, parts: list[str], query: dict[str, list[str]]) -> Response:
+        match parts:
+            case [""]:
+                return HTMLResponse(_dashboard(), headers=_PAGE_HEADERS)
+            case ["vms", vm_id, "wait"]:
+                return await self._wait_vm(vm_id, query)
+            case ["jobs", call_id, "wait"]:
+                return self._wait_job(_call_id(call_id), query)
+            case ["events"]:
+                hub = self._hub()
+                only = query.get("vm_id", [None])[-1]
+                last = _int_param(query, "last", default=None, lo=0, hi=MAX_BACKLOG_LAST)
+                after = _int_param(query, "after", default=None, lo=0, hi=2**62)
+                return _EventStream(hub, only, after, last)
         return _error(404, "not found")
+
+    def _hub(self) -> EventHub:
+        if self.events is None:
+            raise _Unavailable("waits and events need a store-backed provider")
+        return self.events
+
+    async def _wait_vm(self, vm_id: str, query: dict[str, list[str]]) -> Response:
+        raw = query.get("status", [""])[-1]
+        try:
+            status = VmStatus(raw)
+        except ValueError:
+            raise BadRequest(f"status must be one of {', '.join(s.value for s in VmStatus)}") from None
+        timeout = _int_param(query, "timeout", default=DEFAULT_WAIT, lo=1, hi=MAX_WAIT) or DEFAULT_WAIT
+        view = await self.vms.get_vm(vm_id)  # 400 / 404 at once
+        if view.status is status:
+            return Response(view.json_bytes, media_type="application/json")
+        hub = self._hub()
+
+        async def wait() -> Response:
+            deadline = time.monotonic() + timeout
+            with hub.vm_waiter(vm_id) as changed:
+                while True:
+                    changed.clear()
+                    view = await self.vms.get_vm(vm_id)
+                    if view.status is status:
+                        return Response(view.json_bytes, media_type="application/json")
+                    if not await _woken(changed, deadline, hub):
+                        return _error(408, f"vm '{vm_id}' is still {view.status.value}, not {status.value}, "
+                                           f"after {timeout} s")
+
+        return _Waiting(wait)
+
+    def _wait_job(self, call_id: int, query: dict[str, list[str]]) -> Response:
+        until = query.get("until", ["finished"])[-1]
+        if until not in ("finished", "result"):
+            raise BadRequest("until must be finished or result")
+        timeout = _int_param(query, "timeout", default=DEFAULT_WAIT, lo=1, hi=MAX_WAIT) or DEFAULT_WAIT
+        journal = self.journal
+        if journal is None:
+            return _error(404, f"job call {call_id} not found")
+        entry = journal.get(call_id)
+        if _settled(entry, until):
+            return _json(entry.to_json())  # type: ignore[union-attr]
+        hub = self._hub()
+
+        async def wait() -> Response:
+            deadline = time.monotonic() + timeout
+            with hub.job_waiter(call_id) as changed:
+                while True:
+                    changed.clear()
+                    entry = journal.get(call_id)
+                    if entry is not None and _settled(entry, until):
+                        return _json(entry.to_json())
+                    if not await _woken(changed, deadline, hub):
+                        state = entry.status.value if entry is not None else "not seen by the operator yet"
+                        return _error(408, f"job call {call_id} is {state} after {timeout} s")
+
+        return _Waiting(wait)
 
     async def _list_all(self, after: str | None) -> Response:
         """Every VM after ``after``: whole if it fits in one chunk, else streamed chunk by chunk. The
@@ -203,6 +296,202 @@ class QueryApp:
                 log.warning("GET /vms failed after %s: %s", views[-1].vm_id, exc)
                 raise
         yield b"]"
+
+
+# ---- live endpoints: waits and the event stream (issue #16) ---------------------------------------
+
+#: ``timeout`` of the waits, seconds: default and most
+DEFAULT_WAIT = 60
+MAX_WAIT = 300
+#: ``/events?last=N``: at most this many past events first
+MAX_BACKLOG_LAST = 1000
+#: seconds between heartbeat comments on an idle ``/events`` stream (keeps proxies from closing it)
+HEARTBEAT = 15.0
+#: seconds a stream collects events after a wake-up before it sends them as one chunk: with 100
+#: streams and 50 changes a second, each sends at most 1/BATCH_DELAY chunks a second, not 50
+BATCH_DELAY = 0.05
+#: seconds one chunk may take to be taken by the reader before the stream is dropped
+SEND_TIMEOUT = 10.0
+#: history rows read and sent as one chunk when a stream resumes
+BACKLOG_CHUNK = 256
+_PAGE_HEADERS = {
+    # the page is self-contained: its own inline script and style, requests to this API only
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
+
+
+@cache
+def _dashboard() -> str:
+    """The dashboard page (package data, read once)."""
+    return resources.files(__package__).joinpath("dashboard.html").read_text(encoding="utf-8")
+
+
+def _call_id(text: str) -> int:
+    if not _DIGITS.fullmatch(text) or len(text) > 20 or int(text) >= 2**64:
+        raise BadRequest("call_id must be an unsigned 64-bit integer")
+    return int(text)
+
+
+def _settled(entry: JobEntry | None, until: str) -> bool:
+    """``finished``: the job ran (done or failed). ``result``: failed, or done and its result is on-chain
+    (``result_tx``) or will never be (dropped: ``error`` on a done call)."""
+    if entry is None or entry.status is JobStatus.PENDING:
+        return False
+    if entry.status is JobStatus.FAILED or until == "finished":
+        return True
+    return entry.result_tx is not None or entry.error is not None
+
+
+async def _woken(changed: asyncio.Event, deadline: float, hub: EventHub) -> bool:
+    """Wait for ``changed`` until ``deadline`` (monotonic): False on timeout; :class:`Closed` when the
+    hub closes meanwhile."""
+    remaining = deadline - time.monotonic()
+    if remaining > 0:
+        try:
+            async with asyncio.timeout(remaining):
+                await changed.wait()
+        except TimeoutError:
+            pass
+    if hub.closed:
+        raise Closed("the query API is shutting down")
+    return changed.is_set()
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Return when the client has gone (the request of a GET has no body worth reading)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _failure(exc: MicrovmBlueprintError) -> Response:
+    if isinstance(exc, BadRequest | InvalidInput):
+        return _error(400, str(exc))
+    if isinstance(exc, VmNotFound | SnapshotNotFound):
+        return _error(404, str(exc))
+    if isinstance(exc, TooBusy | Closed | _Unavailable):
+        return _error(503, str(exc))
+    log.warning("query failed: %s", exc)
+    return _error(500, str(exc))
+
+
+class _Waiting(Response):
+    """A response decided later: ``work()`` runs while the client is connected; if the client goes
+    first, ``work`` is cancelled (its waiter is gone with it) and nothing is sent."""
+
+    def __init__(self, work: Callable[[], Awaitable[Response]]) -> None:  # no super(): nothing to render
+        self.work = work
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.ensure_future(self.work())
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.wait([task])  # its `finally` (dropping the waiter) has run
+        if task.cancelled():
+            return  # the client went away: nobody to answer
+        try:
+            response = task.result()
+        except MicrovmBlueprintError as exc:
+            response = _failure(exc)
+        await response(scope, receive, send)
+
+
+class _EventStream(Response):
+    """``GET /events``: Server-Sent Events, first the history after ``Last-Event-ID`` (or ``after``, or
+    the ``last`` N events), then live until the client goes, the server stops or the reader falls too
+    far behind (then a last comment says so and the stream ends: reconnect to resume)."""
+
+    def __init__(self, hub: EventHub, vm_id: str | None, after: int | None, last: int | None) -> None:
+        self.hub, self.vm_id, self.after, self.last = hub, vm_id, after, last
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        after = self.after
+        for name, value in scope.get("headers", ()):
+            if name == b"last-event-id":
+                text = value.decode("latin-1").strip()
+                if not _DIGITS.fullmatch(text) or len(text) > 18:
+                    await _error(400, "Last-Event-ID must be an event id (a history seq)")(scope, receive, send)
+                    return
+                after = int(text)
+        try:
+            sub, upto = self.hub.subscribe(self.vm_id)
+        except (TooBusy, Closed) as exc:
+            await _error(503, str(exc))(scope, receive, send)
+            return
+        gone = asyncio.ensure_future(_disconnected(receive))
+        gone.add_done_callback(lambda _: sub.end())
+        try:
+            await self._stream(sub, upto, after, send)
+        except TimeoutError:
+            log.info("event stream dropped: the reader took no data for %.0f s", SEND_TIMEOUT)
+        finally:
+            self.hub.unsubscribe(sub)
+            gone.cancel()
+
+    async def _stream(self, sub: Subscriber, upto: int, after: int | None, send: Send) -> None:
+        async def put(data: bytes, more: bool = True) -> None:
+            async with asyncio.timeout(SEND_TIMEOUT):
+                await send({"type": "http.response.body", "body": data, "more_body": more})
+
+        await send({
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"text/event-stream; charset=utf-8"),
+                (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no"),  # nginx: pass events on at once
+            ],
+        })
+        await put(b"retry: 2000\n: connected\n\n")
+        await self._backlog(sub, upto, after, put)
+        while not (sub.closed or sub.dropped):
+            if not sub.queue:
+                try:
+                    async with asyncio.timeout(HEARTBEAT):
+                        await sub.wake.wait()
+                except TimeoutError:
+                    await put(b": heartbeat\n\n")
+                    continue
+                if sub.closed or sub.dropped:
+                    break
+                try:  # let a burst gather: one chunk, not one per event
+                    async with asyncio.timeout(BATCH_DELAY):
+                        await sub.stop.wait()
+                except TimeoutError:
+                    pass
+            chunk = b"".join(sub.take())
+            if chunk:
+                await put(chunk)
+        if sub.dropped:
+            await put(b": dropped: this reader fell too far behind; reconnect with Last-Event-ID\n\n")
+        if not sub.closed or self.hub.closed:
+            await put(b"", more=False)
+
+    async def _backlog(
+        self, sub: Subscriber, upto: int, after: int | None, put: Callable[[bytes], Awaitable[None]]
+    ) -> None:
+        """The history the live queue will not bring: (``after``, ``upto``], or the last ``last`` events."""
+        store = self.hub.store
+        if after is None and self.last:
+            rows = store.events_after(0, limit=self.last, vm_id=self.vm_id, newest=True)
+            rows = [r for r in rows if r.seq <= upto]
+            if rows:
+                await put(b"".join(sse_bytes(r) for r in rows))
+            return
+        while after is not None and after < upto and not (sub.closed or sub.dropped):
+            rows = [r for r in store.events_after(after, limit=BACKLOG_CHUNK, vm_id=self.vm_id) if r.seq <= upto]
+            if not rows:
+                return
+            await put(b"".join(sse_bytes(r) for r in rows))
+            after = rows[-1].seq
+            await _let_others_run()
 
 
 _ERR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
@@ -377,3 +666,80 @@ OPENAPI: dict[str, Any] = {
         },
     },
 }
+
+# ---- live endpoints (issue #16) --------------------------------------------------------------------
+
+_TIMEOUT = {
+    **_p("timeout", "query", {"type": "integer", "minimum": 1, "maximum": MAX_WAIT, "default": DEFAULT_WAIT}),
+    "description": "seconds to wait",
+}
+_E408 = {"description": "still not there when the timeout ran out", "content": {"application/json": {"schema": _ERR}}}
+_E503 = {
+    "description": "too many waiting requests or event streams, or the server is stopping",
+    "content": {"application/json": {"schema": _ERR}},
+}
+_EVENT = {
+    "type": "object",
+    "required": ["seq", "vm_id", "status", "action", "call_id", "caller", "at"],
+    "properties": {
+        "seq": {"type": "integer", "description": "the event id (also the SSE `id:`): its place in the history"},
+        "vm_id": {"type": "string"},
+        "status": _VM["properties"]["status"],  # type: ignore[index]
+        "action": {"type": "string", "description": "create, start, stop, snapshot, destroy, restore, "
+                                                     "delete_snapshot, vmm_exit, ..."},
+        "call_id": {"type": "integer", "nullable": True},
+        "caller": {"type": "string", "nullable": True},
+        "at": {"type": "number", "description": "Unix time"},
+    },
+}
+OPENAPI["paths"].update({
+    "/": {"get": {"summary": "the dashboard: a read-only HTML page, live through /events",
+                  "responses": {"200": _ok({"type": "string"}, "text/html")}}},
+    "/vms/{vm_id}/wait": {
+        "get": {
+            "summary": "the VM as soon as it is in `status`",
+            "description": "Answers at once if the VM already is in that status, else when a change brings it "
+                           "there (woken by the change, no polling), or 408 after `timeout` seconds.",
+            "parameters": [
+                _p("vm_id"),
+                {**_p("status", "query", _VM["properties"]["status"]), "required": True},  # type: ignore[index]
+                _TIMEOUT,
+            ],
+            "responses": {"200": _ok(_VM), "400": _E400, "404": _E404, "408": _E408, "503": _E503},
+        }
+    },
+    "/jobs/{call_id}/wait": {
+        "get": {
+            "summary": "a job call's entry (as GET /jobs/{call_id}) once it has an outcome",
+            "description": "`until=finished` (default): the job ran, done or failed. `until=result`: failed, or "
+                           "done and its result is on-chain (`result_tx`) or will never be (an `error` on a "
+                           "done call). A call the operator has not seen yet is waited for too (it may still be "
+                           "on its way from the chain).",
+            "parameters": [
+                _p("call_id", schema={"type": "integer", "minimum": 0, "maximum": 2**64 - 1}),
+                _p("until", "query", {"type": "string", "enum": ["finished", "result"], "default": "finished"}),
+                _TIMEOUT,
+            ],
+            "responses": {"200": _ok({"type": "object"}), "400": _E400, "404": _E404, "408": _E408, "503": _E503},
+        }
+    },
+    "/events": {
+        "get": {
+            "summary": "lifecycle events as Server-Sent Events",
+            "description": "One event per change of a VM (`id:` = its history seq, `data:` = the JSON object). "
+                           "Starts live; `Last-Event-ID` (or `after`) first sends the history after that id, "
+                           "`last=N` the last N events. A comment every "
+                           f"{HEARTBEAT:.0f} s keeps idle connections open. A reader that falls "
+                           "too far behind is sent a `: dropped` comment and the stream ends (reconnect with "
+                           "Last-Event-ID to resume).",
+            "parameters": [
+                {**_p("vm_id", "query"), "description": "only this VM's events"},
+                {**_p("Last-Event-ID", "header", {"type": "integer", "minimum": 0})},
+                {**_p("after", "query", {"type": "integer", "minimum": 0}), "description": "as Last-Event-ID"},
+                {**_p("last", "query", {"type": "integer", "minimum": 0, "maximum": MAX_BACKLOG_LAST}),
+                 "description": "first send the last N past events"},
+            ],
+            "responses": {"200": _ok(_EVENT, "text/event-stream"), "400": _E400, "503": _E503},
+        }
+    },
+})

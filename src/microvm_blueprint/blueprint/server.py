@@ -70,6 +70,8 @@ class QueryServer:
             await asyncio.shield(task)
         finally:
             log.info("query API stopping")
+            if self.app.events is not None:  # open waits answer 503 and event streams end, at once
+                self.app.events.close()
             server.should_exit = True
             try:
                 await _stopped(task, STOP_TIMEOUT)

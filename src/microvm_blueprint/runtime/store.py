@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import sqlite3
 import time
 from collections import OrderedDict
@@ -36,6 +37,8 @@ from .model import (
     VmStatus,
     VmView,
 )
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 #: VM views kept between writes (a view is well under 1 KiB)
@@ -127,6 +130,23 @@ class CallOutcome:
 
 
 @dataclass(frozen=True)
+class HistoryEvent:
+    """One row of the audit trail with its place in it (``seq`` grows with every change)."""
+
+    seq: int
+    vm_id: str
+    at: float
+    action: str
+    status: VmStatus
+    call_id: int | None
+    caller: str | None
+
+
+#: called after each committed write with the VMs it touched (``None``: not known, maybe any)
+WriteListener = Callable[[tuple[str, ...] | None], None]
+
+
+@dataclass(frozen=True)
 class Intent:
     seq: int
     vm_id: str
@@ -145,6 +165,7 @@ class Store:
         self._dbx = Database(path, _SCHEMA, error=StoreUnusable, transient=StoreError, what="state database")
         self.path = self._dbx.path
         self._views: OrderedDict[str, VmView] = OrderedDict()  # kept read models (vm_view)
+        self._listeners: list[WriteListener] = []
         row = self._read("SELECT value FROM meta WHERE key='schema'")
         if not row:
             with self._tx() as db:
@@ -154,6 +175,55 @@ class Store:
 
     def close(self) -> None:
         self._dbx.close()
+
+    # ---- change notification (the query API's waits and event stream) ---------------------------
+
+    def add_listener(self, listener: WriteListener) -> None:
+        """Call ``listener(vm_ids)`` after every committed write, in the writing thread, with the VMs
+        whose view it may have changed (``None``: not known). It must be quick and must not write; an
+        exception from it is logged, never raised into the write."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: WriteListener) -> None:
+        """Stop calling ``listener`` (no error if it was not added)."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def _notify(self, touches: tuple[str, ...] | None) -> None:
+        for listener in tuple(self._listeners):
+            try:
+                listener(touches)
+            except Exception:  # a broken listener must not fail a change already committed
+                log.exception("store write listener failed")
+
+    def last_event_seq(self) -> int:
+        """The ``seq`` of the newest history row (0 when there is none)."""
+        seq: int = self._read("SELECT coalesce(max(seq), 0) FROM history")[0][0]  # type: ignore[assignment]
+        return seq
+
+    def events_after(
+        self, seq: int, *, limit: int, vm_id: str | None = None, newest: bool = False
+    ) -> list[HistoryEvent]:
+        """History rows with ``seq`` above ``seq`` in order, at most ``limit`` (the first ones, or with
+        ``newest`` the last ones), of one VM if given."""
+        sql = "SELECT seq, vm_id, at, action, status, call_id, caller FROM history WHERE seq > ?"
+        args: tuple[object, ...] = (seq,)
+        if vm_id is not None:
+            sql += " AND vm_id = ?"
+            args += (vm_id,)
+        rows = self._read(sql + f" ORDER BY seq {'DESC' if newest else ''} LIMIT ?", (*args, limit))
+        return [
+            HistoryEvent(
+                seq=int(r[0]),  # type: ignore[call-overload]
+                vm_id=str(r[1]),
+                at=float(r[2]),  # type: ignore[arg-type]
+                action=str(r[3]),
+                status=VmStatus(str(r[4])),
+                call_id=_u64(r[5]),
+                caller=str(r[6]) if r[6] is not None else None,
+            )
+            for r in (reversed(rows) if newest else rows)
+        ]
 
     @contextmanager
     def _tx(self, touches: tuple[str, ...] | None = None) -> Iterator[sqlite3.Connection]:
@@ -168,6 +238,8 @@ class Store:
                     self._views.clear()
                 for vm_id in touches or ():
                     self._views.pop(vm_id, None)
+        if touches != () and self._listeners:  # committed (an exception skips this)
+            self._notify(touches)
 
     def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
         return self._dbx.rows(sql, args)

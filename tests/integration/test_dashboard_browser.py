@@ -1,0 +1,103 @@
+"""The dashboard in a real browser against a running operator: `microvm-blueprint dev` (its own anvil, the
+dev contract, the in-memory provider) in one process, headless Chromium on its page, and the customer's
+CLI submitting jobs. The page must show the VM appear and change status without a reload; `vms watch`
+must see the same changes. Screenshots are kept as test artifacts (their paths are printed)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from microvm_blueprint.procs import Child
+from microvm_blueprint.tangle.devnet import free_port
+
+from ..browser import chromium, chromium_or_skip
+from ..waiting import until
+
+pytestmark = pytest.mark.chain
+
+CLI = [sys.executable, "-m", "microvm_blueprint.cli"]
+ROW = "document.querySelector('tr[data-vm=\"vm-1\"]')"
+
+
+async def cli(*argv: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run, [*CLI, *argv], capture_output=True, text=True, timeout=120, check=False, env=env, cwd=cwd
+    )
+
+
+async def test_dashboard_follows_jobs_live(tmp_path: Path) -> None:
+    chromium_or_skip()
+    env = {**os.environ, "MICROVM_DEV_DIR": str(tmp_path / "devnet")}
+    for name in ("HTTP_RPC_URL", "TANGLE_CONTRACT", "SERVICE_ID", "CUSTOMER_KEY", "MICROVM_API_URL"):
+        env.pop(name, None)
+    rpc_port, api_port = free_port(), free_port()
+    dev = await Child.spawn(
+        [*CLI, "dev", "--provider", "in-memory", "--rpc-port", str(rpc_port), "--api-addr", f"127.0.0.1:{api_port}"],
+        tmp_path / "dev.log", env=env, cwd=tmp_path,
+    )
+    watcher: Child | None = None
+    try:
+        def banner_done() -> bool:
+            assert dev.returncode is None, dev.log_tail()
+            return "dev: Ctrl-C stops everything." in dev.log_tail(100_000)
+
+        await until(banner_done, 90, "dev's banner")
+        api = json.loads((tmp_path / "devnet" / "dev.json").read_text())["api_url"]
+        async with chromium(tmp_path / "browser") as page:
+            await page.goto(api + "/")
+            await until(lambda: page.js("document.getElementById('live').textContent === 'live'"), 30,
+                        "the page to be connected to /events")
+            assert await page.js(f"{ROW} === null")
+            await page.js("window.notReloaded = true")  # gone if the page ever reloads
+
+            submitted = await cli("jobs", "submit", "create_vm", "vm-1", "--timeout", "60", env=env, cwd=tmp_path)
+            assert submitted.returncode == 0, (submitted.stdout, submitted.stderr, dev.log_tail())
+            assert "result: true" in submitted.stdout
+            await until(lambda: page.js(f"{ROW} !== null && {ROW}.dataset.status === 'created'"), 30,
+                        "vm-1 to appear as created")
+
+            watcher = await Child.spawn([*CLI, "vms", "watch", "vm-1", "--last", "5"], tmp_path / "watch.log",
+                                        env=env, cwd=tmp_path)
+            await until(lambda: "vm-1 create -> created call 0" in watcher.log_tail(), 30, "vms watch to print the past")
+            until_running = asyncio.create_task(
+                cli("vms", "watch", "vm-1", "--until", "running", "--timeout", "60", env=env, cwd=tmp_path)
+            )
+
+            started = await cli("jobs", "submit", "start_vm", "vm-1", "--timeout", "60", env=env, cwd=tmp_path)
+            assert started.returncode == 0, (started.stdout, started.stderr, dev.log_tail())
+            await until(lambda: page.js(f"{ROW}.dataset.status === 'running'"), 30, "vm-1 to turn running on the page")
+            assert await page.js("window.notReloaded === true")
+            assert await page.js("document.querySelector('[data-fig=\"running\"] b').textContent") == "1"
+            events = await page.js("[...document.querySelectorAll('#events li')].map(li => li.textContent)")
+            assert any("start" in e and "running" in e for e in events), events
+
+            done = await asyncio.wait_for(until_running, 60)
+            assert (done.returncode, done.stdout.strip()) == (0, "vm-1 is running"), done.stderr
+            await until(lambda: "vm-1 start -> running call 1" in watcher.log_tail(), 30, "vms watch to print the start")
+
+            shot = await page.screenshot(tmp_path / "dashboard.png")
+            print(f"\ndashboard screenshot: {shot}")
+            await page.goto(api + "/#/vm/vm-1")
+            await until(lambda: page.js("document.querySelector('[data-vm-page=\"vm-1\"]') !== null && "
+                                        "document.querySelectorAll('#events li').length === 2"), 30, "vm-1's page")
+            shot = await page.screenshot(tmp_path / "dashboard-vm.png")
+            print(f"VM page screenshot: {shot}")
+        async with chromium(tmp_path / "phone", width=390, height=844, mobile=True) as phone:
+            await phone.goto(api + "/")
+            await until(lambda: phone.js(f"{ROW} !== null"), 30, "vm-1 on a phone-sized page")
+            # no sideways scrolling on a phone: the table turns into cards
+            assert await phone.js("document.documentElement.scrollWidth <= window.innerWidth + 1")
+            shot = await phone.screenshot(tmp_path / "dashboard-phone.png")
+            print(f"phone screenshot: {shot}")
+    finally:
+        if watcher is not None:
+            await watcher.stop(grace=5)
+        code = await dev.stop(grace=30)
+    assert code == 0, dev.log_tail()
