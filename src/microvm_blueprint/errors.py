@@ -33,6 +33,9 @@ Every class that subclasses :class:`MicrovmBlueprintError` anywhere in the packa
     │   └── DevnetError                         tangle.devnet       the local chain could not be started or set up
     ├── JournalError                            blueprint.journal   the job journal database is unusable
     ├── BadRequest                              blueprint.query     a query API parameter out of range (HTTP 400)
+    ├── Unavailable                             blueprint.events    a live endpoint cannot serve now (HTTP 503)
+    │   ├── TooBusy                             blueprint.events    too many waiters or event streams
+    │   └── Closed                              blueprint.events    the query API is shutting down
     ├── ClientError                             blueprint.client    the customer client: unknown job, bad argument, tx refused
     └── CliError                                cli                 a command-line usage or client-side failure
 

@@ -40,7 +40,7 @@ async def _serve(tmp_path: Path, **hub_args: Any) -> Api:
     life = Lifecycle(InMemoryDriver(), Store(tmp_path / "s.sqlite3"), state_dir=tmp_path / "state")
     journal = JobJournal(tmp_path / "jobs.sqlite3")
     hub = EventHub(life.store, journal, **hub_args)
-    server = QueryServer(QueryApp(life, journal, hub), "127.0.0.1", 0)
+    server = QueryServer(QueryApp(life, journal, events=hub), "127.0.0.1", 0)
     ready = asyncio.Event()
     task = asyncio.create_task(server.run(ready))
     await asyncio.wait_for(ready.wait(), 15)

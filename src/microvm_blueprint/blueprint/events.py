@@ -43,11 +43,15 @@ QUEUE_LIMIT = 1024
 PUMP_BATCH = 256
 
 
-class TooBusy(MicrovmBlueprintError):
+class Unavailable(MicrovmBlueprintError):
+    """A live endpoint cannot serve now: answered 503 (too busy, shutting down, or no event hub)."""
+
+
+class TooBusy(Unavailable):
     """Too many waiters or subscribers: the request is answered 503."""
 
 
-class Closed(MicrovmBlueprintError):
+class Closed(Unavailable):
     """The hub is shutting down (the server is stopping)."""
 
 

@@ -33,7 +33,7 @@ from ..runtime.errors import InvalidInput, SnapshotNotFound, VmNotFound
 from ..runtime.model import VmStatus, VmView
 from ..runtime.provider import VmQuery
 from ..runtime.store import Store
-from .events import Closed, EventHub, Subscriber, TooBusy, sse_bytes
+from .events import Closed, EventHub, Subscriber, TooBusy, Unavailable, sse_bytes
 from .journal import JobEntry, JobJournal, JobStatus
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,6 @@ METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class BadRequest(MicrovmBlueprintError):
     pass
 
-
-class _Unavailable(MicrovmBlueprintError):
-    """Answered 503: too many waiters or streams, shutting down, or no event hub."""
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -155,7 +152,7 @@ class QueryApp:
             return _error(400, str(exc))
         except (VmNotFound, SnapshotNotFound) as exc:
             return _error(404, str(exc))
-        except _Unavailable as exc:
+        except Unavailable as exc:
             return _error(503, str(exc))
         except MicrovmBlueprintError as exc:
             log.warning("query failed: %s", exc)
@@ -215,7 +212,7 @@ class QueryApp:
 
     def _hub(self) -> EventHub:
         if self.events is None:
-            raise _Unavailable("waits and events need a store-backed provider")
+            raise Unavailable("waits and events need a store-backed provider")
         return self.events
 
     async def _wait_vm(self, vm_id: str, query: dict[str, list[str]]) -> Response:
@@ -371,7 +368,7 @@ def _failure(exc: MicrovmBlueprintError) -> Response:
         return _error(400, str(exc))
     if isinstance(exc, VmNotFound | SnapshotNotFound):
         return _error(404, str(exc))
-    if isinstance(exc, TooBusy | Closed | _Unavailable):
+    if isinstance(exc, Unavailable):
         return _error(503, str(exc))
     log.warning("query failed: %s", exc)
     return _error(500, str(exc))
