@@ -78,9 +78,9 @@ async def test_a_locked_database_is_not_the_calls_outcome(
 ) -> None:
     before, step, after = STEPS[name]
     if before is not None:
-        await life.create_vm("vm", None, Origin(1))
+        await life.create_vm("vm", None, Origin(1, "0xc"))  # the VM is 0xc's: its later calls are its owner's
     if before is VmStatus.RUNNING:
-        await life.start_vm("vm", Origin(2))
+        await life.start_vm("vm", Origin(2, "0xc"))
     # Contention comes and goes: by the time a failure would be recorded the lock is gone, so a
     # lifecycle that recorded this failure would succeed in recording it (and replay it forever).
     recorded: list[tuple[Any, ...]] = []
@@ -135,7 +135,7 @@ def test_a_store_of_another_schema_is_unusable_not_transient(db: Path) -> None:
     Store(db).close()
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE meta SET value='99' WHERE key='schema'")
-    with pytest.raises(StoreUnusable, match="has schema 99, expected 1") as err:
+    with pytest.raises(StoreUnusable, match="has schema 99, expected 2") as err:
         Store(db)
     assert not isinstance(err.value, TransientError | VmError)
 
