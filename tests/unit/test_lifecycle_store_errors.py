@@ -14,7 +14,7 @@ import pytest
 from microvm_blueprint.blueprint.journal import JobJournal, JournalError
 from microvm_blueprint.errors import TransientError
 from microvm_blueprint.runtime.adapters.in_memory import InMemoryDriver
-from microvm_blueprint.runtime.errors import RecordedFailure, StoreUnusable, VmError
+from microvm_blueprint.runtime.errors import OwnershipError, RecordedFailure, StoreUnusable, VmError
 from microvm_blueprint.runtime.lifecycle import Lifecycle
 from microvm_blueprint.runtime.model import Origin, VmStatus
 from microvm_blueprint.runtime.store import Store, StoreError
@@ -165,3 +165,36 @@ def test_other_stores_keep_their_own_error_class_when_locked(tmp_path: Path) -> 
             h.conn.close()
         with dbx.tx() as conn:  # and usable again once the lock is gone
             conn.execute("SELECT 1")
+
+
+SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE vms (vm_id TEXT PRIMARY KEY, status TEXT NOT NULL, spec TEXT NOT NULL, workdir TEXT NOT NULL,
+                  handle TEXT, error TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE history (seq INTEGER PRIMARY KEY AUTOINCREMENT, vm_id TEXT NOT NULL, at REAL NOT NULL,
+                      action TEXT NOT NULL, status TEXT NOT NULL, call_id INTEGER, caller TEXT);
+INSERT INTO meta VALUES ('schema', '1');
+INSERT INTO vms VALUES ('mine', 'running', '{"vcpus":1,"mem_mib":256,"image":"default"}', '/w/a', NULL, NULL, 1, 2);
+INSERT INTO vms VALUES ('internal', 'created', '{"vcpus":1,"mem_mib":256,"image":"default"}', '/w/b', NULL, NULL, 1, 1);
+INSERT INTO history (vm_id, at, action, status, call_id, caller) VALUES ('mine', 1, 'create', 'created', 3, '0xA');
+INSERT INTO history (vm_id, at, action, status, call_id, caller) VALUES ('internal', 1, 'create', 'created', NULL, NULL);
+INSERT INTO history (vm_id, at, action, status, call_id, caller) VALUES ('mine', 2, 'start', 'running', 4, '0xB');
+"""
+
+
+async def test_a_schema_1_store_gets_owners_from_the_creating_call(tmp_path: Path) -> None:
+    """An existing database (before ownership) opens: each VM belongs to the caller of its first history row."""
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(SCHEMA_1)
+    store = Store(path)
+    assert {v.vm_id: v.owner for v in store.list_vms()} == {"mine": "0xA", "internal": None}
+    store.close()
+    store = Store(path)  # opened again: already upgraded, nothing changes
+    assert store._read("SELECT value FROM meta WHERE key='schema'") == [("2",)]
+    assert store.get_vm("mine") is not None and store.get_vm("mine").owner == "0xA"  # type: ignore[union-attr]
+    life = Lifecycle(InMemoryDriver(), store, state_dir=tmp_path / "state")
+    with pytest.raises(OwnershipError):
+        await life.destroy_vm("mine", Origin(9, "0xB"))  # 0xB only started it
+    with pytest.raises(OwnershipError):
+        await life.destroy_vm("internal", Origin(10, "0xA"))  # made by the service itself: its owner's only
