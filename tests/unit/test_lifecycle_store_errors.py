@@ -198,3 +198,25 @@ async def test_a_schema_1_store_gets_owners_from_the_creating_call(tmp_path: Pat
         await life.destroy_vm("mine", Origin(9, "0xB"))  # 0xB only started it
     with pytest.raises(OwnershipError):
         await life.destroy_vm("internal", Origin(10, "0xA"))  # made by the service itself: its owner's only
+
+
+async def test_a_service_owner_not_known_yet_is_transient_not_a_refusal(tmp_path: Path) -> None:
+    """While the chain has not said who owns the service, a non-owner's call is retried, not refused for
+    good: nothing is recorded, and once the owner is known the same call id runs."""
+    known: list[str] = []
+
+    def service_owner() -> str | None:
+        if not known:
+            raise TransientError("the owner of service 0 is not known yet")
+        return known[0]
+
+    life = Lifecycle(InMemoryDriver(), Store(tmp_path / "s.db"), state_dir=tmp_path / "state",
+                     service_owner=service_owner)
+    await life.create_vm("vm", None, Origin(1, "0xA"))
+    await life.start_vm("vm", Origin(2, "0xA"))  # its owner: the service owner is not asked
+    with pytest.raises(TransientError):
+        await life.stop_vm("vm", Origin(3, "0xS"))
+    assert life.store.get_call(3) is None and len((await life.get_vm("vm")).history) == 2
+    known.append("0xs")
+    await life.stop_vm("vm", Origin(3, "0xS"))
+    assert (await life.get_vm("vm")).status is VmStatus.STOPPED
