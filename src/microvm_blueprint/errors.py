@@ -15,6 +15,7 @@ Every class that subclasses :class:`MicrovmBlueprintError` anywhere in the packa
     │   ├── SnapshotNotFound                    runtime.errors
     │   ├── SnapshotAlreadyExists               runtime.errors
     │   ├── InvalidTransition                   runtime.errors      a forbidden cell of the state x job table
+    │   ├── OwnershipError                      runtime.errors      "vm '<id>' belongs to another caller" (§9)
     │   ├── QuotaExceeded                       runtime.errors      over a configured host limit
     │   ├── RecordedFailure                     runtime.errors      a replayed call that failed the first time (same text)
     │   ├── ImageError                          runtime.errors      missing kernel / image / build tool

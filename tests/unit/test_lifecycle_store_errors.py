@@ -14,7 +14,7 @@ import pytest
 from microvm_blueprint.blueprint.journal import JobJournal, JournalError
 from microvm_blueprint.errors import TransientError
 from microvm_blueprint.runtime.adapters.in_memory import InMemoryDriver
-from microvm_blueprint.runtime.errors import RecordedFailure, StoreUnusable, VmError
+from microvm_blueprint.runtime.errors import OwnershipError, RecordedFailure, StoreUnusable, VmError
 from microvm_blueprint.runtime.lifecycle import Lifecycle
 from microvm_blueprint.runtime.model import Origin, VmStatus
 from microvm_blueprint.runtime.store import Store, StoreError
@@ -78,9 +78,9 @@ async def test_a_locked_database_is_not_the_calls_outcome(
 ) -> None:
     before, step, after = STEPS[name]
     if before is not None:
-        await life.create_vm("vm", None, Origin(1))
+        await life.create_vm("vm", None, Origin(1, "0xc"))  # the VM is 0xc's: its later calls are its owner's
     if before is VmStatus.RUNNING:
-        await life.start_vm("vm", Origin(2))
+        await life.start_vm("vm", Origin(2, "0xc"))
     # Contention comes and goes: by the time a failure would be recorded the lock is gone, so a
     # lifecycle that recorded this failure would succeed in recording it (and replay it forever).
     recorded: list[tuple[Any, ...]] = []
@@ -135,7 +135,7 @@ def test_a_store_of_another_schema_is_unusable_not_transient(db: Path) -> None:
     Store(db).close()
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE meta SET value='99' WHERE key='schema'")
-    with pytest.raises(StoreUnusable, match="has schema 99, expected 1") as err:
+    with pytest.raises(StoreUnusable, match="has schema 99, expected 2") as err:
         Store(db)
     assert not isinstance(err.value, TransientError | VmError)
 
@@ -165,3 +165,58 @@ def test_other_stores_keep_their_own_error_class_when_locked(tmp_path: Path) -> 
             h.conn.close()
         with dbx.tx() as conn:  # and usable again once the lock is gone
             conn.execute("SELECT 1")
+
+
+SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE vms (vm_id TEXT PRIMARY KEY, status TEXT NOT NULL, spec TEXT NOT NULL, workdir TEXT NOT NULL,
+                  handle TEXT, error TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE history (seq INTEGER PRIMARY KEY AUTOINCREMENT, vm_id TEXT NOT NULL, at REAL NOT NULL,
+                      action TEXT NOT NULL, status TEXT NOT NULL, call_id INTEGER, caller TEXT);
+INSERT INTO meta VALUES ('schema', '1');
+INSERT INTO vms VALUES ('mine', 'running', '{"vcpus":1,"mem_mib":256,"image":"default"}', '/w/a', NULL, NULL, 1, 2);
+INSERT INTO vms VALUES ('internal', 'created', '{"vcpus":1,"mem_mib":256,"image":"default"}', '/w/b', NULL, NULL, 1, 1);
+INSERT INTO history (vm_id, at, action, status, call_id, caller) VALUES ('mine', 1, 'create', 'created', 3, '0xA');
+INSERT INTO history (vm_id, at, action, status, call_id, caller) VALUES ('internal', 1, 'create', 'created', NULL, NULL);
+INSERT INTO history (vm_id, at, action, status, call_id, caller) VALUES ('mine', 2, 'start', 'running', 4, '0xB');
+"""
+
+
+async def test_a_schema_1_store_gets_owners_from_the_creating_call(tmp_path: Path) -> None:
+    """An existing database (before ownership) opens: each VM belongs to the caller of its first history row."""
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(SCHEMA_1)
+    store = Store(path)
+    assert {v.vm_id: v.owner for v in store.list_vms()} == {"mine": "0xA", "internal": None}
+    store.close()
+    store = Store(path)  # opened again: already upgraded, nothing changes
+    assert store._read("SELECT value FROM meta WHERE key='schema'") == [("2",)]
+    assert store.get_vm("mine") is not None and store.get_vm("mine").owner == "0xA"  # type: ignore[union-attr]
+    life = Lifecycle(InMemoryDriver(), store, state_dir=tmp_path / "state")
+    with pytest.raises(OwnershipError):
+        await life.destroy_vm("mine", Origin(9, "0xB"))  # 0xB only started it
+    with pytest.raises(OwnershipError):
+        await life.destroy_vm("internal", Origin(10, "0xA"))  # made by the service itself: its owner's only
+
+
+async def test_a_service_owner_not_known_yet_is_transient_not_a_refusal(tmp_path: Path) -> None:
+    """While the chain has not said who owns the service, a non-owner's call is retried, not refused for
+    good: nothing is recorded, and once the owner is known the same call id runs."""
+    known: list[str] = []
+
+    def service_owner() -> str | None:
+        if not known:
+            raise TransientError("the owner of service 0 is not known yet")
+        return known[0]
+
+    life = Lifecycle(InMemoryDriver(), Store(tmp_path / "s.db"), state_dir=tmp_path / "state",
+                     service_owner=service_owner)
+    await life.create_vm("vm", None, Origin(1, "0xA"))
+    await life.start_vm("vm", Origin(2, "0xA"))  # its owner: the service owner is not asked
+    with pytest.raises(TransientError):
+        await life.stop_vm("vm", Origin(3, "0xS"))
+    assert life.store.get_call(3) is None and len((await life.get_vm("vm")).history) == 2
+    known.append("0xs")
+    await life.stop_vm("vm", Origin(3, "0xS"))
+    assert (await life.get_vm("vm")).status is VmStatus.STOPPED

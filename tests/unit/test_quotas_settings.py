@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections.abc import Awaitable
 from pathlib import Path
 
 import pytest
 
 from microvm_blueprint.blueprint.settings import OperatorSettings, ProviderKind
 from microvm_blueprint.runtime.adapters.in_memory import InMemoryDriver
-from microvm_blueprint.runtime.errors import InvalidInput, QuotaExceeded
+from microvm_blueprint.runtime.errors import InvalidInput, QuotaExceeded, VmmError
 from microvm_blueprint.runtime.lifecycle import Lifecycle
-from microvm_blueprint.runtime.model import HostLimits, Origin, VmSpec
+from microvm_blueprint.runtime.model import HostLimits, Origin, VmHandle, VmRecord, VmSpec
 from microvm_blueprint.runtime.store import Store
 from microvm_blueprint.tangle.environment import BlueprintEnvironment, Secret
 from microvm_blueprint.tangle.errors import ConfigError
+
+from ..waiting import until
 
 
 def life(tmp: Path, **limits: int) -> Lifecycle:
@@ -138,3 +142,76 @@ def test_the_firecracker_state_dir_is_not_used_and_says_so(tmp_path: Path, caplo
     caplog.clear()
     make_driver(OperatorSettings.from_env({"MICROVM_PROVIDER": "firecracker"}, tmp_path))
     assert "STATE_DIR" not in caplog.text
+
+
+class GatedDriver(InMemoryDriver):
+    """The in-memory driver with VMM work that takes as long as the test says: each create and snapshot
+    waits at a gate (``fail`` makes the creates fail once through it), so concurrent calls overlap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.entered: list[str] = []
+        self.fail = False
+
+    async def create(self, vm: VmRecord) -> VmHandle | None:
+        self.entered.append(vm.vm_id)
+        await asyncio.wait_for(self.gate.wait(), 30)
+        if self.fail:
+            raise VmmError("the VMM did not start")
+        return await super().create(vm)
+
+    async def snapshot(self, vm: VmRecord, snapdir: str) -> int:
+        self.entered.append(f"snapshot:{vm.vm_id}")
+        await asyncio.wait_for(self.gate.wait(), 30)
+        return await super().snapshot(vm, snapdir)
+
+
+async def _burst(calls: list[Awaitable[object]], driver: GatedDriver, entering: int) -> list[object]:
+    """Run ``calls`` at once; open the gate once each is either inside the driver or refused."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    await until(lambda: len(driver.entered) + sum(t.done() for t in tasks) >= len(tasks), what="the burst to settle")
+    assert len(driver.entered) == entering, driver.entered  # before the fix: every call did VMM work
+    driver.gate.set()
+    return list(await asyncio.gather(*tasks, return_exceptions=True))
+
+
+async def test_a_burst_of_creates_gets_exactly_the_quota(tmp_path: Path) -> None:
+    driver = GatedDriver()
+    lc = Lifecycle(driver, Store(tmp_path / "s.db"), state_dir=tmp_path / "st", limits=HostLimits(max_vms=2))
+    outcomes = await _burst([lc.create_vm(f"vm-{i}", None, Origin(call_id=i)) for i in range(6)], driver, 2)
+    refused = [o for o in outcomes if isinstance(o, QuotaExceeded)]
+    assert len(refused) == 4 and all(str(o) == "quota exceeded: at most 2 vms" for o in refused), outcomes
+    assert len([v for v in await lc.list_vms()]) == 2
+    assert lc._vms_taken == {}  # every share given back or turned into a row
+
+
+async def test_a_failed_create_gives_its_share_back(tmp_path: Path) -> None:
+    driver = GatedDriver()
+    lc = Lifecycle(driver, Store(tmp_path / "s.db"), state_dir=tmp_path / "st",
+                   limits=HostLimits(max_vms=1, max_total_mem_mib=256))
+    driver.fail = True
+    outcomes = await _burst([lc.create_vm(f"vm-{i}", None, Origin(call_id=10 + i)) for i in range(3)], driver, 1)
+    assert [type(o).__name__ for o in outcomes].count("VmmError") == 1
+    assert [type(o).__name__ for o in outcomes].count("QuotaExceeded") == 2
+    driver.fail = False
+    await lc.create_vm("after", None, Origin(call_id=20))  # the failed create's share was released
+    assert [v.vm_id for v in await lc.list_vms()] == ["after"]
+
+
+async def test_a_burst_of_snapshots_reserves_before_the_vmm_works(tmp_path: Path) -> None:
+    driver = GatedDriver()
+    driver.gate.set()
+    lc = Lifecycle(driver, Store(tmp_path / "s.db"), state_dir=tmp_path / "st",
+                   limits=HostLimits(max_snapshot_bytes=4096))
+    for vm in ("a", "b", "c"):
+        await lc.create_vm(vm, None, Origin())
+        await lc.start_vm(vm, Origin())
+    driver.gate.clear()
+    driver.entered.clear()
+    # a running VM's snapshot may take its guest memory: the first one reserves what is left
+    outcomes = await _burst([lc.snapshot_vm(vm, "s", Origin()) for vm in ("a", "b", "c")], driver, 1)
+    assert [type(o).__name__ for o in outcomes].count("QuotaExceeded") == 2, outcomes
+    assert lc._snaps_taken == {}
+    assert sum(len(v.snapshots) for v in await lc.list_vms()) == 1
+    await lc.snapshot_vm("b", "s", Origin())  # the reservation became a ~110-byte snapshot: room again

@@ -184,3 +184,29 @@ def test_the_wrapped_form_always_round_trips(case: tuple[list[str], tuple[Any, .
     got = decode_args(types, wrapped)
     norm = encode([f"({','.join(types)})"], [got])
     assert norm == wrapped
+
+
+@pytest.mark.parametrize("types", JOB_SIGNATURES, ids=lambda ts: ",".join(ts))
+@pytest.mark.parametrize("form", ["flat", "wrapped"])
+@pytest.mark.parametrize("tail", [b"\x00", b"\x00" * 32, b"\x01" * 32, b"hidden payload"])
+def test_bytes_after_a_valid_encoding_are_refused(types: list[str], form: str, tail: bytes) -> None:
+    """Input = a valid encoding + anything: refused, saying so (before: decoded, the tail ignored)."""
+    values = _SAMPLES[",".join(types)]
+    good = encode(types, values) if form == "flat" else encode([f"({','.join(types)})"], [tuple(values)])
+    assert decode_args(types, good) == tuple(values)
+    with pytest.raises(AbiDecodeError) as err:
+        decode_args(types, good + tail)
+    message = str(err.value)
+    assert f"{len(tail)} trailing byte(s) after the encoding ({len(good)} bytes)" in message, message
+    assert message.startswith(f"malformed inputs: expected ({','.join(types)}): ") and "\n" not in message
+
+
+_SAMPLES: dict[str, list[Any]] = {
+    "string": ["vm-1"],
+    "string,string": ["vm-1", "snap"],
+    "string,string,string": ["src", "snap", "copy"],
+    "string,uint32,uint32,string": ["vm-1", 2, 512, ""],
+    "uint64,bool,address": [7, True, "0x" + "11" * 20],
+    "bytes,uint256[],string[]": [b"\x01\x02", (1, 2), ("a", "bc")],
+    "bytes32,int128,(string,uint8)": [b"\x07" * 32, -5, ("x", 3)],
+}

@@ -60,6 +60,7 @@ def test_dev_contract_speaks_the_real_interface(real_abi: list[dict]) -> None:  
     for key in [("function", _sig(contracts.SUBMIT_JOB)), ("function", _sig(contracts.SUBMIT_RESULT)),
                 ("function", _sig(contracts.SUBMIT_RESULTS)), ("function", _sig(contracts.GET_JOB_CALL)),
                 ("function", _sig(contracts.IS_OPERATOR_REGISTERED)), ("function", _sig(contracts.REGISTER_OPERATOR)),
+                ("function", _sig(contracts.GET_SERVICE)),
                 *[("event", _sig(e)) for e in (contracts.JOB_SUBMITTED, contracts.JOB_SUBMITTED_FROM_QUOTE,
                                                contracts.JOB_RESULT_SUBMITTED, contracts.JOB_COMPLETED,
                                                contracts.SERVICE_ACTIVATED)],

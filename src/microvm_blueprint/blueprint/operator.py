@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +28,7 @@ from ..tangle.producer import TangleProducer, job_topics
 from ..tangle.registration import check_service_operator
 from ..tangle.rpc import ContractRevert, JsonRpc
 from ..tangle.runner import BlueprintRunner
+from ..tangle.service import ServiceOwner
 from ..tangle.state import TangleState
 from .jobs import build_router
 from .journal import JobJournal
@@ -93,10 +95,12 @@ def default_spec(settings: OperatorSettings) -> VmSpec | None:
     return firecracker_settings(settings).default_spec()
 
 
-def build_provider(settings: OperatorSettings, driver: VmmDriver | None = None) -> Lifecycle:
+def build_provider(
+    settings: OperatorSettings, driver: VmmDriver | None = None, *, service_owner: Callable[[], str | None] | None = None
+) -> Lifecycle:
     store = Store(":memory:" if settings.ephemeral else settings.data_dir / "runtime.sqlite3")
     return Lifecycle(driver or make_driver(settings), store, state_dir=settings.state_dir, limits=settings.limits,
-                     default_spec=default_spec(settings), network=settings.network)
+                     default_spec=default_spec(settings), network=settings.network, service_owner=service_owner)
 
 
 class JournalObserver:
@@ -175,10 +179,12 @@ class Operator:
         data.mkdir(parents=True, exist_ok=True)
         if key is None and not env.dry_run:
             key = load_operator_key(env.keystore_uri)
-        provider = build_provider(settings, driver)
+        rpc = JsonRpc(env.http_rpc_url)
+        # the service owner may act on every VM (DESIGN.md §9): read from the chain once, at start
+        owner = ServiceOwner(rpc, env.tangle_contract, env.service_id)
+        provider = build_provider(settings, driver, service_owner=owner.get)
         journal = JobJournal(data / "jobs.sqlite3")
         state = TangleState(data / "tangle.sqlite3")
-        rpc = JsonRpc(env.http_rpc_url)
         metrics = OperatorMetrics(service_id=env.service_id, blueprint_id=env.blueprint_id)
         metrics.watch_vms(provider.store)
         observer = Observers(JournalObserver(journal), metrics.observer())
@@ -205,7 +211,7 @@ class Operator:
         server = QueryServer(QueryApp(provider, journal, metrics.render), settings.api_host, settings.api_port)
         runner = BlueprintRunner(
             build_router(provider), producer, consumer, state,
-            background_services=[server, *([heads] if heads else []), *([heartbeat] if heartbeat else [])],
+            background_services=[server, owner, *([heads] if heads else []), *([heartbeat] if heartbeat else [])],
             observer=observer,
         )
         return cls(env, settings, provider, runner, server, journal, state, rpc, key, metrics, heartbeat)

@@ -95,6 +95,19 @@ def _int_param(query: dict[str, list[str]], name: str, *, default: int | None, l
     return value
 
 
+async def _refuse_websocket(scope: Scope, send: Send) -> None:
+    """This API is plain HTTP GET: a WebSocket upgrade is refused with 403 and a JSON error (before, the
+    handshake went unanswered and the server said 500), or a policy-violation close where the server
+    cannot send an HTTP response (uvicorn turns a close before accept into a 403 as well)."""
+    if "websocket.http.response" in scope.get("extensions", {}):
+        body = b'{"error":"WebSocket is not served here: the query API answers plain HTTP GET"}'
+        await send({"type": "websocket.http.response.start", "status": 403, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": 1008})
+
+
 class QueryApp:
     """ASGI callable. ``vms`` answers VM questions; ``journal`` answers ``/jobs``; ``metrics`` (the
     Prometheus text, ``metrics.OperatorMetrics.render``) answers ``/metrics``; ``events`` serves the waits
@@ -119,6 +132,9 @@ class QueryApp:
                 elif message["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})
                     return
+        if scope["type"] == "websocket":
+            await _refuse_websocket(scope, send)
+            return
         if scope["type"] != "http":
             return
         response = await self._respond(scope)
@@ -548,6 +564,9 @@ _VM = {
         "created_at": {"type": "number"},
         "updated_at": {"type": "number"},
         "error": {"type": "string"},
+        "owner": {"type": "string", "nullable": True,
+                  "description": "the caller that created or restored the VM: only it (and the service owner) "
+                                 "may change it; null when the service itself created it"},
         "history": {"type": "array", "items": {"type": "object"}, "description": "GET /vms/{vm_id} only"},
     },
 }

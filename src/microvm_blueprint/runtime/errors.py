@@ -13,6 +13,7 @@
         ├── SnapshotNotFound              "snapshot '<s>' not found for vm '<id>'"
         ├── SnapshotAlreadyExists         "snapshot '<s>' already exists for vm '<id>'"
         ├── InvalidTransition             "invalid vm transition for '<id>': <from> -> <to>"
+        ├── OwnershipError                "vm '<id>' belongs to another caller"
         ├── QuotaExceeded                 over a configured host limit
         ├── RecordedFailure               a replayed call that failed the first time (same text)
         ├── ImageError                    kernel / image / build tool missing or broken
@@ -72,6 +73,14 @@ class InvalidTransition(VmError):
         self.vm_id = vm_id
         self.current = current
         self.target = target
+
+
+class OwnershipError(VmError):
+    """The caller neither owns the VM (created or restored it) nor owns the service (DESIGN.md §9)."""
+
+    def __init__(self, vm_id: str) -> None:
+        super().__init__(f"vm '{vm_id}' belongs to another caller")
+        self.vm_id = vm_id
 
 
 class QuotaExceeded(VmError):

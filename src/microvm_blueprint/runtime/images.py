@@ -803,7 +803,10 @@ def resolve_image(name: str, cache_dir: Path | None = None) -> ImageManifest:
     cache = Path(cache_dir or default_cache_dir())
     link = cache / name
     if not link.exists():
-        raise ImageError(f"image '{name}' is not built (run `microvm-blueprint image build --name {name}`)")
+        if name in RECIPES:  # one of ours: the command to build it is safe to suggest
+            raise ImageError(f"image '{name}' is not built (run `microvm-blueprint image build --name {name}`)")
+        # any other name is whatever a caller wrote (a job's spec): shown as data, never as a command to paste
+        raise ImageError(f"image '{name}' is not built on this operator (only its operator can build or import it)")
     manifest = ImageManifest.load(link.resolve())
     for path in (manifest.bzimage, manifest.initramfs, manifest.rootfs):
         if path and not Path(path).is_file():  # an imported image may have no initramfs

@@ -1,8 +1,17 @@
 """The lifecycle core: one implementation of :class:`VmProvider` over any :class:`VmmDriver`.
 
-It owns what every VMM shares — id rules, the state x job table, quotas, per-VM ordering, the
-durable store, intents, the audit trail and replay detection — and hands the driver only the
-transitions the table allows. Adapters are therefore thin and cannot drift apart on semantics;
+It owns what every VMM shares — id rules, ownership, the state x job table, quotas, per-VM ordering,
+the durable store, intents, the audit trail and replay detection — and hands the driver only the
+transitions the table allows.
+
+Ownership (DESIGN.md §9): a VM belongs to the caller whose call created (or restored) it, and so do
+its snapshots; a change from any other caller fails with ``vm '<id>' belongs to another caller`` and
+is put on the VM's audit trail as ``refused:<job>``. The service owner (injected: the runtime never
+asks the chain) and the service itself (an :class:`Origin` without a caller) may act on every VM.
+
+Quotas are reservations: a create, restore or snapshot checks the host quota and takes its share
+under one lock before any VMM work, and gives it back if it fails, so concurrent calls on different
+VMs cannot all pass a check that only one of them fits. Adapters are therefore thin and cannot drift apart on semantics;
 the contract suite in ``tests/contract`` runs against every driver.
 """
 
@@ -22,6 +31,7 @@ from ..errors import TransientError
 from .driver import VmmDriver
 from .errors import (
     InvalidInput,
+    OwnershipError,
     QuotaExceeded,
     RecordedFailure,
     SnapshotAlreadyExists,
@@ -80,8 +90,13 @@ class Lifecycle:
         default_spec: VmSpec | None = None,
         network: NetworkSettings | None = None,
         port_free: Callable[[str, int], bool] = tcp_port_free,
+        service_owner: Callable[[], str | None] | str | None = None,
     ) -> None:
+        """``service_owner``: the address that may act on every VM (the service's owner on the chain), or a
+        callable answering it when asked (it may raise a ``TransientError`` while it is not known yet:
+        the call is then retried, never refused for good). ``None``: only each VM's owner."""
         self.driver = driver
+        self._service_owner = service_owner if callable(service_owner) else (lambda: service_owner)
         self.network = network or NetworkSettings()
         self._port_free = port_free  # injected so tests can make a host port look taken
         self.default_spec = default_spec or VmSpec()  # for create_vm without a spec
@@ -93,6 +108,9 @@ class Lifecycle:
         self.vms_dir.mkdir(parents=True, exist_ok=True)
         self.snaps_dir.mkdir(parents=True, exist_ok=True)
         self._locks: dict[str, _VmLock] = {}  # only VMs a call holds or waits on (see _locked)
+        self._quota_lock = asyncio.Lock()  # a quota is checked and taken under it (see _vm_quota)
+        self._vms_taken: dict[str, int] = {}  # creates/restores past their quota check, no row yet: MiB
+        self._snaps_taken: dict[object, int] = {}  # snapshots being taken: bytes reserved
         driver.set_exit_listener(self._on_vmm_exit)
 
     # ---- plumbing ---------------------------------------------------------------------------
@@ -164,6 +182,7 @@ class Lifecycle:
                 validate_id(kind, value)
             async with self._locked(vm_id):
                 vm = self._require(vm_id)
+                self._check_owner(vm, origin, job)
                 if action is not None:
                     guard(vm_id, vm.status, action)
                 yield vm
@@ -185,18 +204,63 @@ class Lifecycle:
             raise VmNotFound(vm_id)
         return view
 
-    def _check_quota(self, spec: VmSpec) -> None:
+    def _check_owner(self, vm: StoredVm, origin: Origin, job: str) -> None:
+        """Refuse (:class:`OwnershipError`, recorded on the VM's audit trail) a change by a caller that
+        owns neither the VM nor the service. The service owner is asked only when it matters."""
+        caller = origin.caller
+        if caller is None or _same(caller, vm.owner):
+            return
+        if _same(caller, self._service_owner()):
+            return
+        log.warning("refused %s of vm %r by %s: not its owner", job, vm.vm_id, caller, extra={"vm_id": vm.vm_id})
+        self.store.record_refusal(vm.vm_id, vm.status, origin, job)
+        raise OwnershipError(vm.vm_id)
+
+    @asynccontextmanager
+    async def _vm_quota(self, vm_id: str, spec: VmSpec) -> AsyncIterator[None]:
+        """Check the VM count and memory quotas and take ``vm_id``'s share, under one lock, before any VMM
+        work; the share is held until the body ends (by then the VM's row counts, or it failed)."""
         lim = self.limits
         if lim.max_vms is None and lim.max_total_mem_mib is None:
-            return  # no host quota: skip the usage scan on the hot path
-        count, mem, _ = self.store.usage()
-        if lim.max_vms is not None and count + 1 > lim.max_vms:
-            raise QuotaExceeded(f"quota exceeded: at most {lim.max_vms} vms")
-        if lim.max_total_mem_mib is not None and mem + spec.mem_mib > lim.max_total_mem_mib:
-            raise QuotaExceeded(
-                f"quota exceeded: total guest memory would be {mem + spec.mem_mib} MiB "
-                f"(limit {lim.max_total_mem_mib} MiB)"
-            )
+            yield  # no host quota: skip the usage scan on the hot path
+            return
+        async with self._quota_lock:
+            count, mem, _ = self.store.usage()
+            count += len(self._vms_taken)
+            mem += sum(self._vms_taken.values())
+            if lim.max_vms is not None and count + 1 > lim.max_vms:
+                raise QuotaExceeded(f"quota exceeded: at most {lim.max_vms} vms")
+            if lim.max_total_mem_mib is not None and mem + spec.mem_mib > lim.max_total_mem_mib:
+                raise QuotaExceeded(
+                    f"quota exceeded: total guest memory would be {mem + spec.mem_mib} MiB "
+                    f"(limit {lim.max_total_mem_mib} MiB)"
+                )
+            self._vms_taken[vm_id] = spec.mem_mib
+        try:
+            yield
+        finally:
+            del self._vms_taken[vm_id]
+
+    @asynccontextmanager
+    async def _snapshot_quota(self, vm: StoredVm) -> AsyncIterator[int | None]:
+        """Check the snapshot disk quota and reserve what this snapshot may take (its guest memory when it
+        has a memory image, at most what is left), under one lock, before any VMM work. Yields the limit.
+        The snapshot's real size is checked against the stored ones before it is recorded."""
+        lim = self.limits.max_snapshot_bytes
+        if lim is None:
+            yield None
+            return
+        token = object()
+        async with self._quota_lock:
+            used = self.store.usage()[2] + sum(self._snaps_taken.values())
+            if used >= lim:
+                raise QuotaExceeded(f"quota exceeded: snapshot disk limit of {lim} bytes reached")
+            estimate = vm.spec.mem_mib << 20 if vm.status in (VmStatus.RUNNING, VmStatus.STOPPED) else 0
+            self._snaps_taken[token] = min(estimate, lim - used)
+        try:
+            yield lim
+        finally:
+            del self._snaps_taken[token]
 
     def _on_vmm_exit(self, vm_id: str, reason: str) -> None:
         vm = self.store.get_vm(vm_id)
@@ -228,8 +292,11 @@ class Lifecycle:
     async def _create_locked(self, vm_id: str, spec: VmSpec, origin: Origin) -> VmView:
         if self.store.get_vm(vm_id) is not None:
             raise VmAlreadyExists(vm_id)
-        self._check_quota(spec)
         self._check_network(spec)
+        async with self._vm_quota(vm_id, spec):
+            return await self._create_reserved(vm_id, spec, origin)
+
+    async def _create_reserved(self, vm_id: str, spec: VmSpec, origin: Origin) -> VmView:
         workdir = self.vms_dir / fs_name(vm_id)
         shutil.rmtree(workdir, ignore_errors=True)  # leftovers of an undone create
         intent = self.store.add_intent(vm_id, "create", str(workdir), origin.call_id)
@@ -328,38 +395,42 @@ class Lifecycle:
         async with self._transition(origin, "snapshot_vm", vm_id, Action.SNAPSHOT, snapshot_id=snapshot_id) as vm:
             if self.store.get_snapshot(vm_id, snapshot_id) is not None:
                 raise SnapshotAlreadyExists(vm_id, snapshot_id)
-            lim = self.limits.max_snapshot_bytes
-            if lim is not None and self.store.usage()[2] >= lim:
-                raise QuotaExceeded(f"quota exceeded: snapshot disk limit of {lim} bytes reached")
-            snapdir = self.snaps_dir / fs_name(vm_id) / fs_name(snapshot_id)
+            async with self._snapshot_quota(vm) as lim:
+                return await self._snapshot_reserved(vm, snapshot_id, origin, lim)
+
+    async def _snapshot_reserved(
+        self, vm: StoredVm, snapshot_id: str, origin: Origin, lim: int | None
+    ) -> SnapshotView:
+        vm_id = vm.vm_id
+        snapdir = self.snaps_dir / fs_name(vm_id) / fs_name(snapshot_id)
+        shutil.rmtree(snapdir, ignore_errors=True)
+        intent = self.store.add_intent(vm_id, "snapshot", str(snapdir), origin.call_id)
+        snapdir.mkdir(parents=True)
+        try:
+            crash_point("snapshot.after_intent")
+            size = await self.driver.snapshot(self._record(vm), str(snapdir))
+            crash_point("snapshot.after_save")
+            if lim is not None and self.store.usage()[2] + size > lim:
+                raise QuotaExceeded(
+                    f"quota exceeded: snapshot of {size} bytes would pass the limit of {lim} bytes"
+                )
+        except BaseException as exc:
             shutil.rmtree(snapdir, ignore_errors=True)
-            intent = self.store.add_intent(vm_id, "snapshot", str(snapdir), origin.call_id)
-            snapdir.mkdir(parents=True)
-            try:
-                crash_point("snapshot.after_intent")
-                size = await self.driver.snapshot(self._record(vm), str(snapdir))
-                crash_point("snapshot.after_save")
-                if lim is not None and self.store.usage()[2] + size > lim:
-                    raise QuotaExceeded(
-                        f"quota exceeded: snapshot of {size} bytes would pass the limit of {lim} bytes"
-                    )
-            except BaseException as exc:
-                shutil.rmtree(snapdir, ignore_errors=True)
-                self.store.drop_intent(intent)
-                if isinstance(exc, VmmError):
-                    await self._after_driver_error(vm, exc)
-                raise
-            snap = SnapshotRecord(
-                vm_id=vm_id,
-                snapshot_id=snapshot_id,
-                path=str(snapdir),
-                vm_status=vm.status,
-                spec=vm.spec,
-                created_at=time.time(),
-                size_bytes=size,
-            )
-            self.store.add_snapshot(snap, origin, intent=intent)
-            return _snap_view(snap)
+            self.store.drop_intent(intent)
+            if isinstance(exc, VmmError):
+                await self._after_driver_error(vm, exc)
+            raise
+        snap = SnapshotRecord(
+            vm_id=vm_id,
+            snapshot_id=snapshot_id,
+            path=str(snapdir),
+            vm_status=vm.status,
+            spec=vm.spec,
+            created_at=time.time(),
+            size_bytes=size,
+        )
+        self.store.add_snapshot(snap, origin, intent=intent)
+        return _snap_view(snap)
 
     async def destroy_vm(self, vm_id: str, origin: Origin) -> VmView:
         if self._replayed(origin):
@@ -380,31 +451,34 @@ class Lifecycle:
             validate_id("snapshot_id", snapshot_id)
             validate_id("new_vm_id", new_vm_id)
             async with self._locked(source_vm_id, new_vm_id):
-                self._require(source_vm_id)
+                # the snapshots are the source owner's: only they (or the service owner) may clone them
+                self._check_owner(self._require(source_vm_id), origin, "restore_vm")
                 snap = self.store.get_snapshot(source_vm_id, snapshot_id)
                 if snap is None:
                     raise SnapshotNotFound(source_vm_id, snapshot_id)
                 if self.store.get_vm(new_vm_id) is not None:
                     raise VmAlreadyExists(new_vm_id)
                 spec = self.limits.check_spec(snap.spec)
-                self._check_quota(spec)
                 self._check_network(spec)
-                workdir = self.vms_dir / fs_name(new_vm_id)
-                shutil.rmtree(workdir, ignore_errors=True)
-                intent = self.store.add_intent(new_vm_id, "restore", str(workdir), origin.call_id)
-                workdir.mkdir(parents=True)
-                record = VmRecord(vm_id=new_vm_id, status=snap.vm_status, spec=spec, workdir=str(workdir))
-                try:
-                    # the clone publishes the same guest ports on host ports of its own
-                    record = dataclasses.replace(record, network=self._reserve_network(new_vm_id, spec))
-                    handle = await self.driver.restore(record, snap)
-                except BaseException:
-                    await asyncio.shield(self._undo_workdir(record, intent))
-                    raise
-                self.store.insert_vm(
-                    new_vm_id, snap.vm_status, spec, str(workdir), handle, origin, "restore", intent=intent
-                )
-                return self._view(new_vm_id)
+                async with self._vm_quota(new_vm_id, spec):
+                    return await self._restore_reserved(new_vm_id, snap, spec, origin)
+
+    async def _restore_reserved(self, new_vm_id: str, snap: SnapshotRecord, spec: VmSpec, origin: Origin) -> VmView:
+        workdir = self.vms_dir / fs_name(new_vm_id)
+        shutil.rmtree(workdir, ignore_errors=True)
+        intent = self.store.add_intent(new_vm_id, "restore", str(workdir), origin.call_id)
+        workdir.mkdir(parents=True)
+        record = VmRecord(vm_id=new_vm_id, status=snap.vm_status, spec=spec, workdir=str(workdir))
+        try:
+            # the clone publishes the same guest ports on host ports of its own
+            record = dataclasses.replace(record, network=self._reserve_network(new_vm_id, spec))
+            handle = await self.driver.restore(record, snap)
+        except BaseException:
+            await asyncio.shield(self._undo_workdir(record, intent))
+            raise
+        # the clone belongs to the caller that restored it (origin.caller: insert_vm records it)
+        self.store.insert_vm(new_vm_id, snap.vm_status, spec, str(workdir), handle, origin, "restore", intent=intent)
+        return self._view(new_vm_id)
 
     async def delete_snapshot(self, vm_id: str, snapshot_id: str, origin: Origin) -> None:
         if self._replayed(origin):
@@ -501,6 +575,11 @@ def _snap_view(snap: SnapshotRecord) -> SnapshotView:
     return SnapshotView(
         snapshot_id=snap.snapshot_id, created_at=snap.created_at, size_bytes=snap.size_bytes, vm_status=snap.vm_status
     )
+
+
+def _same(caller: str, owner: str | None) -> bool:
+    """One address, whatever the letter case (a checksummed and a lower-case spelling are the same)."""
+    return owner is not None and caller.lower() == owner.lower()
 
 
 def _safe(vm_id: object) -> str | None:

@@ -221,7 +221,11 @@ class HostLimits:
 
 @dataclass(frozen=True)
 class Origin:
-    """Who asked for a change: the job call id and the caller address (the audit trail)."""
+    """Who asked for a change: the job call id and the caller address (the audit trail).
+
+    ``caller`` ``None`` is the service itself (reconciliation, the VMM watcher, in-process tools): it
+    may act on every VM, as the service owner may (DESIGN.md §9).
+    """
 
     call_id: int | None = None
     caller: str | None = None
@@ -317,11 +321,13 @@ class VmView:
     error: str | None = None
     history: tuple[HistoryEntry, ...] = ()
     network: VmNetwork = VmNetwork()
+    owner: str | None = None  # the caller that created or restored it (None: the service itself)
 
     def to_json(self, *, with_history: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
             "vm_id": self.vm_id,
             "status": self.status.value,
+            "owner": self.owner,
             "snapshots": list(self.snapshots),
             "spec": self.spec.to_api(),
             "network": self.network.to_json(),

@@ -1,6 +1,7 @@
 """Durable runtime state: SQLite in WAL mode, shared by every adapter.
 
-One row per VM (tombstones kept), its snapshots in creation order, an audit trail of every change
+One row per VM (tombstones kept) with its owner (the caller that created or restored it: DESIGN.md
+§9), its snapshots in creation order, an audit trail of every change (and of every refused attempt)
 with the call id and caller that caused it, the outcome of every applied call (so a replayed call
 is answered with the same result), and intents for steps that live outside SQLite (spawning a VMM,
 writing files) so reconciliation at start can finish or undo them.
@@ -40,7 +41,9 @@ from .model import (
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: schema versions this code opens, each upgraded in place to SCHEMA_VERSION (1 -> 2: ``vms.owner``)
+UPGRADABLE = (1,)
 #: VM views kept between writes (a view is well under 1 KiB)
 VIEW_CACHE = 4096
 
@@ -54,7 +57,8 @@ CREATE TABLE IF NOT EXISTS vms (
     handle      TEXT,
     error       TEXT,
     created_at  REAL NOT NULL,
-    updated_at  REAL NOT NULL
+    updated_at  REAL NOT NULL,
+    owner       TEXT
 );
 CREATE TABLE IF NOT EXISTS snapshots (
     seq          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -118,6 +122,7 @@ class StoredVm:
     error: str | None
     created_at: float
     updated_at: float
+    owner: str | None = None  # the caller that created or restored it; None: the service itself
 
 
 @dataclass(frozen=True)
@@ -169,9 +174,25 @@ class Store:
         row = self._read("SELECT value FROM meta WHERE key='schema'")
         if not row:
             with self._tx() as db:
+                self._upgrade(db)  # a fresh file has the column; a file without a version row may not
                 db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif int(str(row[0][0])) in UPGRADABLE:
+            with self._tx() as db:
+                self._upgrade(db)
+                db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
         elif int(str(row[0][0])) != SCHEMA_VERSION:
             raise StoreUnusable(f"state database {self.path} has schema {row[0][0]}, expected {SCHEMA_VERSION}")
+
+    @staticmethod
+    def _upgrade(db: sqlite3.Connection) -> None:
+        """Schema 1 -> 2, in the caller's transaction and guarded (safe to run twice): add ``vms.owner``
+        and fill it from each VM's first history row (its create or restore, which recorded the caller)."""
+        columns = {str(r[1]) for r in db.execute("PRAGMA table_info(vms)")}
+        if "owner" not in columns:
+            db.execute("ALTER TABLE vms ADD COLUMN owner TEXT")
+            db.execute(
+                "UPDATE vms SET owner=(SELECT caller FROM history h WHERE h.vm_id=vms.vm_id ORDER BY seq LIMIT 1)"
+            )
 
     def close(self) -> None:
         self._dbx.close()
@@ -248,7 +269,7 @@ class Store:
 
     @staticmethod
     def _vm(row: tuple[object, ...]) -> StoredVm:
-        vm_id, status, spec, workdir, handle, error, created_at, updated_at = row
+        vm_id, status, spec, workdir, handle, error, created_at, updated_at, owner = row
         return StoredVm(
             vm_id=str(vm_id),
             status=VmStatus(str(status)),
@@ -258,9 +279,10 @@ class Store:
             error=str(error) if error is not None else None,
             created_at=float(created_at),  # type: ignore[arg-type]
             updated_at=float(updated_at),  # type: ignore[arg-type]
+            owner=str(owner) if owner is not None else None,
         )
 
-    _VM_COLS = "vm_id, status, spec, workdir, handle, error, created_at, updated_at"
+    _VM_COLS = "vm_id, status, spec, workdir, handle, error, created_at, updated_at, owner"
 
     def get_vm(self, vm_id: str) -> StoredVm | None:
         rows = self._read(f"SELECT {self._VM_COLS} FROM vms WHERE vm_id=?", (vm_id,))
@@ -284,7 +306,7 @@ class Store:
 
     # ---- read models (the query API's hot path: no handle, no workdir, few statements) ----------
 
-    _VIEW_COLS = "vm_id, status, spec, error, created_at, updated_at"
+    _VIEW_COLS = "vm_id, status, spec, error, created_at, updated_at, owner"
 
     def vm_view(self, vm_id: str) -> VmView | None:
         """One VM as the query API shows it, with snapshots and history; ``None`` if unknown.
@@ -415,7 +437,7 @@ class Store:
 
     @staticmethod
     def _view(row: tuple[object, ...], snapshots: tuple[str, ...], history: tuple[HistoryEntry, ...]) -> VmView:
-        vm_id, status, spec, error, created_at, updated_at = row
+        vm_id, status, spec, error, created_at, updated_at, owner = row
         return VmView(
             vm_id=str(vm_id),
             status=VmStatus(str(status)),
@@ -425,6 +447,7 @@ class Store:
             updated_at=float(updated_at),  # type: ignore[arg-type]
             error=str(error) if error is not None else None,
             history=history,
+            owner=str(owner) if owner is not None else None,
         )
 
     def status_counts(self) -> dict[str, int]:
@@ -453,10 +476,11 @@ class Store:
         intent: int | None = None,
     ) -> None:
         now = time.time()
-        with self._tx((vm_id,)) as db:
+        with self._tx((vm_id,)) as db:  # the VM belongs to the caller that creates (or restores) it
             db.execute(
-                f"INSERT INTO vms ({self._VM_COLS}) VALUES (?,?,?,?,?,?,?,?)",
-                (vm_id, status.value, json.dumps(spec.to_json()), workdir, _handle(handle), None, now, now),
+                f"INSERT INTO vms ({self._VM_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
+                (vm_id, status.value, json.dumps(spec.to_json()), workdir, _handle(handle), None, now, now,
+                 origin.caller),
             )
             self._history(db, vm_id, now, action, status, origin)
             self._call_ok(db, origin, action, vm_id, now)
@@ -498,6 +522,12 @@ class Store:
                 self._call_ok(db, origin, action, vm_id, now)
             if intent is not None:
                 db.execute("DELETE FROM intents WHERE seq=?", (intent,))
+
+    def record_refusal(self, vm_id: str, status: VmStatus, origin: Origin, job: str) -> None:
+        """Put a refused attempt on ``vm_id``'s audit trail (action ``refused:<job>``, the caller, the call
+        id); the VM itself is unchanged. The call's failure is recorded apart (:meth:`record_failure`)."""
+        with self._tx((vm_id,)) as db:
+            self._history(db, vm_id, time.time(), f"refused:{job}", status, origin)
 
     def history(self, vm_id: str) -> list[HistoryEntry]:
         rows = self._read(

@@ -3,7 +3,9 @@
 Arguments are a tuple. Input of at least 64 bytes whose first word is ``0x20`` is tried in the
 *wrapped* form ``abi.decode(x, ((T1,...)))`` first, then the *flat* form ``abi.decode(x, (T1,...))``;
 anything else only flat. Decoding is strict (canonical padding, in-bounds offsets), input larger
-than a cap (default 64 KiB) is refused before decoding, and strings must be valid UTF-8.
+than a cap (default 64 KiB) is refused before decoding, strings must be valid UTF-8, and the input
+must be exactly as long as the canonical encoding of what it decodes to: bytes after a valid
+encoding are refused, not ignored (they could smuggle data past anything that reads the inputs).
 A result is one value ABI-encoded on its own.
 
 Only :class:`AbiDecodeError` ever escapes :func:`decode_args` (fuzzed in the tests).
@@ -46,6 +48,18 @@ def _decode(types: list[str], data: bytes) -> tuple[Any, ...]:
         raise AbiDecodeError(_short(exc)) from exc
 
 
+def _check_length(types: list[str], values: Sequence[Any], data: bytes) -> None:
+    """Refuse input longer (or shorter) than the canonical encoding of the values it decoded to."""
+    try:
+        canonical = len(encode(types, list(values)))
+    except Exception as exc:  # cannot happen for values eth-abi decoded itself; stay within our errors
+        raise AbiDecodeError(_short(exc)) from exc
+    if canonical != len(data):
+        extra = len(data) - canonical
+        what = f"{extra} trailing byte(s) after" if extra > 0 else f"{-extra} byte(s) missing from"
+        raise AbiDecodeError(f"{what} the encoding ({canonical} bytes)")
+
+
 def _check_strings(values: Sequence[Any]) -> None:
     """Defence in depth: no decoded string may hold lone surrogates (not representable as UTF-8)."""
     for v in values:
@@ -70,18 +84,24 @@ def decode_args(types: Sequence[str], data: bytes, *, max_bytes: int = MAX_INPUT
     data = bytes(data)
     flat = [str(t) for t in types]
     expected = _signature(flat)
+    wrapped_error: AbiDecodeError | None = None
     if len(data) >= 64 and data[:32] == _WORD_0X20:
         try:
             (inner,) = _decode([expected], data)
             _check_strings(inner)
+            _check_length([expected], [inner], data)
             return tuple(inner)
-        except AbiDecodeError:
-            pass  # not the wrapped form after all: the flat form decides
+        except AbiDecodeError as exc:
+            wrapped_error = exc  # not the wrapped form after all: the flat form decides
     try:
         values = _decode(flat, data)
         _check_strings(values)
+        _check_length(flat, values, data)
     except AbiDecodeError as exc:
-        raise AbiDecodeError(f"malformed inputs: expected {expected}: {exc}") from exc.__cause__
+        # a wrapped encoding with bytes after it: say that, not why the flat form failed
+        trailing = wrapped_error is not None and "trailing" in str(wrapped_error)
+        reason = wrapped_error if trailing and wrapped_error is not None else exc
+        raise AbiDecodeError(f"malformed inputs: expected {expected}: {reason}") from reason.__cause__
     return values
 
 

@@ -44,6 +44,18 @@ JOB_CALL_TUPLE = {
     ],
 }
 
+#: tnt-core's ``Types.Service`` (``getService``); ``owner`` may act on every VM of the service (DESIGN.md §9)
+SERVICE_TUPLE = {
+    "name": "",
+    "type": "tuple",
+    "components": [
+        _in("blueprintId", "uint64"), _in("owner", "address"), _in("createdAt", "uint64"), _in("ttl", "uint64"),
+        _in("terminatedAt", "uint64"), _in("lastPaymentAt", "uint64"), _in("operatorCount", "uint32"),
+        _in("minOperators", "uint32"), _in("maxOperators", "uint32"), _in("membership", "uint8"),
+        _in("pricing", "uint8"), _in("status", "uint8"), _in("confidentiality", "uint8"),
+    ],
+}
+
 SUBMIT_JOB = _fn(
     "submitJob",
     [_in("serviceId", "uint64"), _in("jobIndex", "uint8"), _in("inputs", "bytes")],
@@ -69,6 +81,7 @@ REGISTER_OPERATOR = _fn(
     [],
     "nonpayable",
 )
+GET_SERVICE = _fn("getService", [_in("serviceId", "uint64")], [SERVICE_TUPLE], "view")
 IS_SERVICE_OPERATOR = _fn(
     "isServiceOperator", [_in("serviceId", "uint64"), _in("operator", "address")], [_in("", "bool")], "view"
 )
@@ -173,6 +186,7 @@ TANGLE_ABI: list[dict[str, Any]] = [
     IS_OPERATOR_REGISTERED,
     REGISTER_OPERATOR,
     IS_SERVICE_OPERATOR,
+    GET_SERVICE,
     JOB_SUBMITTED,
     JOB_SUBMITTED_FROM_QUOTE,
     JOB_RESULT_SUBMITTED,

@@ -23,6 +23,24 @@ contract DevTangle {
         uint32 requiredResults;
     }
 
+    /// The layout of tnt-core's `Types.Service`, as `getService` returns it (fields the dev chain does not
+    /// model are zero; `status` 1 = active).
+    struct ServiceInfo {
+        uint64 blueprintId;
+        address owner;
+        uint64 createdAt;
+        uint64 ttl;
+        uint64 terminatedAt;
+        uint64 lastPaymentAt;
+        uint32 operatorCount;
+        uint32 minOperators;
+        uint32 maxOperators;
+        uint8 membership;
+        uint8 pricing;
+        uint8 status;
+        uint8 confidentiality;
+    }
+
     event JobSubmitted(uint64 indexed serviceId, uint64 indexed callId, uint8 jobIndex, address caller, bytes inputs);
     event JobSubmittedFromQuote(
         uint64 indexed serviceId,
@@ -115,6 +133,20 @@ contract DevTangle {
 
     function isServiceOperator(uint64 serviceId, address operator) external view returns (bool) {
         return operatorsOf[serviceId][operator];
+    }
+
+    /// Same signature and tuple as the real contract's: an operator reads the service owner from it
+    /// (the caller that may act on every VM, DESIGN.md §9).
+    function getService(uint64 serviceId) external view returns (ServiceInfo memory info) {
+        Service storage s = services[serviceId];
+        if (!s.active) revert ServiceNotFound(serviceId);
+        uint32 count = uint32(operatorList[serviceId].length);
+        info.blueprintId = s.blueprintId;
+        info.owner = s.owner;
+        info.operatorCount = count;
+        info.minOperators = s.requiredResults;
+        info.maxOperators = count;
+        info.status = 1;
     }
 
     function getServiceOperators(uint64 serviceId) external view returns (address[] memory) {
