@@ -1,5 +1,5 @@
 """Run every benchmark (or the ones named): `python -m bench [pipeline] [lifecycle] [query] [density] [cli] [idle]
-[backlog]`."""
+[backlog] [guest] [build]`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import logging
 import sys
 
-from . import backlog, cli, idle, pipeline, query, vmm
+from . import backlog, cli, guest, idle, pipeline, query, vmm
 
 BENCHES = {
     "pipeline": pipeline.run,
@@ -17,6 +17,8 @@ BENCHES = {
     "cli": cli.run,
     "idle": idle.run,
     "backlog": backlog.run,
+    "guest": guest.boot,
+    "build": guest.build,
 }
 
 
