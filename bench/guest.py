@@ -284,6 +284,7 @@ async def build() -> None:
         {f"warm_{k}": med(warm, k) for k in keys} | {"warm_seeded_debs": seeded},
         {"cold_vs_warm_total": round(med(cold, "total_s") / med(warm, "total_s"), 2),
          "cold_vs_warm_mmdebstrap": round(med(cold, "mmdebstrap_s") / med(warm, "mmdebstrap_s"), 2)},
-        every={"cold": cold, "warm": warm},
+        every={kind: [{k: round(v, 1) for k, v in run.items()} for run in runs]
+               for kind, runs in (("cold", cold), ("warm", warm))},
         loadavg_at_each_build=load,
     )
