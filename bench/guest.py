@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -57,7 +58,7 @@ def _debian() -> images.ImageManifest:
     try:
         return images.resolve_image("debian", IMAGE_DIR)
     except Exception:  # noqa: BLE001 - build it (minutes, once per cache)
-        return images.build_image("debian", cache_dir=IMAGE_DIR, progress=print)
+        return images.build_image("debian", cache_dir=IMAGE_DIR, progress=lambda line: print(line, file=sys.stderr))
 
 
 def _keygen(path: Path) -> str:
@@ -197,7 +198,7 @@ async def boot() -> None:
                     await asyncio.to_thread(os.sync)
                     await step(r)
                 print(f"pair {r}: bare {bare_ssh[-1]:.2f} s, ours {ours_ssh[-1]:.2f} s to ssh "
-                      f"(load {load[-1]})", flush=True)
+                      f"(load {load[-1]})", file=sys.stderr, flush=True)
         finally:
             await life.close(stop_vms=True)
     pairs = [a / b for a, b in zip(ours_ssh, bare_ssh, strict=True)]
@@ -269,7 +270,8 @@ async def build() -> None:
                 (cold if kind == "cold" else warm).append(result)
                 if kind == "cold":
                     fetched.append(_archive_bytes(cache / ".apt-archives"))
-                print(f"{kind}: {result['total_s']:.1f} s (mmdebstrap {result['mmdebstrap_s']:.1f} s)", flush=True)
+                print(f"{kind}: {result['total_s']:.1f} s (mmdebstrap {result['mmdebstrap_s']:.1f} s)", file=sys.stderr,
+                      flush=True)
 
     def med(runs: list[dict[str, float]], key: str) -> float:
         return round(median([x[key] for x in runs]), 1)
