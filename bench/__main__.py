@@ -1,5 +1,5 @@
 """Run every benchmark (or the ones named): `python -m bench [pipeline] [lifecycle] [query] [density] [cli] [idle]
-[backlog] [events]`."""
+[backlog] [events] [guest] [build]`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import logging
 import sys
 
-from . import backlog, cli, events, idle, pipeline, query, vmm
+from . import backlog, cli, events, guest, idle, pipeline, query, vmm
 
 BENCHES = {
     "pipeline": pipeline.run,
@@ -18,6 +18,8 @@ BENCHES = {
     "idle": idle.run,
     "backlog": backlog.run,
     "events": events.run,
+    "guest": guest.boot,
+    "build": guest.build,
 }
 
 
