@@ -256,6 +256,7 @@ BLUEPRINT_ERRORS = {
     "BlueprintBinaryHashRequired": _err("BlueprintBinaryHashRequired"),
     "MBSMRegistryNotSet": _err("MBSMRegistryNotSet"),
     "MasterManagerUnavailable": _err("MasterManagerUnavailable"),
+    "InvalidRevision": _err("InvalidRevision", "uint32"),  # the MBSM registry's, bubbled up
     "EnforcedPause": _err("EnforcedPause"),
     "SchemaValidationFailed": _err("SchemaValidationFailed", "uint8", "uint64", "uint64", "uint256"),
     "InvalidSchemaVersion": _err("InvalidSchemaVersion", "uint8", "uint8"),

@@ -335,6 +335,7 @@ CREATE_HINTS = {
     "BlueprintBinaryHashRequired": "a binary has no sha256",
     "MBSMRegistryNotSet": "this Tangle deployment has no master blueprint service manager registry",
     "MasterManagerUnavailable": "no master blueprint service manager at the requested revision",
+    "InvalidRevision": "the master blueprint service manager registry has no such revision",
     "EnforcedPause": "the Tangle contract is paused",
 }
 
