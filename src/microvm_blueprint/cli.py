@@ -298,6 +298,43 @@ def _rpc_address(text: str) -> str:
     return text
 
 
+# ---- blueprint deploy ------------------------------------------------------------------------
+
+
+async def cmd_blueprint_deploy(args: argparse.Namespace) -> int:
+    """``blueprint deploy``: this blueprint's definition (blueprint/definition.py, from the job table)
+    sent with ``createBlueprint``, signed by the keystore's key (the blueprint's owner)."""
+    from eth_utils import is_address
+
+    from .blueprint.definition import blueprint_definition, native_source
+    from .tangle.definition import Arch, create_blueprint, create_blueprint_data
+    from .tangle.keystore import load_operator_key
+    from .tangle.rpc import JsonRpc
+
+    source = native_source(Path(args.artifact), args.artifact_uri, entrypoint=args.entrypoint,
+                           arch=Arch[args.arch.upper()] if args.arch else None)
+    definition = blueprint_definition([source], metadata_uri=args.metadata_uri, schemas_on_chain=args.schemas_on_chain)
+    if args.dry_run:
+        jobs = ", ".join(f"{i} {j.name}" for i, j in enumerate(definition.jobs))
+        print(f"definition: {len(definition.jobs)} jobs ({jobs}); metadata hash 0x{definition.metadata_hash.hex()}; "
+              f"artifact sha256 {source.binaries[0].sha256.hex()}; createBlueprint calldata "
+              f"{len(create_blueprint_data(definition))} bytes (dry run: nothing sent)")
+        return 0
+    contract = args.tangle_contract or os.environ.get("TANGLE_CONTRACT") or ""
+    if not is_address(contract):
+        raise CliError(f"--tangle-contract/TANGLE_CONTRACT {contract!r} is not an address" if contract
+                       else "--tangle-contract/TANGLE_CONTRACT is required")
+    key = load_operator_key(Path(args.keystore_uri or os.environ.get("KEYSTORE_URI") or "./keystore"))
+    rpc = JsonRpc(args.http_rpc_url or os.environ.get("HTTP_RPC_URL") or "http://127.0.0.1:9944", timeout=30)
+    try:
+        created = await create_blueprint(rpc, contract, key, definition)
+    finally:
+        await rpc.aclose()
+    print(f"created blueprint {created.blueprint_id} owned by {key.address} (tx {created.tx_hash}): "
+          f"BLUEPRINT_ID={created.blueprint_id}")
+    return 0
+
+
 # ---- jobs submit -----------------------------------------------------------------------------
 
 #: list arguments of a job and the repeatable option that fills each one
@@ -457,6 +494,21 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--blueprint-id", type=int, default=None, help="BLUEPRINT_ID")
     reg.add_argument("--tangle-contract", default=None, help="TANGLE_CONTRACT")
 
+    bp = sub.add_parser("blueprint", help="this blueprint's definition on Tangle")
+    bpd = bp.add_subparsers(dest="blueprint_cmd", required=True).add_parser(
+        "deploy", help="create this blueprint on Tangle (createBlueprint) from the job table")
+    bpd.add_argument("--artifact", required=True, metavar="FILE", help="the release artifact (its sha256 goes on-chain)")
+    bpd.add_argument("--artifact-uri", required=True, metavar="URI", help="where the manager fetches it: http(s):// or ipfs://")
+    bpd.add_argument("--entrypoint", default="microvm-blueprint", help="what the manager runs from the artifact")
+    bpd.add_argument("--arch", choices=["amd64", "arm64"], default=None, help="the artifact's architecture (default: this host's)")
+    bpd.add_argument("--metadata-uri", default=None, help="where the metadata document is (default: a data: URI of it)")
+    bpd.add_argument("--schemas-on-chain", action="store_true",
+                     help="store the TLV job schemas on-chain too (the contract then wants compact, not ABI, payloads)")
+    bpd.add_argument("--http-rpc-url", default=None, help="HTTP_RPC_URL")
+    bpd.add_argument("-k", "--keystore-uri", default=None, help="KEYSTORE_URI: its key signs and owns the blueprint")
+    bpd.add_argument("--tangle-contract", default=None, help="TANGLE_CONTRACT")
+    bpd.add_argument("--dry-run", action="store_true", help="print the definition's summary, send nothing")
+
     devp = sub.add_parser("dev", help="local chain + dev contract + operator + query API, until Ctrl-C")
     devp.add_argument("--data-dir", default=str(dev.default_dir()))
     devp.add_argument("--provider", choices=dev.PROVIDERS, default="auto")
@@ -558,6 +610,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(cmd_run(args))
         if args.cmd == "register":
             return asyncio.run(cmd_register(args))
+        if args.cmd == "blueprint":
+            return asyncio.run(cmd_blueprint_deploy(args))
         if args.cmd == "dev":
             return asyncio.run(cmd_dev(args))
         if args.cmd == "jobs":

@@ -31,6 +31,7 @@ Every class that subclasses :class:`MicrovmBlueprintError` anywhere in the packa
     │   ├── JobError                            tangle.errors       a job handler refused a call (recorded, not sent)
     │   ├── BridgeError                         tangle.errors       the blueprint manager's bridge failed or refused (exit 1)
     │   ├── RegistrationError                   tangle.errors       registerOperator refused; not an operator of the service
+    │   ├── DefinitionError                     tangle.definition   a blueprint definition not encodable; createBlueprint refused
     │   └── DevnetError                         tangle.devnet       the local chain could not be started or set up
     ├── JournalError                            blueprint.journal   the job journal database is unusable
     ├── BadRequest                              blueprint.query     a query API parameter out of range (HTTP 400)

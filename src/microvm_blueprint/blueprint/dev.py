@@ -78,6 +78,8 @@ async def run_dev(
                 "KEYSTORE_URI": str(keystore), "BLUEPRINT_ID": str(deployment.blueprint_id),
                 "SERVICE_ID": str(deployment.service_id), "TANGLE_CONTRACT": deployment.contract,
                 "FROM_BLOCK": str(deployment.activation_block),
+                "STATUS_REGISTRY_CONTRACT": deployment.status_registry,  # heartbeats, checked as on Tangle
+                "HEARTBEAT_INTERVAL_SECS": os.environ.get("HEARTBEAT_INTERVAL_SECS", "300"),
             }
         )
         settings = OperatorSettings.from_env(
@@ -92,6 +94,8 @@ async def run_dev(
             f"dev: chain      {chain.rpc_url}  (Tangle dev contract {deployment.contract}, "
             f"service {deployment.service_id})\n"
             f"dev: query API  {api_url}\n"
+            f"dev: heartbeat  every {os.environ.get('HEARTBEAT_INTERVAL_SECS', '300')} s to the status registry "
+            f"{deployment.status_registry} (isOnline(0, operator))\n"
             f"dev: provider   {kind.value}\n"
             f"dev: try        .venv/bin/microvm-blueprint jobs submit create_vm vm-1\n"
             f"                .venv/bin/microvm-blueprint jobs submit start_vm vm-1\n"

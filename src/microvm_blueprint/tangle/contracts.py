@@ -178,6 +178,99 @@ STATUS_REGISTRY_ABI: list[dict[str, Any]] = [
     *STATUS_REGISTRY_ERRORS.values(),
 ]
 
+# ---- blueprint definition and the service request flow (DESIGN.md §3; tangle/definition.py) ----
+
+
+def _tuple(name: str, *components: dict[str, Any], array: bool = False) -> dict[str, Any]:
+    return {"name": name, "type": "tuple[]" if array else "tuple", "components": list(components)}
+
+
+_S = "string"
+BLUEPRINT_DEFINITION_TUPLE = _tuple(
+    "definition",
+    _in("metadataUri", _S), _in("metadataHash", "bytes32"), _in("manager", "address"),
+    _in("masterManagerRevision", "uint32"), _in("hasConfig", "bool"),
+    _tuple("config", _in("membership", "uint8"), _in("pricing", "uint8"), _in("minOperators", "uint32"),
+           _in("maxOperators", "uint32"), _in("subscriptionRate", "uint256"), _in("subscriptionInterval", "uint64"),
+           _in("eventRate", "uint256")),
+    _tuple("metadata", *[_in(n, _S) for n in ("name", "description", "author", "category", "codeRepository",
+                                               "logo", "website", "license", "profilingData")]),
+    _tuple("jobs", _in("name", _S), _in("description", _S), _in("metadataUri", _S), _in("paramsSchema", "bytes"),
+           _in("resultSchema", "bytes"), array=True),
+    _in("registrationSchema", "bytes"), _in("requestSchema", "bytes"),
+    _tuple("sources", _in("kind", "uint8"),
+           _tuple("container", _in("registry", _S), _in("image", _S), _in("tag", _S)),
+           _tuple("wasm", _in("runtime", "uint8"), _in("fetcher", "uint8"), _in("artifactUri", _S),
+                  _in("entrypoint", _S)),
+           _tuple("native", _in("fetcher", "uint8"), _in("artifactUri", _S), _in("entrypoint", _S)),
+           _tuple("testing", _in("cargoPackage", _S), _in("cargoBin", _S), _in("basePath", _S)),
+           _tuple("binaries", _in("arch", "uint8"), _in("os", "uint8"), _in("name", _S), _in("sha256", "bytes32"),
+                  array=True),
+           array=True),
+    _in("supportedMemberships", "uint8[]"),
+)
+CREATE_BLUEPRINT = _fn("createBlueprint", [BLUEPRINT_DEFINITION_TUPLE], [_in("blueprintId", "uint64")], "nonpayable")
+GET_BLUEPRINT_DEFINITION = _fn(
+    "getBlueprintDefinition", [_in("blueprintId", "uint64")], [{**BLUEPRINT_DEFINITION_TUPLE, "name": "definition"}],
+    "view",
+)
+REQUEST_SERVICE = _fn(
+    "requestService",
+    [_in("blueprintId", "uint64"), _in("operators", "address[]"), _in("config", "bytes"),
+     _in("permittedCallers", "address[]"), _in("ttl", "uint64"), _in("paymentToken", "address"),
+     _in("paymentAmount", "uint256"), _in("confidentiality", "uint8")],
+    [_in("requestId", "uint64")],
+    "payable",
+)
+APPROVE_SERVICE = _fn(
+    "approveService",
+    [_tuple("params", _in("requestId", "uint64"),
+            _tuple("securityCommitments", _tuple("asset", _in("kind", "uint8"), _in("token", "address")),
+                   _in("exposureBps", "uint16"), array=True),
+            _in("blsPubkey", "uint256[4]"), _in("blsPopSignature", "uint256[2]"),
+            _tuple("teeCommitments", _in("backend", "uint8"), _in("expectedMeasurement", "bytes32"),
+                   _in("nonceBinding", "bytes32"), _in("expiresAt", "uint64"), array=True))],
+    [],
+    "nonpayable",
+)
+BLUEPRINT_CREATED = _ev(
+    "BlueprintCreated",
+    [_in("blueprintId", "uint64", True), _in("owner", "address", True), _in("manager", "address", False),
+     _in("metadataUri", "string", False), _in("metadataHash", "bytes32", False)],
+)
+SERVICE_REQUESTED = _ev(
+    "ServiceRequested",
+    [_in("requestId", "uint64", True), _in("blueprintId", "uint64", True), _in("requester", "address", True),
+     _in("confidentiality", "uint8", False)],
+)
+#: Reverts of createBlueprint / requestService / approveService / job schemas (tnt-core Errors.sol)
+BLUEPRINT_ERRORS = {
+    "InvalidState": _err("InvalidState"),
+    "BlueprintNotFound": _err("BlueprintNotFound", "uint64"),
+    "BlueprintNotActive": _err("BlueprintNotActive", "uint64"),
+    "BlueprintMetadataRequired": _err("BlueprintMetadataRequired"),
+    "BlueprintMetadataHashRequired": _err("BlueprintMetadataHashRequired"),
+    "BlueprintMembershipRequired": _err("BlueprintMembershipRequired"),
+    "BlueprintSourcesRequired": _err("BlueprintSourcesRequired"),
+    "BlueprintBinaryRequired": _err("BlueprintBinaryRequired"),
+    "BlueprintBinaryHashRequired": _err("BlueprintBinaryHashRequired"),
+    "MBSMRegistryNotSet": _err("MBSMRegistryNotSet"),
+    "MasterManagerUnavailable": _err("MasterManagerUnavailable"),
+    "InvalidRevision": _err("InvalidRevision", "uint32"),  # the MBSM registry's, bubbled up
+    "EnforcedPause": _err("EnforcedPause"),
+    "SchemaValidationFailed": _err("SchemaValidationFailed", "uint8", "uint64", "uint64", "uint256"),
+    "InvalidSchemaVersion": _err("InvalidSchemaVersion", "uint8", "uint8"),
+    "NoOperators": _err("NoOperators"),
+    "InsufficientStake": _err("InsufficientStake", "address", "uint256", "uint256"),
+    "ServiceRequestNotFound": _err("ServiceRequestNotFound", "uint64"),
+    "ServiceRequestAlreadyProcessed": _err("ServiceRequestAlreadyProcessed", "uint64"),
+    "AlreadyApproved": _err("AlreadyApproved", "uint64", "address"),
+    "TTLBelowMinimum": _err("TTLBelowMinimum", "uint64", "uint64"),
+    "TTLAboveMaximum": _err("TTLAboveMaximum", "uint64", "uint64"),
+    "SecurityCommitmentsRequired": _err("SecurityCommitmentsRequired", "uint64"),
+    "TokenNotAllowed": _err("TokenNotAllowed", "address"),
+}
+
 TANGLE_ABI: list[dict[str, Any]] = [
     SUBMIT_JOB,
     SUBMIT_RESULT,
@@ -217,7 +310,8 @@ TOPIC_SERVICE_ACTIVATED = topic(SERVICE_ACTIVATED)
 ERROR_BY_SELECTOR: dict[str, str] = {selector(e): name for name, e in {**ERRORS, **OTHER_ERRORS}.items()}
 #: every custom error a revert is named by: the Tangle contract's and the status registry's
 REVERT_NAMES: dict[str, str] = {
-    **ERROR_BY_SELECTOR, **{selector(e): name for name, e in STATUS_REGISTRY_ERRORS.items()}
+    **ERROR_BY_SELECTOR, **{selector(e): name for name, e in STATUS_REGISTRY_ERRORS.items()},
+    **{selector(e): name for name, e in BLUEPRINT_ERRORS.items()},
 }
 
 #: Reverts that mean "the chain already has a result for this call": success for an operator.

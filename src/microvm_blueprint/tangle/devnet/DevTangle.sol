@@ -2,7 +2,8 @@
 // DevTangle: the subset of the Tangle v2 contract (tnt-core) that a blueprint operator and its
 // customers touch, for the embedded local chain. Same function signatures, events and custom
 // errors as the deployed Tangle proxy; blueprints and services are set up with simple dev-only
-// functions instead of the real request/approve flow.
+// functions instead of the real request/approve flow. It is also the dev chain's status registry:
+// submitHeartbeat checks the same EIP-712 signature as tnt-core's OperatorStatusRegistry.
 pragma solidity 0.8.28;
 
 contract DevTangle {
@@ -228,5 +229,90 @@ contract DevTangle {
 
     function getJobCall(uint64 serviceId, uint64 callId) external view returns (JobCall memory) {
         return calls[serviceId][callId];
+    }
+
+    // ---- QoS heartbeats: tnt-core OperatorStatusRegistry's submitHeartbeat, same EIP-712 signature ----
+    // The dev chain's STATUS_REGISTRY_CONTRACT is this contract (verifyingContract = its address).
+
+    event HeartbeatReceived(
+        uint64 indexed serviceId, uint64 indexed blueprintId, address indexed operator, uint8 statusCode, uint256 timestamp
+    );
+
+    error HeartbeatStale(uint64 signed, uint64 now_);
+    error HeartbeatFromFuture(uint64 signed, uint64 now_);
+    error NotRegisteredOperator();
+    error InvalidSignature();
+    error ECDSAInvalidSignature();
+    error ECDSAInvalidSignatureLength(uint256 length);
+
+    bytes32 public constant HEARTBEAT_TYPEHASH = keccak256(
+        "Heartbeat(address operator,uint64 serviceId,uint64 blueprintId,uint8 statusCode,bytes32 metricsHash,uint64 timestamp)"
+    );
+    uint64 public constant HEARTBEAT_MAX_AGE = 5 minutes;
+    /// online: a heartbeat within the last three default intervals (the SDK beats every 300 s)
+    uint256 private constant ONLINE_WINDOW = 15 minutes;
+
+    mapping(uint64 => mapping(address => uint256)) private lastHeartbeat;
+    mapping(uint64 => mapping(address => uint8)) private lastStatus;
+
+    function DOMAIN_SEPARATOR() public view returns (bytes32) {
+        return keccak256(
+            abi.encode(
+                keccak256("EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"),
+                keccak256("OperatorStatusRegistry"),
+                keccak256("1"),
+                block.chainid,
+                address(this)
+            )
+        );
+    }
+
+    function submitHeartbeat(
+        uint64 serviceId,
+        uint64 blueprintId,
+        uint8 statusCode,
+        bytes calldata metrics,
+        uint64 timestamp,
+        bytes calldata signature
+    ) external {
+        if (!operatorsOf[serviceId][msg.sender] || services[serviceId].blueprintId != blueprintId) {
+            revert NotRegisteredOperator();
+        }
+        if (timestamp > block.timestamp) revert HeartbeatFromFuture(timestamp, uint64(block.timestamp));
+        if (block.timestamp - timestamp > HEARTBEAT_MAX_AGE) revert HeartbeatStale(timestamp, uint64(block.timestamp));
+        bytes32 structHash = keccak256(
+            abi.encode(HEARTBEAT_TYPEHASH, msg.sender, serviceId, blueprintId, statusCode, keccak256(metrics), timestamp)
+        );
+        bytes32 digest = keccak256(abi.encodePacked("\x19\x01", DOMAIN_SEPARATOR(), structHash));
+        if (_recover(digest, signature) != msg.sender) revert InvalidSignature();
+        lastHeartbeat[serviceId][msg.sender] = block.timestamp;
+        lastStatus[serviceId][msg.sender] = statusCode;
+        emit HeartbeatReceived(serviceId, blueprintId, msg.sender, statusCode, block.timestamp);
+    }
+
+    function _recover(bytes32 digest, bytes calldata signature) private pure returns (address signer) {
+        if (signature.length != 65) revert ECDSAInvalidSignatureLength(signature.length);
+        bytes32 r = bytes32(signature[0:32]);
+        bytes32 s = bytes32(signature[32:64]);
+        uint8 v = uint8(signature[64]);
+        // as OpenZeppelin's ECDSA: low s only, v 27 or 28
+        if (uint256(s) > 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0 || (v != 27 && v != 28)) {
+            revert ECDSAInvalidSignature();
+        }
+        signer = ecrecover(digest, v, r, s);
+        if (signer == address(0)) revert ECDSAInvalidSignature();
+    }
+
+    function getLastHeartbeat(uint64 serviceId, address operator) external view returns (uint256) {
+        return lastHeartbeat[serviceId][operator];
+    }
+
+    function getOperatorStatus(uint64 serviceId, address operator) external view returns (uint8) {
+        return lastStatus[serviceId][operator];
+    }
+
+    function isOnline(uint64 serviceId, address operator) external view returns (bool) {
+        uint256 last = lastHeartbeat[serviceId][operator];
+        return last != 0 && block.timestamp - last <= ONLINE_WINDOW;
     }
 }

@@ -162,6 +162,8 @@ class DevDeployment:
     activation_block: int
     operator_key: str = ANVIL_KEYS[1]
     customer_key: str = ANVIL_KEYS[0]
+    #: STATUS_REGISTRY_CONTRACT: on the dev chain the DevTangle contract itself (it checks heartbeats too)
+    status_registry: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -215,6 +217,7 @@ async def deploy_dev_tangle(rpc_url: str, *, required_results: int = 1, job_coun
         return DevDeployment(
             rpc_url=rpc_url, chain_id=chain_id, contract=contract, blueprint_id=0, service_id=0,
             operator=operator, customer=owner, activation_block=int(str(receipt["blockNumber"]), 16),
+            status_registry=contract,
         )
     finally:
         await rpc.aclose()
@@ -240,6 +243,7 @@ def seed_real_tangle(rpc_url: str) -> DevDeployment:
     return DevDeployment(
         rpc_url=rpc_url, chain_id=31337, contract=REAL_TANGLE, blueprint_id=0, service_id=0,
         operator=ANVIL_ADDRESSES[1], customer=ANVIL_ADDRESSES[0], activation_block=0,
+        status_registry=REAL_STATUS_REGISTRY,
     )
 
 
