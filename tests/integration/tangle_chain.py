@@ -22,7 +22,7 @@ from microvm_blueprint.tangle.state import TangleState
 
 from .conftest import RealTangleChain
 
-SUBMIT_JOB = bytes.fromhex(contracts.selector(contracts.SUBMIT_JOB)[2:])
+SUBMIT_JOB = contracts.selector_bytes(contracts.SUBMIT_JOB)
 
 
 async def wait_for(cond: Callable[[], bool | Awaitable[bool]], timeout: float = 20.0, what: str = "condition") -> None:
@@ -101,7 +101,7 @@ async def transactions_from(rpc: JsonRpc, sender: str, from_block: int) -> list[
 
 
 async def job_call(rpc: JsonRpc, chain: RealTangleChain, call_id: int) -> tuple[Any, ...]:
-    data = bytes.fromhex(contracts.selector(contracts.GET_JOB_CALL)[2:]) + encode(
+    data = contracts.selector_bytes(contracts.GET_JOB_CALL) + encode(
         ["uint64", "uint64"], [chain.service_id, call_id]
     )
     (value,) = decode(["(uint8,address,uint64,uint32,bool,bool,uint256)"], await rpc.eth_call(chain.tangle, data))

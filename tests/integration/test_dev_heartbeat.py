@@ -34,7 +34,7 @@ OPERATOR = ANVIL_ADDRESSES[1]
 
 
 def _sel(fragment: dict[str, object]) -> bytes:
-    return bytes.fromhex(contracts.selector(fragment)[2:])
+    return contracts.selector_bytes(fragment)
 
 
 async def _is_online(rpc: JsonRpc, registry: str, service_id: int, operator: str) -> bool:

@@ -58,8 +58,8 @@ pytestmark = pytest.mark.chain
 CLI = [sys.executable, "-m", "microvm_blueprint.cli"]
 SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFNGMa6e5RyWvtnugA0FwZ1M6BZasAb9bkLLhGTcR/y3 test@example"
 OWNER, OP1, OP2 = ANVIL_ADDRESSES
-SEL_GET_DEFINITION = bytes.fromhex(contracts.selector(contracts.GET_BLUEPRINT_DEFINITION)[2:])
-SEL_SUBMIT_JOB = bytes.fromhex(contracts.selector(contracts.SUBMIT_JOB)[2:])
+SEL_GET_DEFINITION = contracts.selector_bytes(contracts.GET_BLUEPRINT_DEFINITION)
+SEL_SUBMIT_JOB = contracts.selector_bytes(contracts.SUBMIT_JOB)
 
 
 @pytest.fixture
@@ -105,7 +105,7 @@ async def _service(rpc: JsonRpc, blueprint_id: int) -> int:
 async def _job_call(rpc: JsonRpc, service_id: int, call_id: int) -> tuple[Any, ...]:
     from eth_abi import decode
 
-    data = bytes.fromhex(contracts.selector(contracts.GET_JOB_CALL)[2:]) + encode(["uint64", "uint64"],
+    data = contracts.selector_bytes(contracts.GET_JOB_CALL) + encode(["uint64", "uint64"],
                                                                                    [service_id, call_id])
     (value,) = decode(["(uint8,address,uint64,uint32,bool,bool,uint256)"], await rpc.eth_call(REAL_TANGLE, data))
     return tuple(value)

@@ -33,7 +33,7 @@ TRUE = encode_result("bool", True)
 
 def _call(fn: dict, *args: object) -> bytes:  # type: ignore[type-arg]
     types = [i["type"] for i in fn["inputs"]]
-    return bytes.fromhex(contracts.selector(fn)[2:]) + encode(types, list(args))
+    return contracts.selector_bytes(fn) + encode(types, list(args))
 
 
 async def is_online(rpc: JsonRpc, chain: RealTangleChain) -> bool:

@@ -304,7 +304,7 @@ async def test_other_services_and_contracts_are_ignored(
 async def test_the_contract_reverts_as_classified(real_tangle: RealTangleChain, rpc: JsonRpc) -> None:
     """The deployed contract's reverts carry the selectors our contracts module classifies."""
     chain = real_tangle
-    submit = bytes.fromhex(contracts.selector(contracts.SUBMIT_JOB)[2:])
+    submit = contracts.selector_bytes(contracts.SUBMIT_JOB)
     with pytest.raises(ContractRevert) as bad_index:
         await rpc.estimate_gas(chain.tangle, submit + encode(["uint64", "uint8", "bytes"], [0, 200, b""]),
                                chain.customer)

@@ -23,14 +23,14 @@ from eth_utils import to_checksum_address
 
 from ..errors import MicrovmBlueprintError
 from ..tangle.abi import decode_result, encode_args
-from ..tangle.contracts import SUBMIT_JOB, TOPIC_JOB_RESULT_SUBMITTED, TOPIC_JOB_SUBMITTED, selector
+from ..tangle.contracts import SUBMIT_JOB, TOPIC_JOB_RESULT_SUBMITTED, TOPIC_JOB_SUBMITTED, selector_bytes
 from ..tangle.environment import Secret
 from ..tangle.keystore import key_from_hex
 from ..tangle.rpc import JsonRpc
 from ..tangle.signing import LegacyTx, sign_legacy
 from .jobs import JOBS_BY_INDEX, JOBS_BY_NAME, JobDef
 
-SEL_SUBMIT_JOB = bytes.fromhex(selector(SUBMIT_JOB)[2:])
+SEL_SUBMIT_JOB = selector_bytes(SUBMIT_JOB)
 
 
 class ClientError(MicrovmBlueprintError):

@@ -35,7 +35,7 @@ from eth_abi import decode, encode
 from ..crashpoints import crash_point
 from .aio import wait_first
 from .calls import GuardedObserver, JobObserver
-from .contracts import ALREADY_DONE, GET_JOB_CALL, PERMANENT, SUBMIT_RESULT, SUBMIT_RESULTS, selector
+from .contracts import ALREADY_DONE, GET_JOB_CALL, PERMANENT, SUBMIT_RESULT, SUBMIT_RESULTS, selector_bytes
 from .errors import RpcError, RpcUnavailable, TangleError
 from .keystore import OperatorKey
 from .producer import Backoff
@@ -45,9 +45,9 @@ from .state import OutboxRow, TangleState
 
 log = logging.getLogger(__name__)
 
-SEL_SUBMIT_RESULT = bytes.fromhex(selector(SUBMIT_RESULT)[2:])
-SEL_SUBMIT_RESULTS = bytes.fromhex(selector(SUBMIT_RESULTS)[2:])
-SEL_GET_JOB_CALL = bytes.fromhex(selector(GET_JOB_CALL)[2:])
+SEL_SUBMIT_RESULT = selector_bytes(SUBMIT_RESULT)
+SEL_SUBMIT_RESULTS = selector_bytes(SUBMIT_RESULTS)
+SEL_GET_JOB_CALL = selector_bytes(GET_JOB_CALL)
 #: Gas multiplier over the node's estimate.
 GAS_MULTIPLIER = 1.3
 #: Gas limit used only when the node refuses ``eth_estimateGas`` without a revert (one result per tx).

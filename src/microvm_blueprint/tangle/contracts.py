@@ -301,6 +301,11 @@ def selector(fragment: dict[str, Any]) -> str:
     return "0x" + function_abi_to_4byte_selector(fragment).hex()  # type: ignore[arg-type]
 
 
+def selector_bytes(fragment: dict[str, Any]) -> bytes:
+    """:func:`selector` as the 4 bytes calldata starts with."""
+    return bytes.fromhex(selector(fragment)[2:])
+
+
 TOPIC_JOB_SUBMITTED = topic(JOB_SUBMITTED)
 TOPIC_JOB_SUBMITTED_FROM_QUOTE = topic(JOB_SUBMITTED_FROM_QUOTE)
 TOPIC_JOB_RESULT_SUBMITTED = topic(JOB_RESULT_SUBMITTED)

@@ -34,7 +34,14 @@ from enum import IntEnum
 
 from eth_abi import decode, encode
 
-from .contracts import APPROVE_SERVICE, BLUEPRINT_CREATED, CREATE_BLUEPRINT, REQUEST_SERVICE, selector, topic
+from .contracts import (
+    APPROVE_SERVICE,
+    BLUEPRINT_CREATED,
+    CREATE_BLUEPRINT,
+    REQUEST_SERVICE,
+    selector_bytes,
+    topic,
+)
 from .errors import TangleError
 from .keystore import OperatorKey
 from .rpc import ContractRevert, JsonRpc
@@ -309,7 +316,7 @@ DEFINITION_TYPE = (
     "bytes,bytes,(uint8,(string,string,string),(uint8,uint8,string,string),(uint8,string,string),"
     "(string,string,string),(uint8,uint8,string,bytes32)[])[],uint8[])"
 )
-SEL_CREATE_BLUEPRINT = bytes.fromhex(selector(CREATE_BLUEPRINT)[2:])
+SEL_CREATE_BLUEPRINT = selector_bytes(CREATE_BLUEPRINT)
 TOPIC_BLUEPRINT_CREATED = topic(BLUEPRINT_CREATED)
 
 
@@ -396,7 +403,7 @@ APPROVAL_TYPE = "(uint64,((uint8,address),uint16)[],uint256[4],uint256[2],(uint8
 def request_service_data(blueprint_id: int, operators: Sequence[str], permitted_callers: Sequence[str], *,
                          ttl: int = 0, config: bytes = b"") -> bytes:
     """Calldata of ``requestService`` paid with nothing (native token, amount 0), any confidentiality."""
-    return bytes.fromhex(selector(REQUEST_SERVICE)[2:]) + encode(
+    return selector_bytes(REQUEST_SERVICE) + encode(
         ["uint64", "address[]", "bytes", "address[]", "uint64", "address", "uint256", "uint8"],
         [blueprint_id, list(operators), config, list(permitted_callers), ttl, ZERO_ADDRESS, 0, 0],
     )
@@ -404,4 +411,4 @@ def request_service_data(blueprint_id: int, operators: Sequence[str], permitted_
 
 def approve_service_data(request_id: int) -> bytes:
     """Calldata of ``approveService`` with the default exposure: no security, BLS or TEE commitments."""
-    return bytes.fromhex(selector(APPROVE_SERVICE)[2:]) + encode([APPROVAL_TYPE], [(request_id, [], [0] * 4, [0] * 2, [])])
+    return selector_bytes(APPROVE_SERVICE) + encode([APPROVAL_TYPE], [(request_id, [], [0] * 4, [0] * 2, [])])

@@ -39,7 +39,7 @@ from eth_abi import decode, encode
 from eth_utils import keccak
 
 from .consumer import TangleConsumer
-from .contracts import SUBMIT_HEARTBEAT, selector
+from .contracts import SUBMIT_HEARTBEAT, selector_bytes
 from .errors import TangleError
 from .keystore import OperatorKey
 from .producer import TangleProducer
@@ -54,7 +54,7 @@ HEARTBEAT_TYPEHASH = keccak(
     text="Heartbeat(address operator,uint64 serviceId,uint64 blueprintId,uint8 statusCode,bytes32 metricsHash,"
          "uint64 timestamp)"
 )
-SEL_SUBMIT_HEARTBEAT = bytes.fromhex(selector(SUBMIT_HEARTBEAT)[2:])
+SEL_SUBMIT_HEARTBEAT = selector_bytes(SUBMIT_HEARTBEAT)
 #: the SDK's default interval and jitter
 DEFAULT_INTERVAL = 300.0
 JITTER = 0.1

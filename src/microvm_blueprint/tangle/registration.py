@@ -20,7 +20,7 @@ from pathlib import Path
 
 from eth_abi import decode, encode
 
-from .contracts import IS_OPERATOR_REGISTERED, IS_SERVICE_OPERATOR, REGISTER_OPERATOR, selector
+from .contracts import IS_OPERATOR_REGISTERED, IS_SERVICE_OPERATOR, REGISTER_OPERATOR, selector_bytes
 from .errors import RegistrationError, RpcError
 from .keystore import OperatorKey
 from .rpc import ContractRevert, JsonRpc
@@ -28,9 +28,9 @@ from .signing import LegacyTx, sign_legacy
 
 log = logging.getLogger(__name__)
 
-SEL_IS_OPERATOR_REGISTERED = bytes.fromhex(selector(IS_OPERATOR_REGISTERED)[2:])
-SEL_REGISTER_OPERATOR = bytes.fromhex(selector(REGISTER_OPERATOR)[2:])
-SEL_IS_SERVICE_OPERATOR = bytes.fromhex(selector(IS_SERVICE_OPERATOR)[2:])
+SEL_IS_OPERATOR_REGISTERED = selector_bytes(IS_OPERATOR_REGISTERED)
+SEL_REGISTER_OPERATOR = selector_bytes(REGISTER_OPERATOR)
+SEL_IS_SERVICE_OPERATOR = selector_bytes(IS_SERVICE_OPERATOR)
 #: Gas multiplier over the node's estimate (as the result sender's).
 GAS_MULTIPLIER = 1.3
 #: How long ``register`` waits for its transaction to be mined.

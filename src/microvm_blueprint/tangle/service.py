@@ -13,14 +13,14 @@ from eth_abi import decode, encode
 from eth_utils import to_checksum_address
 
 from ..errors import TransientError
-from .contracts import GET_SERVICE, SERVICE_TUPLE, selector
+from .contracts import GET_SERVICE, SERVICE_TUPLE, selector_bytes
 from .errors import RpcError, TangleError
 from .producer import Backoff
 from .rpc import JsonRpc
 
 log = logging.getLogger(__name__)
 
-SEL_GET_SERVICE = bytes.fromhex(selector(GET_SERVICE)[2:])
+SEL_GET_SERVICE = selector_bytes(GET_SERVICE)
 _SERVICE_TYPE = "(" + ",".join(c["type"] for c in SERVICE_TUPLE["components"]) + ")"  # type: ignore[index]
 
 
