@@ -158,6 +158,10 @@ class Confinement:
                 return root
         return None
 
+    def cgroup_version(self) -> int:
+        """2 where cgroup v2 has the memory, pids and cpu controllers, else 1 (for Firecracker's jailer)."""
+        return 2 if self._v2_root() is not None else 1
+
     def _dirs(self, name: str) -> list[tuple[str, Path]]:
         """(controller or ``v2``, folder) of the cgroup ``name``."""
         v2 = self._v2_root()
