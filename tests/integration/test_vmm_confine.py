@@ -74,6 +74,11 @@ async def test_qemu_runs_unprivileged_sandboxed_and_limited(tmp_path: Path, conf
         assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0, status
         assert status["Seccomp"] == "2", status  # the -sandbox filter
         assert status["NoNewPrivs"] == "1", status
+        # disk errors go to the guest, never pause it behind the API's back (item 6)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        root = next(a.decode() for a in cmdline if a.startswith(b"id=root,"))
+        assert "werror=report" in root and "rerror=report" in root, root
+        assert b"-runas" not in cmdline and b"elevateprivileges=deny" in b"".join(cmdline)
         # its cgroup, with the spec's limits (v1 on this machine; v2 where it has the controllers)
         name = fs_name("vm")
         groups = confine.paths(name)
