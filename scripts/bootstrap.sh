@@ -40,6 +40,16 @@ if [ ${#need[@]} -gt 0 ] || [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep 
 fi
 : "${APT_PKGS[@]}"
 
+# The unprivileged user QEMU runs as (MICROVM_VMM_USER, DESIGN.md §9): only when root (a non-root operator's
+# VMMs run as the operator itself). It joins the kvm group where there is one, for /dev/kvm.
+if [ "$(id -u)" = 0 ] && ! getent passwd microvm >/dev/null; then
+  echo "bootstrap: creating the system user microvm (the VMM user)" >&2
+  useradd --system --no-create-home --shell /usr/sbin/nologin microvm
+fi
+if [ "$(id -u)" = 0 ] && getent group kvm >/dev/null && ! id -nG microvm | grep -qw kvm; then
+  usermod -aG kvm microvm
+fi
+
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "bootstrap: creating .venv" >&2

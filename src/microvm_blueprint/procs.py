@@ -44,12 +44,15 @@ class Child:
         cwd: str | Path | None = None,
         new_session: bool = True,
         pass_fds: Sequence[int] = (),
+        creds: Mapping[str, object] | None = None,
     ) -> Child:
+        """Start ``argv``. ``creds``: ``user``/``group``/``extra_groups``/``umask`` for the child, as
+        ``subprocess`` takes them (the switch happens in the child before exec). The log is 0600."""
         if isinstance(argv, str):  # pragma: no cover - a programming error, never a shell string
             raise TypeError("argv must be a list, not a shell string")
         log_path = Path(log_path)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
+        with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -59,6 +62,7 @@ class Child:
                 cwd=str(cwd) if cwd else None,
                 start_new_session=new_session,
                 pass_fds=tuple(pass_fds),
+                **dict(creds or {}),  # type: ignore[arg-type]
             )
         return cls(proc, argv, log_path)
 

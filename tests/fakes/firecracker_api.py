@@ -547,5 +547,77 @@ def main() -> int:
     return 0
 
 
+V1_CGROUP_FILES = ("memory.limit_in_bytes", "cpu.cfs_quota_us", "cpu.cfs_period_us", "pids.max")
+V2_CGROUP_FILES = ("memory.max", "cpu.max", "pids.max")
+JAILER_RECORD = "jailer.json"
+
+
+def jailer_main(argv: list[str]) -> int:
+    """A stand-in for Firecracker's ``jailer`` (docs/jailer.md): checks its argv as the jailer does, builds
+    ``<chroot base>/<exec file name>/<id>/root``, records what it was asked (``jailer.json`` beside that
+    root) and execs the exec file (the stand-in) with ``--id`` and the Firecracker arguments after ``--``,
+    its ``--api-sock`` placed inside the chroot. It does not chroot, switch user or write cgroups: it
+    checks that it was told to."""
+    own, sep, fc_args = (argv[: argv.index("--")], "--", argv[argv.index("--") + 1:]) if "--" in argv else (argv, "", [])
+    parser = argparse.ArgumentParser(prog="jailer")
+    parser.add_argument("--id", required=True)
+    parser.add_argument("--exec-file", required=True)
+    parser.add_argument("--uid", required=True, type=int)
+    parser.add_argument("--gid", required=True, type=int)
+    parser.add_argument("--cgroup-version", type=int, choices=(1, 2), default=1)
+    parser.add_argument("--cgroup", action="append", default=[])
+    parser.add_argument("--parent-cgroup")
+    parser.add_argument("--chroot-base-dir", default="/srv/jailer")
+    parser.add_argument("--netns")
+    parser.add_argument("--resource-limit", action="append", default=[])
+    parser.add_argument("--daemonize", action="store_true")
+    parser.add_argument("--new-pid-ns", action="store_true")
+    args = parser.parse_args(own)
+
+    def fail(msg: str) -> int:
+        print(f"jailer: {msg}", file=sys.stderr, flush=True)
+        return 1
+
+    if not ID_RULE.match(args.id):
+        return fail(f"invalid instance id {args.id!r}")
+    exe = Path(args.exec_file)
+    if not exe.is_absolute() or not exe.is_file() or not os.access(exe, os.X_OK):
+        return fail(f"exec file {exe} is not an absolute path to an executable")
+    if "firecracker" not in exe.name:
+        return fail("exec file name must contain 'firecracker'")
+    if args.uid < 0 or args.gid < 0:
+        return fail("uid and gid must be non-negative")
+    allowed = V2_CGROUP_FILES if args.cgroup_version == 2 else V1_CGROUP_FILES
+    for c in args.cgroup:
+        name, eq, value = c.partition("=")
+        if not eq or name not in allowed or not value:
+            return fail(f"--cgroup {c!r} is not a cgroup v{args.cgroup_version} file=value")
+    if args.netns and not Path(args.netns).exists():
+        return fail(f"network namespace {args.netns} does not exist")
+    if not sep:
+        return fail("no '--' before the firecracker arguments")
+    base = Path(args.chroot_base_dir)
+    if not base.is_absolute():
+        return fail("--chroot-base-dir must be absolute")
+    chroot = base / exe.name / args.id / "root"
+    fc = list(fc_args)
+    if "--api-sock" not in fc or fc.index("--api-sock") + 1 >= len(fc):
+        return fail("firecracker arguments lack --api-sock")
+    if "--id" in fc:
+        return fail("--id is the jailer's to pass to firecracker")
+    i = fc.index("--api-sock") + 1
+    if not fc[i].startswith("/"):
+        return fail("--api-sock must be a path inside the chroot")
+    fc[i] = str(chroot / fc[i].lstrip("/"))
+    Path(fc[i]).parent.mkdir(parents=True, exist_ok=True)
+    (chroot.parent / JAILER_RECORD).write_text(json.dumps({"argv": argv, "uid": args.uid, "gid": args.gid,
+                                                            "cgroup_version": args.cgroup_version,
+                                                            "cgroups": args.cgroup}))
+    os.execv(str(exe), [str(exe), "--id", args.id, *fc])
+    return 1  # pragma: no cover - execv does not return
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["jailer"]:
+        sys.exit(jailer_main(sys.argv[2:]))
     sys.exit(main())

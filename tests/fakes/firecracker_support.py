@@ -30,6 +30,15 @@ def fake_binary(tmp: Path, *extra: str) -> Path:
     return shim
 
 
+def fake_jailer(tmp: Path) -> Path:
+    """An executable file standing in for Firecracker's `jailer` (the stand-in's ``jailer`` mode)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    shim = tmp / "jailer"
+    shim.write_text(f"#!/bin/sh\nexec '{sys.executable}' '{STAND_IN}' jailer \"$@\"\n")
+    shim.chmod(0o755)
+    return shim
+
+
 def short_socket_dir(tmp: Path) -> str:
     """``tmp/sock`` if socket paths in it stay well under the Unix limit, else a short temp folder."""
     candidate = tmp / "sock"

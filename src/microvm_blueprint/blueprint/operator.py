@@ -56,6 +56,7 @@ def make_driver(settings: OperatorSettings) -> VmmDriver:
         except ImportError as exc:
             raise ImageError(f"the QEMU provider is not available: {exc}") from exc
         from ..runtime import images
+        from ..runtime.confine import Confinement
 
         return QemuDriver(
             QemuSettings(
@@ -64,6 +65,7 @@ def make_driver(settings: OperatorSettings) -> VmmDriver:
                 accel=settings.qemu_accel,
                 boot_timeout=settings.boot_timeout_s,
                 egress=settings.network.egress,
+                confine=Confinement(settings.vmm_user, mem_overhead_mib=settings.vmm_mem_overhead_mib),
             )
         )
     try:
@@ -98,9 +100,12 @@ def default_spec(settings: OperatorSettings) -> VmSpec | None:
 def build_provider(
     settings: OperatorSettings, driver: VmmDriver | None = None, *, service_owner: Callable[[], str | None] | None = None
 ) -> Lifecycle:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.chmod(0o700)  # disks, snapshots, consoles, keys: the operator's alone (DESIGN.md §9)
     store = Store(":memory:" if settings.ephemeral else settings.data_dir / "runtime.sqlite3")
     return Lifecycle(driver or make_driver(settings), store, state_dir=settings.state_dir, limits=settings.limits,
-                     default_spec=default_spec(settings), network=settings.network, service_owner=service_owner)
+                     default_spec=default_spec(settings), network=settings.network, service_owner=service_owner,
+                     min_free_mib=settings.min_free_mib)
 
 
 class JournalObserver:

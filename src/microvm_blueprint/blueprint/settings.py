@@ -54,6 +54,10 @@ class OperatorSettings:
     qemu_accel: str = "auto"
     boot_timeout_s: float = 90.0
     network: NetworkSettings = field(default_factory=NetworkSettings)
+    #: DESIGN.md §9: the VMM's user, what its cgroup allows beyond guest memory, the free disk creates need
+    vmm_user: str = "microvm"
+    vmm_mem_overhead_mib: int = 256
+    min_free_mib: int = 512
     #: ``MICROVM_FIRECRACKER_*``, parsed here once when the provider is Firecracker (else ``None``)
     firecracker: FirecrackerSettings | None = None
 
@@ -87,6 +91,9 @@ class OperatorSettings:
             "qemu_bin": e.text("MICROVM_QEMU_BIN", "qemu-system-x86_64"),
             "qemu_accel": e.choice("MICROVM_QEMU_ACCEL", "auto", ["auto", "kvm", "tcg"]),
             "boot_timeout_s": e.duration("MICROVM_BOOT_TIMEOUT_S", 90.0, 1.0),
+            "vmm_user": e.text("MICROVM_VMM_USER", "microvm"),
+            "vmm_mem_overhead_mib": e.integer("MICROVM_VMM_MEM_OVERHEAD_MIB", 256, 0),
+            "min_free_mib": e.integer("MICROVM_MIN_FREE_MIB", 512, 0),
         }
         values["network"] = parse_network(e, ProviderKind(values["provider"]))
         values.update({k: v for k, v in overrides.items() if v is not None})

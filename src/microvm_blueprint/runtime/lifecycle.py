@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable
@@ -91,6 +92,7 @@ class Lifecycle:
         network: NetworkSettings | None = None,
         port_free: Callable[[str, int], bool] = tcp_port_free,
         service_owner: Callable[[], str | None] | str | None = None,
+        min_free_mib: int = 0,
     ) -> None:
         """``service_owner``: the address that may act on every VM (the service's owner on the chain), or a
         callable answering it when asked (it may raise a ``TransientError`` while it is not known yet:
@@ -111,7 +113,11 @@ class Lifecycle:
         self._quota_lock = asyncio.Lock()  # a quota is checked and taken under it (see _vm_quota)
         self._vms_taken: dict[str, int] = {}  # creates/restores past their quota check, no row yet: MiB
         self._snaps_taken: dict[object, int] = {}  # snapshots being taken: bytes reserved
+        self.min_free_mib = min_free_mib
         driver.set_exit_listener(self._on_vmm_exit)
+        set_error_listener = getattr(driver, "set_error_listener", None)  # drivers that see guest disk errors
+        if set_error_listener is not None:
+            set_error_listener(self._on_vmm_error)
 
     # ---- plumbing ---------------------------------------------------------------------------
 
@@ -269,6 +275,28 @@ class Lifecycle:
         log.warning("vmm of vm %r exited unexpectedly: %s", vm_id, reason, extra={"vm_id": vm_id})
         self.store.update_vm(vm_id, VmStatus.FAILED, Origin(), "vmm_exit", error=reason)
 
+    def _on_vmm_error(self, vm_id: str, text: str) -> None:
+        """A guest's disk failed (its VMM reported it; the guest got an I/O error and runs on): the view
+        shows it in ``error`` with the status unchanged."""
+        vm = self.store.get_vm(vm_id)
+        if vm is None or vm.status not in LIVE:
+            return
+        log.warning("vm %r: %s", vm_id, text, extra={"vm_id": vm_id})
+        self.store.update_vm(vm_id, vm.status, Origin(), "disk_error", error=text[:2000])
+
+    def _check_free(self, job: str) -> None:
+        """Refuse ``job`` (before any VMM work) while the state folder has less than ``min_free_mib`` free."""
+        if self.min_free_mib <= 0:
+            return
+        try:
+            st = os.statvfs(self.state_dir)
+        except OSError:
+            return  # cannot tell: let the VMM work say what is wrong
+        free = st.f_bavail * st.f_frsize >> 20
+        if free < self.min_free_mib:
+            raise QuotaExceeded(f"refused {job}: the operator's disk is nearly full ({free} MiB free in its data "
+                                f"directory, at least {self.min_free_mib} MiB needed: MICROVM_MIN_FREE_MIB)")
+
     async def _after_driver_error(self, vm: StoredVm, exc: VmmError) -> None:
         """A driver error leaves the VM in an unknown state: if its VMM is gone, it has failed."""
         try:
@@ -293,6 +321,7 @@ class Lifecycle:
         if self.store.get_vm(vm_id) is not None:
             raise VmAlreadyExists(vm_id)
         self._check_network(spec)
+        self._check_free("create_vm")
         async with self._vm_quota(vm_id, spec):
             return await self._create_reserved(vm_id, spec, origin)
 
@@ -395,6 +424,7 @@ class Lifecycle:
         async with self._transition(origin, "snapshot_vm", vm_id, Action.SNAPSHOT, snapshot_id=snapshot_id) as vm:
             if self.store.get_snapshot(vm_id, snapshot_id) is not None:
                 raise SnapshotAlreadyExists(vm_id, snapshot_id)
+            self._check_free("snapshot_vm")
             async with self._snapshot_quota(vm) as lim:
                 return await self._snapshot_reserved(vm, snapshot_id, origin, lim)
 
@@ -460,6 +490,7 @@ class Lifecycle:
                     raise VmAlreadyExists(new_vm_id)
                 spec = self.limits.check_spec(snap.spec)
                 self._check_network(spec)
+                self._check_free("restore_vm")
                 async with self._vm_quota(new_vm_id, spec):
                     return await self._restore_reserved(new_vm_id, snap, spec, origin)
 

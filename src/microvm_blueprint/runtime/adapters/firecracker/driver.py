@@ -67,6 +67,7 @@ from typing import Any
 
 from ....procs import Child, kill_pid, pid_alive, read_pid, runs_in, tail, wait_pid_exit
 from ...configdrive import build_config_drive_async, guest_config
+from ...confine import Confinement
 from ...driver import ExitListener
 from ...errors import ImageError, InvalidInput, VmError, VmmApiError, VmmError, VmmTimeout
 from ...model import DEFAULT_IMAGE, NetworkMode, SnapshotRecord, VmHandle, VmRecord, VmSpec, VmStatus
@@ -76,6 +77,8 @@ from .settings import ENV_PREFIX, MAX_VCPUS, SOCKET_NAME_LEN, FirecrackerSetting
 log = logging.getLogger(__name__)
 
 LOG = "firecracker.log"
+JAILED_SOCKET = "/run/firecracker.socket"
+"""The API socket inside the jailer's chroot (Firecracker's default path)."""
 PID = "firecracker.pid"
 CONFIG = "vm.json"
 DISK = "rootfs.ext4"
@@ -132,8 +135,36 @@ class FirecrackerDriver:
     # ---- plumbing ----------------------------------------------------------------------------------
 
     def socket_path(self, workdir: str | Path) -> Path:
-        """The API socket of the VM in ``workdir``: named from the folder name, short enough for Unix."""
+        """The API socket of the VM in ``workdir``: named from the folder name, short enough for Unix
+        (under the jailer: ``/run/firecracker.socket`` inside the VM's chroot)."""
+        if self.settings.jailer:
+            return self.chroot(workdir) / JAILED_SOCKET.lstrip("/")
         return Path(self.settings.socket_dir) / f"{Path(workdir).name[:SOCKET_NAME_LEN]}.sock"
+
+    def chroot(self, workdir: str | Path) -> Path:
+        """The jailer's chroot of the VM in ``workdir``: ``<chroot base>/<exec file name>/<id>/root``."""
+        return Path(self.settings.chroot_base) / Path(self.settings.bin).name / _instance_id(workdir) / "root"
+
+    def vmm_argv(self, record: VmRecord, sock: Path) -> list[str]:
+        """Firecracker's argv, or the jailer's (per its doc: ``--id --exec-file --uid --gid --cgroup-version
+        --chroot-base-dir [--cgroup ...] [--netns] -- <firecracker args>``) when ``MICROVM_FIRECRACKER_JAILER`` is set."""
+        workdir = Path(record.workdir)
+        s = self.settings
+        if not s.jailer:
+            return [s.bin, "--api-sock", str(sock), "--id", _instance_id(workdir)]
+        version = Confinement(None).cgroup_version()
+        mem = (record.spec.mem_mib + 256) << 20
+        cpu = record.spec.vcpus * 100_000
+        cgroups = ([f"memory.max={mem}", f"cpu.max={cpu} 100000", "pids.max=512"] if version == 2 else
+                   [f"memory.limit_in_bytes={mem}", f"cpu.cfs_quota_us={cpu}", "cpu.cfs_period_us=100000",
+                    "pids.max=512"])
+        argv = [s.jailer, "--id", _instance_id(workdir), "--exec-file", shutil.which(s.bin) or s.bin,
+                "--uid", str(s.jailer_uid), "--gid", str(s.jailer_gid), "--cgroup-version", str(version),
+                "--chroot-base-dir", s.chroot_base]
+        for c in cgroups:
+            argv += ["--cgroup", c]
+        # --netns /var/run/netns/<name> comes with the namespace per VM (DESIGN.md §10), not built yet
+        return [*argv, "--", "--api-sock", JAILED_SOCKET]
 
     def _new_api(self, socket: Path) -> FirecrackerApi:
         return FirecrackerApi(str(socket), self.settings.api_timeout_ms)
@@ -210,7 +241,8 @@ class FirecrackerDriver:
             sock.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
-            argv = [self.settings.bin, "--api-sock", str(sock), "--id", f"vm-{workdir.name[:SOCKET_NAME_LEN]}"]
+            sock.parent.mkdir(parents=True, exist_ok=True)
+            argv = self.vmm_argv(record, sock)
             child = await Child.spawn(argv, workdir / LOG, cwd=workdir)
         except OSError as exc:
             raise VmmError(f"cannot start firecracker ({type(exc).__name__}: {exc})") from exc
@@ -652,3 +684,8 @@ async def _stop_task(task: asyncio.Task[None]) -> None:
     await asyncio.wait({task})
     if not task.cancelled() and (exc := task.exception()) is not None:
         log.warning("%s failed: %s", task.get_name(), exc)
+
+
+def _instance_id(workdir: str | Path) -> str:
+    """Firecracker's (and the jailer's) ``--id``: from the folder name, letters, digits and hyphens only."""
+    return f"vm-{Path(workdir).name[:SOCKET_NAME_LEN]}"

@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ....envparse import Env, check_int
 from ....errors import ConfigError
@@ -52,6 +53,12 @@ class FirecrackerSettings:
     ready_line: str | None = None
     log_level: str = ""  # "" = Firecracker's default logger (to stdout, i.e. firecracker.log)
     stop_timeout_ms: int = 3000  # SIGTERM grace before SIGKILL
+    #: ``MICROVM_FIRECRACKER_JAILER``: the jailer binary; when set, Firecracker runs under it (DESIGN.md §9)
+    #: as ``jailer_uid``/``jailer_gid`` (the VMM user of ``MICROVM_VMM_USER``) in a chroot under ``chroot_base``
+    jailer: str = ""
+    chroot_base: str = "/srv/jailer"
+    jailer_uid: int = 0
+    jailer_gid: int = 0
 
     def __post_init__(self) -> None:
         def bounded(name: str, value: int, lo: int, hi: int | None = None) -> None:
@@ -115,6 +122,7 @@ class FirecrackerSettings:
             boot_timeout_ms=e.integer("BOOT_TIMEOUT_MS", 60000, 1),
             ready_line=e.text("READY_LINE", "") or None,
             log_level=e.choice("LOG_LEVEL", "", LOG_LEVELS),
+            **_jailer(e, env),
         )
 
     def default_spec(self) -> VmSpec:
@@ -154,6 +162,18 @@ class FirecrackerSettings:
         if initrd and not Path(initrd).is_file():
             raise ImageError(f"initrd not found: {initrd} (set {ENV_PREFIX}INITRD)")
 
+
+
+def _jailer(e: Env, env: Mapping[str, str]) -> dict[str, Any]:
+    """``MICROVM_FIRECRACKER_JAILER`` and ``_CHROOT_BASE``, with the uid/gid of ``MICROVM_VMM_USER``."""
+    jailer = e.text("JAILER", "")
+    if not jailer:
+        return {}
+    from ...confine import DEFAULT_USER, resolve_user
+
+    user = resolve_user(env.get("MICROVM_VMM_USER", DEFAULT_USER))
+    return {"jailer": jailer, "chroot_base": e.text("CHROOT_BASE", "/srv/jailer"),
+            "jailer_uid": user.uid if user else os.getuid(), "jailer_gid": user.gid if user else os.getgid()}
 
 
 def project_ready_line(rootfs: str) -> str | None:

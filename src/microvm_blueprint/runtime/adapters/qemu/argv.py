@@ -12,10 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ... import images
+from ...confine import Confinement
 from ...model import USER_GATEWAY, USER_GUEST_IP, NetworkMode, VmNetwork
 
 QMP_SOCK = "qmp.sock"
 PID_FILE = "qemu.pid"
+"""Written by the operator right after the spawn, not by QEMU's ``-pidfile`` (QEMU resolves that path
+through every folder above the VM's, which the VMM user cannot enter: DATA_DIR is 0700)."""
 QEMU_LOG = "qemu.log"
 CONSOLE_LOG = "console.log"
 """The guest console, written by QEMU itself (the chardev's ``logfile=``): nothing is lost when the
@@ -33,6 +36,12 @@ LAST_SAVE = "last-save.bin"
 QEMU 7.2 refuses a second ``migrate`` of a VM left in ``postmigrate`` ("Can't migrate the vm that was
 paused due to previous migration"); such a VM has not executed since, so its state *is* that file."""
 CONSOLE_DEV = "console"
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+"""QEMU's seccomp filter (DESIGN.md §9): installed before the guest runs; with ``elevateprivileges=deny``
+QEMU can never regain root, which is also why it is spawned as its user rather than told ``-runas``."""
+DISK_ERRORS = "werror=report,rerror=report"
+"""A disk error goes to the guest as an I/O error (and to the operator as ``BLOCK_IO_ERROR``), never
+pauses the VM behind the API's back (QEMU's default ``enospc`` stops it on a full disk)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,8 @@ class QemuSettings:
     egress: bool = False
     """``MICROVM_EGRESS=allow``: a user-mode NIC may open connections out (else ``restrict=on``: only
     its published ports reach it, and it reaches nothing, not even the host's loopback via 10.0.2.2)."""
+    confine: Confinement | None = None
+    """Who QEMU runs as and its cgroup (``runtime/confine.py``); ``None``: as the operator, no cgroup."""
 
 
 _TSC_LINES = (
@@ -152,22 +163,22 @@ def qemu_argv(
         "-m", str(mem_mib),
         "-smp", str(vcpus),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-sandbox", SANDBOX,
         "-kernel", manifest.bzimage,
         "-initrd", manifest.initramfs,
         "-append", kernel_cmdline(manifest.cmdline, accel, settings.extra_cmdline),
         "-chardev", f"ringbuf,id={CONSOLE_DEV},size={settings.console_ring_bytes},"
                     f"logfile={CONSOLE_LOG},logappend=on",
         "-serial", f"chardev:{CONSOLE_DEV}",
-        "-drive", f"id=root,file={DISK},format=qcow2,if=none,cache=writeback",
+        "-drive", f"id=root,file={DISK},format=qcow2,if=none,cache=writeback,{DISK_ERRORS}",
         "-device", "virtio-blk-device,drive=root",
     ]
     if config_drive:
-        argv += ["-drive", f"id=cidata,file={CONFIG_DRIVE},format=raw,if=none,readonly=on",
+        argv += ["-drive", f"id=cidata,file={CONFIG_DRIVE},format=raw,if=none,readonly=on,rerror=report",
                  "-device", "virtio-blk-device,drive=cidata"]
     argv += network_args(network, egress=settings.egress)
     argv += [
         "-qmp", f"unix:{QMP_SOCK},server=on,wait=off",
-        "-pidfile", PID_FILE,
         "-S",
     ]
     if incoming:

@@ -65,11 +65,17 @@ class QemuDriver:
         self.settings = settings or QemuSettings()
         self._vms: dict[str, QemuProcess] = {}
         self._listener: ExitListener | None = None
+        self._error_listener: ExitListener | None = None
+        self._swept = False
         self._accel: str | None = None if self.settings.accel == "auto" else self.settings.accel
         self._accel_lock = asyncio.Lock()
 
     def set_exit_listener(self, listener: ExitListener) -> None:
         self._listener = listener
+
+    def set_error_listener(self, listener: ExitListener) -> None:
+        """``listener(vm_id, text)`` when a guest's disk fails (the VM keeps running; the view shows it)."""
+        self._error_listener = listener
 
     # ---- helpers -------------------------------------------------------------------------------
 
@@ -91,8 +97,9 @@ class QemuDriver:
         return self._accel
 
     async def _probe_kvm(self, manifest: images.ImageManifest) -> str:
-        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-            log.info("accelerator: /dev/kvm not usable; using TCG (software emulation)")
+        confine = self.settings.confine
+        if not (confine.can_use("/dev/kvm", write=True) if confine else os.access("/dev/kvm", os.R_OK | os.W_OK)):
+            log.info("accelerator: /dev/kvm not usable by the VMM; using TCG (software emulation)")
             return "tcg"
         probe_id = f"kvm-probe-{os.getpid()}"
         with tempfile.TemporaryDirectory(prefix="kvm-probe-") as tmp:
@@ -122,14 +129,38 @@ class QemuDriver:
         argv = qemu_argv(self.settings, manifest, vcpus=record.spec.vcpus, mem_mib=record.spec.mem_mib,
                          accel=accel, incoming=incoming, network=record.network if devices else None,
                          config_drive=devices)
-        try:
-            (workdir / CONFIG).write_text(json.dumps({"argv": argv, "accel": accel, "image": manifest.root,
-                                                      "devices": devices}))
-        except OSError as exc:
-            raise VmmError(f"cannot write {CONFIG}: {exc.strerror or exc}") from exc
-        q = await QemuProcess.spawn(record.vm_id, workdir, argv, self.settings)
+        _write_json(workdir / CONFIG, {"argv": argv, "accel": accel, "image": manifest.root, "devices": devices})
+        self._confine_files(workdir, manifest)
+        confine = self.settings.confine
+        limits = confine.limits(record.spec.mem_mib, record.spec.vcpus) if confine is not None else None
+        q = await QemuProcess.spawn(record.vm_id, workdir, argv, self.settings, limits)
         self._adopted(q)
         return q
+
+    def _confine_files(self, workdir: Path, manifest: images.ImageManifest) -> None:
+        """The VM folder becomes the VMM user's and 0700, its files 0600 (the read-only config drive
+        0400); the image must be readable by that user (a clear error before QEMU fails on it)."""
+        confine = self.settings.confine
+        if confine is None:
+            return
+        for path in (manifest.bzimage, manifest.initramfs, manifest.rootfs):
+            if path and not confine.can_use(path):
+                who = confine.user.name if confine.user else "the operator"
+                raise ImageError(f"the VMM user {who} cannot read the image file {path}: image folders must be "
+                                 "0755 and their files 0644 (or set MICROVM_IMAGE_DIR to such a folder)")
+        try:
+            confine.own(workdir, 0o700)
+            for entry in os.scandir(workdir):
+                if entry.is_file(follow_symlinks=False):
+                    confine.own(entry.path, 0o400 if entry.name == CONFIG_DRIVE else 0o600)
+        except OSError as exc:
+            raise VmmError(f"cannot hand the vm folder to the VMM user: {exc.strerror or exc}") from exc
+
+    def _sweep_once(self) -> None:
+        """Remove the empty cgroups a dead operator left (once per driver, at its first VM)."""
+        if not self._swept and self.settings.confine is not None:
+            self._swept = True
+            self.settings.confine.sweep()
 
     def _adopted(self, q: QemuProcess) -> None:
         """Take ``q`` as the live process of its VM and start watching it."""
@@ -139,7 +170,11 @@ class QemuDriver:
             if self._vms.get(q.vm_id) is q and self._listener is not None:
                 self._listener(q.vm_id, reason)
 
-        q.watch(on_exit)
+        def on_error(text: str) -> None:
+            if self._vms.get(q.vm_id) is q and self._error_listener is not None:
+                self._error_listener(q.vm_id, text)
+
+        q.watch(on_exit, on_error)
 
     def _vm(self, record: VmRecord) -> QemuProcess:
         q = self._vms.get(record.vm_id)
@@ -154,15 +189,20 @@ class QemuDriver:
         """Stop a VM's QEMU for good (see :meth:`QemuProcess.kill`), or the one an earlier operator
         left in ``workdir``; forget it."""
         q = self._vms.pop(vm_id, None)
-        if q is not None:
-            return await q.kill()
-        await kill_left_over(workdir, self.settings)
-        return None
+        try:
+            if q is not None:
+                return await q.kill()
+            await kill_left_over(workdir, self.settings)
+            return None
+        finally:
+            if self.settings.confine is not None:
+                await asyncio.to_thread(self.settings.confine.remove, workdir.name)
 
     # ---- VmmDriver -----------------------------------------------------------------------------
 
     async def create(self, vm: VmRecord) -> VmHandle | None:
         self._check_binaries()
+        self._sweep_once()
         manifest = self._image(vm.spec.image)
         workdir = Path(vm.workdir)
         size = _disk_size(manifest, vm.spec.disk_mib)
@@ -224,12 +264,16 @@ class QemuDriver:
                     await q.execute("cont")
         _write_json(out / SNAP_CONFIG, {**manifest, "status": vm.status.value, "spec": vm.spec.to_json()})
         try:
+            out.chmod(0o700)  # a snapshot holds the guest's memory: the operator's alone
+            for p in out.iterdir():
+                p.chmod(0o600)
             return sum(p.stat().st_size for p in out.iterdir() if p.is_file())
         except OSError as exc:
             raise VmmError(f"cannot size the snapshot: {exc.strerror or exc}") from exc
 
     async def restore(self, vm: VmRecord, snapshot: SnapshotRecord) -> VmHandle | None:
         self._check_binaries()
+        self._sweep_once()
         src = Path(snapshot.path)
         if not (src / SNAP_DISK).is_file():
             raise VmmError(f"snapshot '{snapshot.snapshot_id}' of vm '{snapshot.vm_id}' has no disk")
@@ -273,6 +317,7 @@ class QemuDriver:
         return True
 
     async def adopt(self, vm: VmRecord) -> bool:
+        self._sweep_once()
         workdir = Path(vm.workdir)
         q = await QemuProcess.adopt(vm.vm_id, workdir, self.settings)
         if q is None:

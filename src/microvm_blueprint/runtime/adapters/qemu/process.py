@@ -19,11 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, QMPError, StateError
+from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError, StateError
 from qemu.qmp.error import ProtocolError
 
 from ....procs import Child, kill_pid, pid_alive, read_pid, runs_in, tail, wait_pid_exit
 from ... import images
+from ...confine import CgroupLimits
 from ...errors import VmError, VmmApiError, VmmError, VmmTimeout
 from . import console
 from .argv import CONSOLE_LOG, PID_FILE, QEMU_LOG, QMP_SOCK, QemuSettings
@@ -61,6 +62,8 @@ def map_qmp_error(exc: BaseException, cmd: str, *, timeout: float | None = None,
 
 ExitCallback = Callable[[str], None]
 """Called with a reason when the QEMU process exits without having been asked to."""
+ErrorCallback = Callable[[str], None]
+"""Called with a description when QEMU reports a disk error of the guest (``BLOCK_IO_ERROR``)."""
 
 
 class QemuProcess:
@@ -83,17 +86,24 @@ class QemuProcess:
     # ---- birth ---------------------------------------------------------------------------------
 
     @classmethod
-    async def spawn(cls, vm_id: str, workdir: Path, argv: list[str], settings: QemuSettings) -> QemuProcess:
-        """Start QEMU from ``argv`` in ``workdir`` and connect to its QMP socket; on failure nothing
-        is left running."""
+    async def spawn(cls, vm_id: str, workdir: Path, argv: list[str], settings: QemuSettings,
+                    limits: CgroupLimits | None = None) -> QemuProcess:
+        """Start QEMU from ``argv`` in ``workdir`` (as the VMM user, umask 077, see ``confine.py``), put
+        it in its cgroup with ``limits`` before it can run the guest (``-S``: it waits for QMP), and
+        connect to its QMP socket; on failure nothing is left running."""
         dirfd = _open_dir(workdir)
+        confine = settings.confine
         try:
-            child = await Child.spawn(argv, workdir / QEMU_LOG, cwd=workdir)
+            child = await Child.spawn(argv, workdir / QEMU_LOG, cwd=workdir,
+                                      creds=confine.spawn_kwargs() if confine is not None else {"umask": 0o077})
         except OSError as exc:
             os.close(dirfd)
             raise VmmError(f"cannot start qemu: {exc}") from exc
         proc = cls(vm_id, workdir, settings, dirfd, child=child)
         try:
+            _write_pid(workdir / PID_FILE, child.pid)
+            if confine is not None and limits is not None:
+                confine.enter(workdir.name, child.pid, limits)
             await proc.connect(time.monotonic() + settings.qmp_timeout)
         except BaseException:
             await asyncio.shield(proc.kill())
@@ -135,9 +145,12 @@ class QemuProcess:
                     raise VmmTimeout("qemu's QMP socket did not answer in time", log_tail=self.log_tail()) from exc
                 await asyncio.sleep(0.02)
 
-    def watch(self, on_exit: ExitCallback) -> None:
-        """Start watching the process (``on_exit`` when it dies unasked) and keeping its console capped."""
+    def watch(self, on_exit: ExitCallback, on_error: ErrorCallback | None = None) -> None:
+        """Start watching the process (``on_exit`` when it dies unasked, ``on_error`` at its guest's first
+        disk error) and keeping its console capped."""
         self._tasks.append(asyncio.create_task(self._watch_exit(on_exit), name=f"qemu-watch:{self.vm_id[:32]}"))
+        if on_error is not None:
+            self._tasks.append(asyncio.create_task(self._watch_disk(on_error), name=f"qemu-disk:{self.vm_id[:32]}"))
         self._tasks.append(asyncio.create_task(self._keep_console(), name=f"qemu-console:{self.vm_id[:32]}"))
 
     # ---- state ---------------------------------------------------------------------------------
@@ -252,6 +265,25 @@ class QemuProcess:
                     warned = True
             await asyncio.sleep(CONSOLE_CHECK_EVERY)
 
+    async def _watch_disk(self, on_error: ErrorCallback) -> None:
+        """Report the first ``BLOCK_IO_ERROR`` (a full disk repeats it for every write: the rest are
+        drained and dropped)."""
+        listener = EventListener(("BLOCK_IO_ERROR",))
+        self.qmp.register_listener(listener)
+        try:
+            reported = False
+            async for event in listener:
+                if reported:
+                    continue
+                reported = True
+                raw = event.get("data")
+                data: dict[str, Any] = raw if isinstance(raw, dict) else {}
+                what = "disk full" if data.get("nospace") else str(data.get("reason") or "i/o error")
+                on_error(f"guest disk error: {data.get('operation', 'i/o')} on {data.get('device') or 'disk'} "
+                         f"failed ({what}); the guest saw an I/O error")
+        finally:
+            self.qmp.remove_listener(listener)
+
     # ---- death ---------------------------------------------------------------------------------
 
     async def _watch_exit(self, on_exit: ExitCallback) -> None:
@@ -302,6 +334,20 @@ async def kill_left_over(workdir: Path, settings: QemuSettings) -> None:
     pid = read_pid(workdir / PID_FILE)
     if pid and runs_in(pid, workdir, "qemu"):
         await kill_pid(pid, grace=settings.stop_timeout)
+
+
+def _write_pid(path: Path, pid: int) -> None:
+    """The pid file a later operator re-adopts QEMU by (written whole, then renamed into place)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, f"{pid}\n".encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise VmmError(f"cannot write {path.name}: {exc.strerror or exc}") from exc
 
 
 def _open_dir(workdir: Path) -> int:

@@ -1,0 +1,267 @@
+"""Who a VMM runs as and the cgroup it runs in (DESIGN.md §9): the one place that decides both.
+
+* **User.** When the operator is root, a VMM is spawned as ``MICROVM_VMM_USER`` (default ``microvm``, a
+  system user ``scripts/bootstrap.sh`` creates) from its first instruction: ``subprocess``'s
+  ``user=``/``group=``/``extra_groups=`` (the ``kvm`` and ``tun`` groups when they exist), never QEMU's
+  ``-runas`` (which dies under ``-sandbox ...,elevateprivileges=deny``). When the operator is not root, the
+  VMM simply runs as the operator's user. Every VMM gets umask 077.
+* **Files.** The VM folder is the VMM user's and 0700, its files 0600 (:meth:`Confinement.own`); the
+  operator (root) still reads them.
+* **Cgroup.** Each VMM in a cgroup of its own with a memory limit (guest memory + overhead), a pids limit
+  and a CPU quota (its vCPUs): cgroup v2 where it is mounted with those controllers, else the v1
+  ``memory``/``pids``/``cpu`` hierarchies, at ``<controller root>/<parent>/<name>``. Removed at destroy;
+  empty ones left by a dead operator are swept. Where cgroups cannot be used (not root, read-only), a
+  warning is logged once and VMMs run without.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import logging
+import os
+import pwd
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_USER = "microvm"
+DEVICE_GROUPS = ("kvm", "tun")
+"""Groups a VMM user joins when they exist (``/dev/kvm``, ``/dev/net/tun`` are usually theirs)."""
+CPU_PERIOD_US = 100_000
+V1_CONTROLLERS = ("memory", "pids", "cpu")
+
+
+@dataclass(frozen=True)
+class VmmUser:
+    """The account a VMM runs as."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class CgroupLimits:
+    """One VMM's limits: memory in bytes, processes/threads, whole CPUs."""
+
+    mem_bytes: int
+    pids: int
+    cpus: int
+
+
+def resolve_user(name: str | None) -> VmmUser | None:
+    """The VMM user: ``None`` when the operator is not root (the VMM runs as the operator) or when
+    ``name`` is empty or ``root`` (no switch). Raises :class:`ConfigError` for a user that does not exist."""
+    if os.geteuid() != 0 or not name or name == "root":
+        return None
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        raise ConfigError(
+            f"MICROVM_VMM_USER={name!r}: no such user; create it (scripts/bootstrap.sh runs `useradd --system "
+            f"--no-create-home --shell /usr/sbin/nologin {name}`) or name another unprivileged user"
+        ) from None
+    if pw.pw_uid == 0:
+        raise ConfigError(f"MICROVM_VMM_USER={name!r} is uid 0: the VMM must run unprivileged")
+    groups: list[int] = []
+    for g in DEVICE_GROUPS:
+        with contextlib.suppress(KeyError):
+            groups.append(grp.getgrnam(g).gr_gid)
+    return VmmUser(name, pw.pw_uid, pw.pw_gid, tuple(groups))
+
+
+class Confinement:
+    """Spawn credentials, file ownership and per-VMM cgroups, injected into a driver's settings."""
+
+    def __init__(
+        self,
+        user: str | None = DEFAULT_USER,
+        *,
+        cgroups: bool = True,
+        cgroup_root: str | Path = "/sys/fs/cgroup",
+        parent: str = "microvm",
+        mem_overhead_mib: int = 256,
+        pids_max: int = 512,
+    ) -> None:
+        """``mem_overhead_mib``: what a VMM may use beyond its guest's memory (QEMU itself, TCG's code
+        cache, device buffers); may be negative in tests that want a VMM killed by its cgroup."""
+        self.user = resolve_user(user)
+        self.cgroups = cgroups
+        self.cgroup_root = Path(cgroup_root)
+        self.parent = parent
+        self.mem_overhead_mib = mem_overhead_mib
+        self.pids_max = pids_max
+        self._warned = False
+
+    # ---- user and files ----------------------------------------------------------------------
+
+    def spawn_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``asyncio.create_subprocess_exec``: the VMM user (when switching) and umask 077."""
+        kw: dict[str, Any] = {"umask": 0o077}
+        if self.user is not None:
+            kw.update(user=self.user.uid, group=self.user.gid, extra_groups=list(self.user.groups))
+        return kw
+
+    def own(self, path: str | Path, mode: int) -> None:
+        """Make ``path`` the VMM user's (when switching) with ``mode``. Raises OSError."""
+        if self.user is not None:
+            os.chown(path, self.user.uid, self.user.gid, follow_symlinks=False)
+        os.chmod(path, mode)
+
+    def can_use(self, path: str | Path, write: bool = False) -> bool:
+        """True if the VMM user can read (and, with ``write``, write) ``path``: by its mode bits and
+        those of every folder above it (the operator, root, would pass ``os.access`` anyway)."""
+        if self.user is None:
+            return os.access(path, os.R_OK | (os.W_OK if write else 0))
+        p = Path(os.path.realpath(path))
+        try:
+            for folder in reversed(p.parents):
+                if not self._allows(os.stat(folder), 1):
+                    return False
+            return self._allows(os.stat(p), 4 | (2 if write else 0))
+        except OSError:
+            return False
+
+    def _allows(self, st: os.stat_result, bits: int) -> bool:
+        user = self.user
+        assert user is not None
+        if st.st_uid == user.uid:
+            shift = 6
+        elif st.st_gid == user.gid or st.st_gid in user.groups:
+            shift = 3
+        else:
+            shift = 0
+        return (stat.S_IMODE(st.st_mode) >> shift) & bits == bits
+
+    # ---- cgroups -----------------------------------------------------------------------------
+
+    def limits(self, mem_mib: int, vcpus: int) -> CgroupLimits:
+        """A VMM's limits for a guest of ``mem_mib`` MiB and ``vcpus`` vCPUs."""
+        return CgroupLimits(max(32, mem_mib + self.mem_overhead_mib) << 20, self.pids_max, max(1, vcpus))
+
+    def _v2_root(self) -> Path | None:
+        """The cgroup v2 mount, if it has the memory, pids and cpu controllers."""
+        for root in (self.cgroup_root, self.cgroup_root / "unified"):
+            try:
+                have = set((root / "cgroup.controllers").read_text().split())
+            except OSError:
+                continue
+            if {"memory", "pids", "cpu"} <= have:
+                return root
+        return None
+
+    def cgroup_version(self) -> int:
+        """2 where cgroup v2 has the memory, pids and cpu controllers, else 1 (for Firecracker's jailer)."""
+        return 2 if self._v2_root() is not None else 1
+
+    def _dirs(self, name: str) -> list[tuple[str, Path]]:
+        """(controller or ``v2``, folder) of the cgroup ``name``."""
+        v2 = self._v2_root()
+        if v2 is not None:
+            return [("v2", v2 / self.parent / name)]
+        return [(c, self.cgroup_root / c / self.parent / name) for c in V1_CONTROLLERS
+                if (self.cgroup_root / c / "cgroup.procs").exists()]
+
+    def _warn(self, what: str, exc: OSError) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("VMMs run without cgroup limits: cannot %s (%s)", what, exc.strerror or exc)
+
+    def enter(self, name: str, pid: int, limits: CgroupLimits) -> bool:
+        """Create the cgroup ``name`` with ``limits`` and move ``pid`` into it. True if it did; False
+        (warned once) where cgroups cannot be used."""
+        if not self.cgroups:
+            return False
+        dirs = self._dirs(name)
+        if not dirs:
+            self._warn("find cgroup controllers", OSError(f"none under {self.cgroup_root}"))
+            return False
+        try:
+            for kind, folder in dirs:
+                if kind == "v2":  # the controllers must be enabled on the way down
+                    folder.parent.mkdir(exist_ok=True)
+                    for level in (folder.parent.parent, folder.parent):
+                        _write(level / "cgroup.subtree_control", "+memory +pids +cpu")
+                folder.mkdir(parents=True, exist_ok=True)
+                for file, value in _limit_files(kind, limits):
+                    _write(folder / file, value)
+                for file, value in _best_effort(kind, limits):
+                    with contextlib.suppress(OSError):
+                        _write(folder / file, value)
+            for _, folder in dirs:
+                _write(folder / "cgroup.procs", str(pid))
+        except OSError as exc:
+            self._warn(f"set up cgroup {dirs[0][1]}", exc)
+            self.remove(name)
+            return False
+        return True
+
+    def paths(self, name: str) -> list[Path]:
+        """The folders of the cgroup ``name`` (whether or not they exist)."""
+        return [folder for _, folder in self._dirs(name)]
+
+    def remove(self, name: str, timeout: float = 2.0) -> None:
+        """Remove the cgroup ``name`` (its processes gone; a just-reaped one may linger a moment)."""
+        if not self.cgroups:
+            return
+        deadline = time.monotonic() + timeout
+        for folder in self.paths(name):
+            while folder.is_dir():
+                try:
+                    folder.rmdir()
+                except OSError:
+                    if time.monotonic() > deadline:
+                        log.warning("cannot remove cgroup %s: it still has processes", folder)
+                        break
+                    time.sleep(0.02)
+
+    def sweep(self, keep: set[str] | None = None) -> int:
+        """Remove the empty cgroups under the parent (left by an operator that died), except ``keep``.
+        A cgroup with a process in it cannot be removed (the kernel refuses), so a live VMM's stays."""
+        if not self.cgroups:
+            return 0
+        removed = 0
+        for folder in {f.parent for f in self.paths("swept")}:
+            with contextlib.suppress(OSError):
+                for entry in folder.iterdir():
+                    if entry.is_dir() and entry.name not in (keep or set()):
+                        with contextlib.suppress(OSError):
+                            entry.rmdir()
+                            removed += 1
+        return removed
+
+
+def _limit_files(kind: str, lim: CgroupLimits) -> list[tuple[str, str]]:
+    if kind == "v2":
+        return [("memory.max", str(lim.mem_bytes)), ("pids.max", str(lim.pids)),
+                ("cpu.max", f"{lim.cpus * CPU_PERIOD_US} {CPU_PERIOD_US}")]
+    if kind == "memory":
+        return [("memory.limit_in_bytes", str(lim.mem_bytes))]
+    if kind == "pids":
+        return [("pids.max", str(lim.pids))]
+    return [("cpu.cfs_period_us", str(CPU_PERIOD_US)), ("cpu.cfs_quota_us", str(lim.cpus * CPU_PERIOD_US))]
+
+
+def _best_effort(kind: str, lim: CgroupLimits) -> list[tuple[str, str]]:
+    """Settings a kernel may lack: no swap beyond the limit; charges follow the process into the group."""
+    if kind == "v2":
+        return [("memory.swap.max", "0")]
+    if kind == "memory":
+        return [("memory.move_charge_at_immigrate", "3"), ("memory.memsw.limit_in_bytes", str(lim.mem_bytes))]
+    return []
+
+
+def _write(path: Path, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
