@@ -73,7 +73,7 @@ def raise_file_limit() -> int:
 def connection_cap(configured: int, nofile: int) -> int:
     """How many API connections to allow under an open-file limit of ``nofile``: ``configured``, but
     never more than half the limit, and never the last :data:`FD_RESERVE_MIN` handles (at least 1)."""
-    return max(1, min(configured, nofile - max(FD_RESERVE_MIN, nofile // 2)))
+    return max(1, min(configured, nofile - max(FD_RESERVE_MIN, (nofile + 1) // 2)))
 
 
 class ConnectionGuard:
@@ -118,10 +118,13 @@ class GuardedH11(H11Protocol):
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.guard = guard
+        self.made = False
         self._header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.made = True
+        self.guard.pending -= 1  # counted from accept as pending, now as live
         self.guard.live.add(self)
         self._await_request()
 
@@ -177,7 +180,7 @@ class Listener:
     """Accepts on ``sock`` for :class:`GuardedH11` connections (see the module's docstring); quacks like
     the ``asyncio.Server`` uvicorn keeps (``close``, ``wait_closed``)."""
 
-    def __init__(self, sock: socket.socket, factory: Callable[[], asyncio.Protocol], guard: ConnectionGuard,
+    def __init__(self, sock: socket.socket, factory: Callable[[], GuardedH11], guard: ConnectionGuard,
                  backlog: int = 2048) -> None:
         self.sock = sock
         self.factory = factory
@@ -219,13 +222,15 @@ class Listener:
             task.add_done_callback(self.tasks.discard)
 
     async def _connect(self, conn: socket.socket) -> None:
+        proto = self.factory()
         try:
-            await self.loop.connect_accepted_socket(self.factory, conn)
+            await self.loop.connect_accepted_socket(lambda: proto, conn)
         except OSError as exc:  # the peer left meanwhile
             log.debug("query API: connection lost at once: %s", exc)
             conn.close()
         finally:
-            self.guard.pending -= 1
+            if not proto.made:
+                self.guard.pending -= 1
 
     def _pause(self, exc: OSError) -> None:
         """Out of file handles: stop accepting for ``ACCEPT_PAUSE`` (one warning a minute at most)."""
@@ -272,7 +277,7 @@ class _Server(uvicorn.Server):
         config = self.config
         loop = asyncio.get_running_loop()
 
-        def make() -> asyncio.Protocol:
+        def make() -> GuardedH11:
             return GuardedH11(config, self.server_state, self.lifespan.state, self.guard, _loop=loop)
 
         self.servers = [Listener(sock, make, self.guard, config.backlog) for sock in sockets]  # type: ignore[misc]
