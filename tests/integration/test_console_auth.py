@@ -245,3 +245,9 @@ async def test_cli_signs_and_escapes_the_guests_control_characters(console: Cons
     stranger = await asyncio.to_thread(cli, base, CUSTOMER_KEY=STRANGER_KEY)
     assert stranger.returncode == 1 and "401" in stranger.stderr and "may not read" in stranger.stderr
     assert "\x1b" not in stranger.stdout + stranger.stderr
+
+
+async def test_dashboard_says_why_when_the_console_is_private(console: Console) -> None:
+    page = (await console.get("/")).text
+    assert "r.status === 401" in page and "the console is private" in page and "MICROVM_PUBLIC_CONSOLE=true" in page
+    assert (await console.get("/vms/vm-1/console?tail=8192")).status_code == 401  # what the page gets unsigned
