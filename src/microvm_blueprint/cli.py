@@ -78,12 +78,12 @@ def cmd_vms(args: argparse.Namespace) -> int:
         print(json.dumps(_http_get(f"{base}/vms/{quote(args.vm_id, safe='')}"), indent=2))
         return 0
     if args.vms_cmd == "console":
-        import httpx
+        from .blueprint.client import read_console
+        from .tangle.environment import Secret
 
-        r = httpx.get(f"{base}/vms/{quote(args.vm_id, safe='')}/console", params={"tail": args.tail}, timeout=10)
-        if r.status_code != 200:
-            raise CliError(f"{r.status_code}: {r.text}")
-        sys.stdout.write(r.text)
+        key_text = _customer_key_text(args.key_file)
+        text = read_console(base, args.vm_id, args.tail, Secret(key_text) if key_text else None)
+        sys.stdout.write(text if args.raw else escape_control(text))
         return 0
     if args.vms_cmd == "watch":
         return _vms_watch(base, args)
@@ -96,6 +96,34 @@ def cmd_vms(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os.execvp(argv[0], argv)  # replaces this process: ssh owns the terminal, its exit code is ours
     raise CliError(f"unknown vms command {args.vms_cmd!r}")
+
+
+#: bidirectional-text controls: shown escaped too (they reorder what the terminal shows)
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def escape_control(text: str) -> str:
+    """The guest's console as plain text for a terminal: CR LF becomes LF; every other control character
+    (C0 but LF and TAB, DEL, C1, bidi controls), which would let the guest move the cursor, retitle the
+    window or rewrite what was shown, is printed as an escape (``\\x1b``, ``\\u202e``)."""
+    import unicodedata
+
+    out = []
+    for ch in text.replace("\r\n", "\n"):
+        if ch in "\n\t" or (unicodedata.category(ch) != "Cc" and ch not in _BIDI):
+            out.append(ch)
+        elif ord(ch) < 0x100:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(f"\\u{ord(ch):04x}")
+    return "".join(out)
+
+
+def _customer_key_text(key_file: str | None) -> str:
+    """The customer's key as ``jobs submit`` finds it: ``--key-file``, else CUSTOMER_KEY, else dev.json."""
+    if key_file:
+        return Path(key_file).read_text().strip()
+    return os.environ.get("CUSTOMER_KEY") or str(dev.recorded().get("customer_key") or "")
 
 
 SSH_PORT = 22
@@ -543,6 +571,10 @@ def build_parser() -> argparse.ArgumentParser:
     vc = vsub.add_parser("console")
     vc.add_argument("vm_id")
     vc.add_argument("--tail", type=int, default=4096)
+    vc.add_argument("--raw", action="store_true", help="print the guest's control characters as they are "
+                    "(by default they are shown escaped: \\x1b...)")
+    vc.add_argument("--key-file", default=None, metavar="FILE",
+                    help="the customer key that signs the read (default CUSTOMER_KEY, or the one `dev` recorded)")
     vs = vsub.add_parser("ssh", help="ssh as root into a running VM's published port 22",
                          usage="%(prog)s [--identity FILE] [--api-url URL] VM [-- CMD...]")
     vs.add_argument("--identity", "-i", default=None, metavar="FILE", help="private key for ssh -i")

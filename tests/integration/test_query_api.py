@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse
 from microvm_blueprint.blueprint.journal import JobJournal
 from microvm_blueprint.blueprint.query import LIST_CHUNK, QueryApp
 from microvm_blueprint.blueprint.server import QueryServer
+from microvm_blueprint.blueprint.tangle_sig import SignedReads
 from microvm_blueprint.runtime.adapters.in_memory import InMemoryDriver
 from microvm_blueprint.runtime.lifecycle import Lifecycle
 from microvm_blueprint.runtime.model import Origin
@@ -34,7 +35,7 @@ class Api:
 async def api(tmp_path: Path) -> AsyncIterator[Api]:
     life = Lifecycle(InMemoryDriver(), Store(tmp_path / "s.sqlite3"), state_dir=tmp_path / "state")
     journal = JobJournal(tmp_path / "jobs.sqlite3")
-    server = QueryServer(QueryApp(life, journal), "127.0.0.1", 0)
+    server = QueryServer(QueryApp(life, journal, console=SignedReads(public=True)), "127.0.0.1", 0)
     ready = asyncio.Event()
     task = asyncio.create_task(server.run(ready))
     await asyncio.wait_for(ready.wait(), 15)

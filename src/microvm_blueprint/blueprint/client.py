@@ -337,3 +337,32 @@ async def _job_status(http: httpx.AsyncClient, api_url: str, call_id: int) -> di
         return None
     body = r.json()
     return body if isinstance(body, dict) else None
+
+
+def read_console(api_url: str, vm_id: str, tail: int, key: Secret[str] | None, *, at: int | None = None) -> str:
+    """``GET /vms/{id}/console?tail=N``, signed with the customer's ``key`` (``Authorization: Tangle-Sig``,
+    DESIGN.md §9; unsigned without a key, which a ``MICROVM_PUBLIC_CONSOLE`` operator answers). The
+    signature covers the request target exactly as sent, so the URL is built here, not by httpx's params.
+    :class:`ClientError` for any answer but 200 (a 401 says how to sign, or why the signature failed)."""
+    from urllib.parse import quote
+
+    from .tangle_sig import sign
+
+    target = f"/vms/{quote(vm_id, safe='')}/console?tail={int(tail)}"
+    headers: dict[str, str] = {}
+    if key is not None:
+        secret = key_from_hex(key.reveal()).secret.reveal()
+        headers["Authorization"] = sign(secret, target, int(time.time()) if at is None else at)
+    try:
+        r = httpx.get(api_url.rstrip("/") + target, headers=headers, timeout=10)
+    except httpx.HTTPError as exc:
+        raise ClientError(f"query API at {api_url} is unreachable: {exc}") from exc
+    if r.status_code == 200:
+        return r.text
+    try:
+        body = r.json()
+    except ValueError:
+        body = r.text
+    message = body.get("error") if isinstance(body, dict) else body
+    hint = " (give the VM owner's key: --key-file or CUSTOMER_KEY)" if r.status_code == 401 and key is None else ""
+    raise ClientError(f"{r.status_code}: {message}{hint}")

@@ -83,7 +83,9 @@ async def run_dev(
             }
         )
         settings = OperatorSettings.from_env(
-            {**os.environ, "MICROVM_PROVIDER": kind.value}, env.data_dir, api_host=host, api_port=port,
+            # the console is open in dev (MICROVM_PUBLIC_CONSOLE=false still closes it)
+            {"MICROVM_PUBLIC_CONSOLE": "true", **os.environ, "MICROVM_PROVIDER": kind.value}, env.data_dir,
+            api_host=host, api_port=port,
             stop_vms_on_exit=True,
         )
         operator = Operator.assemble(env, settings)

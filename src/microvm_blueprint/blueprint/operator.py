@@ -36,6 +36,7 @@ from .metrics import Observers, OperatorMetrics
 from .query import QueryApp
 from .server import QueryServer
 from .settings import OperatorSettings, ProviderKind
+from .tangle_sig import SignedReads
 
 if TYPE_CHECKING:
     from ..runtime.adapters.firecracker.settings import FirecrackerSettings
@@ -213,7 +214,10 @@ class Operator:
         )
         heartbeat = build_heartbeat(env, rpc, consumer, producer, key, metrics)
         metrics.watch_tangle(consumer, producer, rpc, heartbeat)
-        server = QueryServer(QueryApp(provider, journal, metrics.render), settings.api_host, settings.api_port)
+        reads = SignedReads(public=settings.public_console, service_owner=owner.get)
+        server = QueryServer(QueryApp(provider, journal, metrics.render, console=reads), settings.api_host,
+                             settings.api_port, max_connections=settings.api_max_connections,
+                             header_timeout=settings.api_header_timeout_s)
         runner = BlueprintRunner(
             build_router(provider), producer, consumer, state,
             background_services=[server, owner, *([heads] if heads else []), *([heartbeat] if heartbeat else [])],

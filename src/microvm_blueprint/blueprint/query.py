@@ -35,6 +35,7 @@ from ..runtime.provider import VmQuery
 from ..runtime.store import Store
 from .events import Closed, EventHub, Subscriber, TooBusy, Unavailable, sse_bytes
 from .journal import JobEntry, JobJournal, JobStatus
+from .tangle_sig import SCHEME, SignedReads, TooManySigned, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +112,15 @@ async def _refuse_websocket(scope: Scope, send: Send) -> None:
 class QueryApp:
     """ASGI callable. ``vms`` answers VM questions; ``journal`` answers ``/jobs``; ``metrics`` (the
     Prometheus text, ``metrics.OperatorMetrics.render``) answers ``/metrics``; ``events`` serves the waits
-    and ``/events`` (by default a hub over ``vms.store`` when ``vms`` has a store)."""
+    and ``/events`` (by default a hub over ``vms.store`` when ``vms`` has a store). ``console`` says who may
+    read ``/vms/{id}/console`` (by default: a request signed by the VM's owner, :mod:`.tangle_sig`)."""
 
     def __init__(self, vms: VmQuery, journal: JobJournal | None, metrics: Callable[[], str] | None = None,
-                 events: EventHub | None = None) -> None:
+                 events: EventHub | None = None, *, console: SignedReads | None = None) -> None:
         self.vms = vms
         self.journal = journal
         self.metrics = metrics
+        self.console = console or SignedReads()
         store = getattr(vms, "store", None)
         if events is None and isinstance(store, Store):
             events = EventHub(store, journal)
@@ -161,7 +164,14 @@ class QueryApp:
         except (UnicodeDecodeError, ValueError):
             return _error(400, "query string is not valid")
         try:
+            if len(parts) == 3 and parts[0] == "vms" and parts[2] == "console":
+                return await self._console(parts[1], query, scope, raw_path)
             return await self._route(parts, query)
+        except Unauthorized as exc:
+            return Response(json.dumps({"error": str(exc)}), status_code=401, media_type="application/json",
+                            headers={"WWW-Authenticate": SCHEME})
+        except TooManySigned as exc:
+            return _error(503, str(exc))
         except BadRequest as exc:
             return _error(400, str(exc))
         except InvalidInput as exc:
@@ -196,9 +206,6 @@ class QueryApp:
                 return _json([s.snapshot_id for s in await self.vms.list_snapshots(vm_id)])
             case ["vms", vm_id, "snapshots", snapshot_id]:
                 return _json((await self.vms.get_snapshot(vm_id, snapshot_id)).to_json())
-            case ["vms", vm_id, "console"]:
-                tail = _int_param(query, "tail", default=DEFAULT_TAIL, lo=0, hi=MAX_TAIL)
-                return PlainTextResponse(await self.vms.console(vm_id, tail or 0))
             case ["jobs", call_id]:
                 if not _DIGITS.fullmatch(call_id) or len(call_id) > 20 or int(call_id) >= 2**64:
                     raise BadRequest("call_id must be an unsigned 64-bit integer")
@@ -207,6 +214,20 @@ class QueryApp:
                     return _error(404, f"job call {int(call_id)} not found")
                 return _json(entry.to_json())
         return await self._route_live(parts, query)
+
+    async def _console(self, vm_id: str, query: dict[str, list[str]], scope: Scope, raw_path: bytes) -> Response:
+        """The console tail, for the VM's owner or the service owner only (DESIGN.md §9), or for anyone
+        with ``MICROVM_PUBLIC_CONSOLE``. The signature covers the request target as sent."""
+        tail = _int_param(query, "tail", default=DEFAULT_TAIL, lo=0, hi=MAX_TAIL)
+        view = await self.vms.get_vm(vm_id)  # 400 / 404 first: GET /vms/{id} says as much to anyone
+        auth = [v for k, v in scope.get("headers", []) if k == b"authorization"]
+        if len(auth) > 1:
+            raise Unauthorized("more than one Authorization header")
+        target = raw_path.decode("latin-1")
+        if qs := scope.get("query_string", b""):
+            target += "?" + qs.decode("latin-1")
+        self.console.check(auth[0].decode("latin-1") if auth else None, target, vm_id, view.owner, time.time())
+        return PlainTextResponse(await self.vms.console(vm_id, tail or 0))
 
     # ---- live: waits, the event stream, the dashboard (issue #16) --------------------------------
 
@@ -654,8 +675,21 @@ OPENAPI: dict[str, Any] = {
         },
         "/vms/{vm_id}/console": {
             "get": {
-                "parameters": [_p("vm_id"), _p("tail", "query", {"type": "integer", "minimum": 0, "maximum": MAX_TAIL})],
-                "responses": {"200": _ok({"type": "string"}, "text/plain"), "400": _E400, "404": _E404},
+                "summary": "the tail of the VM's serial console: for its owner and the service owner only",
+                "description": (
+                    "Send `Authorization: Tangle-Sig <address>:<unix seconds>:<0x signature>`, an EIP-191 "
+                    "personal_sign of `microvm-blueprint GET <path and query as sent> <unix seconds>` by the VM's "
+                    "owner or the service owner, at most 300 s old and 60 s ahead; each signed request is "
+                    "answered once (a replay is 401). Open to all when the operator runs with "
+                    "MICROVM_PUBLIC_CONSOLE=true (dev)."
+                ),
+                "parameters": [_p("vm_id"), _p("tail", "query", {"type": "integer", "minimum": 0, "maximum": MAX_TAIL}),
+                               _p("Authorization", "header", {"type": "string"})],
+                "responses": {"200": _ok({"type": "string"}, "text/plain"), "400": _E400, "404": _E404,
+                              "401": {"description": "unsigned, badly signed, stale, replayed, or not the owner's",
+                                      "content": {"application/json": {"schema": _ERR}}},
+                              "503": {"description": "too many signed reads at once",
+                                      "content": {"application/json": {"schema": _ERR}}}},
             }
         },
         "/jobs/{call_id}": {

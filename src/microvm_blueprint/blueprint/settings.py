@@ -46,6 +46,12 @@ class OperatorSettings:
     provider: ProviderKind = ProviderKind.IN_MEMORY
     api_host: str = "127.0.0.1"
     api_port: int = 3000
+    #: seconds a connection to the query API has to send a complete request head (DESIGN.md §9)
+    api_header_timeout_s: float = 10.0
+    #: query API connections at once (and never more than half the open-file limit)
+    api_max_connections: int = 256
+    #: ``/vms/{id}/console`` without a signature (``dev``); else only the VM's owner or the service owner
+    public_console: bool = False
     ephemeral: bool = False
     stop_vms_on_exit: bool = False
     limits: HostLimits = field(default_factory=HostLimits)
@@ -84,6 +90,9 @@ class OperatorSettings:
             "provider": ProviderKind(e.choice("MICROVM_PROVIDER", "in-memory", [k.value for k in ProviderKind])),
             "api_host": host,
             "api_port": port,
+            "api_header_timeout_s": e.duration("MICROVM_API_HEADER_TIMEOUT_S", 10.0, 0.1, 3600.0),
+            "api_max_connections": e.integer("MICROVM_API_MAX_CONNECTIONS", 256, 1, 1_000_000),
+            "public_console": e.boolean("MICROVM_PUBLIC_CONSOLE", False),
             "ephemeral": e.boolean("MICROVM_EPHEMERAL", False),
             "stop_vms_on_exit": e.boolean("MICROVM_STOP_VMS_ON_EXIT", False),
             "limits": limits,
