@@ -35,6 +35,8 @@ Every class that subclasses :class:`MicrovmBlueprintError` anywhere in the packa
     │   └── DevnetError                         tangle.devnet       the local chain could not be started or set up
     ├── JournalError                            blueprint.journal   the job journal database is unusable
     ├── BadRequest                              blueprint.query     a query API parameter out of range (HTTP 400)
+    ├── Unauthorized                            blueprint.tangle_sig  a console read not signed by its owner (HTTP 401)
+    ├── TooManySigned                           blueprint.tangle_sig  too many signed reads remembered (HTTP 503)
     ├── Unavailable                             blueprint.events    a live endpoint cannot serve now (HTTP 503)
     │   ├── TooBusy                             blueprint.events    too many waiters or event streams
     │   └── Closed                              blueprint.events    the query API is shutting down
