@@ -46,7 +46,7 @@ async def test_rpc_outage_loses_and_repeats_nothing(
         await proxy.close()
         before = retries(caplog, "microvm_blueprint.tangle.producer")
         during = [(await submit_job(direct, chain, 0, encode(["string"], [f"during-{i}"])))[0] for i in range(3)]
-        await wait_for(lambda: retries(caplog, "microvm_blueprint.tangle.producer") >= before + 2, 20,
+        await wait_for(lambda: retries(caplog, "microvm_blueprint.tangle.producer") >= before + 2, 60,
                        "the producer retrying")
         await proxy.open()
         await wait_for(lambda: all(c in pipe.recorder.submitted for c in during), 30, "every result after the outage")
@@ -89,7 +89,7 @@ async def test_results_queued_while_the_chain_is_away_are_sent_once(
         assert len(pipe.state.pending(10)) == 3  # acknowledged: their results wait in the outbox
         await proxy.close()
         pipe.tasks.append(asyncio.create_task(pipe.consumer.run(pipe.stop_event)))
-        await wait_for(lambda: retries(caplog, "microvm_blueprint.tangle.consumer") >= 2, 20, "the sender retrying")
+        await wait_for(lambda: retries(caplog, "microvm_blueprint.tangle.consumer") >= 2, 60, "the sender retrying")
         await proxy.open()
         await wait_for(lambda: len(pipe.recorder.submitted) == 3, 30, "the results")
         assert await results_on_chain(direct, chain, start) == {c: [TRUE] for c in ids}
