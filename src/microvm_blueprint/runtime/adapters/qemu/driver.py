@@ -34,11 +34,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ... import images
+from ... import images, netns
 from ...configdrive import build_config_drive_async, guest_config
 from ...driver import ExitListener
 from ...errors import ImageError, InvalidInput, VmError, VmmError, VmmTimeout
-from ...model import SnapshotRecord, VmHandle, VmRecord, VmSpec, VmStatus
+from ...model import NetworkMode, SnapshotRecord, VmHandle, VmRecord, VmSpec, VmStatus
 from . import console
 from .argv import (
     CONFIG,
@@ -122,6 +122,8 @@ class QemuDriver:
         argv = qemu_argv(self.settings, manifest, vcpus=record.spec.vcpus, mem_mib=record.spec.mem_mib,
                          accel=accel, incoming=incoming, network=record.network if devices else None,
                          config_drive=devices)
+        if devices and record.network.mode is NetworkMode.BRIDGE:
+            argv = netns.exec_prefix(record.vm_id) + argv  # inside the VM's namespace, where its TAP is
         try:
             (workdir / CONFIG).write_text(json.dumps({"argv": argv, "accel": accel, "image": manifest.root,
                                                       "devices": devices}))
