@@ -1,5 +1,5 @@
 """Run every benchmark (or the ones named): `python -m bench [pipeline] [lifecycle] [query] [density] [cli] [idle]
-[backlog] [events] [guest] [build]`."""
+[backlog] [events] [guest] [build] [network]`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import logging
 import sys
 
-from . import backlog, cli, events, guest, idle, pipeline, query, vmm
+from . import backlog, cli, events, guest, idle, network, pipeline, query, vmm
 
 BENCHES = {
     "pipeline": pipeline.run,
@@ -20,6 +20,7 @@ BENCHES = {
     "events": events.run,
     "guest": guest.boot,
     "build": guest.build,
+    "network": network.run,
 }
 
 

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PKGS=(qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio zstd lz4 xz-utils kmod nodejs npm
-          mmdebstrap dosfstools mtools openssh-client)
+          mmdebstrap dosfstools mtools openssh-client iproute2 nftables procps)
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
@@ -20,6 +20,11 @@ command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 command -v mkfs.vfat >/dev/null || [ -x /usr/sbin/mkfs.vfat ] || [ -x /sbin/mkfs.vfat ] || need+=(dosfstools)
 command -v mcopy >/dev/null || need+=(mtools)
 command -v ssh >/dev/null && command -v ssh-keygen >/dev/null || need+=(openssh-client)
+# MICROVM_NETWORK=bridge (DESIGN.md §10): `ip` for namespaces, veth and TAP, `nft` for the rules,
+# `sysctl` run inside each VM's namespace
+command -v ip >/dev/null || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || need+=(iproute2)
+command -v nft >/dev/null || [ -x /usr/sbin/nft ] || need+=(nftables)
+command -v sysctl >/dev/null || [ -x /usr/sbin/sysctl ] || [ -x /sbin/sysctl ] || need+=(procps)
 command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)
 # The dashboard's browser test (tests/integration/test_dashboard_browser.py) drives Debian's chromium over
@@ -48,6 +53,15 @@ if [ "$(id -u)" = 0 ] && ! getent passwd microvm >/dev/null; then
 fi
 if [ "$(id -u)" = 0 ] && getent group kvm >/dev/null && ! id -nG microvm | grep -qw kvm; then
   usermod -aG kvm microvm
+fi
+# bridge networking (DESIGN.md §10): the unprivileged QEMU opens its TAP through /dev/net/tun, which some
+# hosts leave root-only (0600): give it to a `tun` group the VMM user is in (Debian's udev default is 0666)
+if [ "$(id -u)" = 0 ] && [ -c /dev/net/tun ]; then
+  getent group tun >/dev/null || groupadd --system tun
+  id -nG microvm | grep -qw tun || usermod -aG tun microvm
+  if [ "$(stat -c %a /dev/net/tun)" = 600 ]; then
+    chgrp tun /dev/net/tun && chmod 0660 /dev/net/tun
+  fi
 fi
 
 PY=${PYTHON:-python3}

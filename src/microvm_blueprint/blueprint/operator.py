@@ -6,12 +6,14 @@ This is the only place a VMM backend is chosen; everything below receives it inj
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..runtime.confine import Confinement
 from ..runtime.driver import VmmDriver
 from ..runtime.errors import ImageError
 from ..runtime.lifecycle import Lifecycle
@@ -57,7 +59,6 @@ def make_driver(settings: OperatorSettings) -> VmmDriver:
         except ImportError as exc:
             raise ImageError(f"the QEMU provider is not available: {exc}") from exc
         from ..runtime import images
-        from ..runtime.confine import Confinement
 
         return QemuDriver(
             QemuSettings(
@@ -104,8 +105,13 @@ def build_provider(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.data_dir.chmod(0o700)  # disks, snapshots, consoles, keys: the operator's alone (DESIGN.md §9)
     store = Store(":memory:" if settings.ephemeral else settings.data_dir / "runtime.sqlite3")
-    return Lifecycle(driver or make_driver(settings), store, state_dir=settings.state_dir, limits=settings.limits,
-                     default_spec=default_spec(settings), network=settings.network, service_owner=service_owner,
+    driver = driver or make_driver(settings)
+    network = settings.network
+    confine = getattr(getattr(driver, "settings", None), "confine", None)
+    if isinstance(confine, Confinement):  # bridge TAPs belong to the VMM user, who opens them unprivileged
+        network = dataclasses.replace(network, tap_owner=confine.tap_owner())
+    return Lifecycle(driver, store, state_dir=settings.state_dir, limits=settings.limits,
+                     default_spec=default_spec(settings), network=network, service_owner=service_owner,
                      min_free_mib=settings.min_free_mib)
 
 

@@ -7,7 +7,7 @@ this object carries what the VM side needs (provider choice, query API address, 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..envparse import Env, parse_choice
 from ..errors import ConfigError
+from ..runtime import netns
 from ..runtime.model import HostLimits, NetworkMode, NetworkSettings
 
 if TYPE_CHECKING:
@@ -114,13 +115,26 @@ class OperatorSettings:
         return cls(**values)  # type: ignore[arg-type]
 
 
-def parse_network(e: Env, provider: ProviderKind) -> NetworkSettings:
+def parse_network(
+    e: Env, provider: ProviderKind, host_problems: Callable[[], list[str]] = netns.host_problems
+) -> NetworkSettings:
     """``MICROVM_NETWORK`` (default ``user``, ``none`` for Firecracker, which has TAP devices only),
-    ``MICROVM_PUBLISH_ADDR``, ``MICROVM_PORT_RANGE`` (``LO-HI``) and ``MICROVM_EGRESS`` (DESIGN.md §8)."""
+    ``MICROVM_PUBLISH_ADDR``, ``MICROVM_PORT_RANGE`` (``LO-HI``), ``MICROVM_EGRESS`` (DESIGN.md §8) and
+    ``MICROVM_BRIDGE_POOL`` (§10). ``bridge`` on a host that cannot do it is refused here, naming what
+    is missing (``host_problems``: injected by tests)."""
     default = "none" if provider is ProviderKind.FIRECRACKER else "user"
     mode = NetworkMode(e.choice("MICROVM_NETWORK", default, [m.value for m in NetworkMode]))
+    raw_pool = e.text("MICROVM_BRIDGE_POOL", netns.DEFAULT_POOL)
+    try:
+        pool = str(netns.parse_pool(raw_pool))
+    except ValueError as exc:
+        raise ConfigError(f"MICROVM_BRIDGE_POOL={raw_pool!r}: {exc}") from None
     if mode is NetworkMode.BRIDGE:
-        raise ConfigError("MICROVM_NETWORK=bridge is not available yet (a network namespace per VM); use user or none")
+        if provider is ProviderKind.FIRECRACKER:
+            raise ConfigError("MICROVM_NETWORK=bridge is not available for Firecracker yet; use none")
+        missing = host_problems()
+        if missing:
+            raise ConfigError("MICROVM_NETWORK=bridge needs " + "; ".join(missing))
     if mode is NetworkMode.USER and provider is ProviderKind.FIRECRACKER:
         raise ConfigError("MICROVM_NETWORK=user is not possible with Firecracker (TAP devices only); use none")
     addr = e.text("MICROVM_PUBLISH_ADDR", "127.0.0.1")
@@ -133,5 +147,6 @@ def parse_network(e: Env, provider: ProviderKind) -> NetworkSettings:
     if not sep or not lo.strip().isdigit() or not hi.strip().isdigit() or not 1024 <= int(lo) <= int(hi) <= 65535:
         raise ConfigError(f"MICROVM_PORT_RANGE={raw!r} must be LO-HI with 1024 <= LO <= HI <= 65535")
     egress = e.choice("MICROVM_EGRESS", "deny", ["deny", "allow"])
-    return NetworkSettings(mode=mode, publish_addr=addr, port_range=(int(lo), int(hi)), egress=egress == "allow")
+    return NetworkSettings(mode=mode, publish_addr=addr, port_range=(int(lo), int(hi)), egress=egress == "allow",
+                           bridge_pool=pool)
 

@@ -110,6 +110,20 @@ class Confinement:
             kw.update(user=self.user.uid, group=self.user.gid, extra_groups=list(self.user.groups))
         return kw
 
+    def setpriv_prefix(self) -> list[str]:
+        """argv prefix that drops to the VMM user just before the VMM runs (util-linux ``setpriv``), for a
+        VMM that must be started as root first (inside a network namespace: ``ip netns exec``)."""
+        if self.user is None:
+            return []
+        groups = ",".join(str(g) for g in self.user.groups)
+        return ["setpriv", f"--reuid={self.user.uid}", f"--regid={self.user.gid}",
+                f"--groups={groups}" if groups else "--clear-groups", "--inh-caps=-all", "--bounding-set=-all",
+                "--"]
+
+    def tap_owner(self) -> tuple[int, int] | None:
+        """(uid, gid) a TAP must belong to for the VMM user to open it without privileges."""
+        return (self.user.uid, self.user.gid) if self.user is not None else None
+
     def own(self, path: str | Path, mode: int) -> None:
         """Make ``path`` the VMM user's (when switching) with ``mode``. Raises OSError."""
         if self.user is not None:

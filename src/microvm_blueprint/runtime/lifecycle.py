@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..crashpoints import crash_point
 from ..errors import TransientError
+from . import netns
 from .driver import VmmDriver
 from .errors import (
     InvalidInput,
@@ -332,6 +333,7 @@ class Lifecycle:
         workdir.mkdir(parents=True)
         try:
             network = self._reserve_network(vm_id, spec)
+            await self._plumb(vm_id, network)
         except BaseException:
             await asyncio.shield(self._undo_workdir(VmRecord(vm_id, VmStatus.CREATED, spec, str(workdir)), intent))
             raise
@@ -352,6 +354,7 @@ class Lifecycle:
         except VmError as exc:
             log.warning("cleanup of a failed create for %r: %s", record.vm_id, exc)
         shutil.rmtree(record.workdir, ignore_errors=True)
+        await self._unplumb(record.vm_id)
         self.store.release_network(record.vm_id, forget=True)
         self.store.drop_intent(intent)
 
@@ -374,6 +377,22 @@ class Lifecycle:
             port_range=self.network.port_range,
             is_free=self._port_free,
         )
+
+    async def _plumb(self, vm_id: str, network: VmNetwork) -> None:
+        """``bridge``: take the VM's /30 (recorded first) and make its namespace, veth, TAP and rules
+        (DESIGN.md §10), before the VMM, which runs inside. Idempotent: reconciliation re-runs it."""
+        if network.mode is not NetworkMode.BRIDGE:
+            return
+        pool = self.network.bridge_pool
+        slot = self.store.take_bridge_slot(vm_id, pool, netns.slot_count(netns.parse_pool(pool)))
+        await netns.ensure(netns.Plumbing(vm_id, pool, slot, network.ports, self.network.egress,
+                                          tap_owner=self.network.tap_owner))
+
+    async def _unplumb(self, vm_id: str) -> None:
+        """Remove what :meth:`_plumb` made (once the VMM is gone), then give the /30 back."""
+        if vm_id in self.store.bridge_slots():
+            await netns.teardown(vm_id)
+            self.store.release_bridge_slot(vm_id)
 
     async def start_vm(self, vm_id: str, origin: Origin) -> VmView:
         if self._replayed(origin):
@@ -468,6 +487,7 @@ class Lifecycle:
         async with self._transition(origin, "destroy_vm", vm_id, Action.DESTROY) as vm:
             await self.driver.destroy(self._record(vm))
             crash_point("destroy.after_vmm")
+            await asyncio.shield(self._unplumb(vm_id))
             shutil.rmtree(vm.workdir, ignore_errors=True)
             self.store.update_vm(vm_id, VmStatus.DESTROYED, origin, "destroy", handle=None, error=vm.error)
             return self._view(vm_id)
@@ -503,6 +523,7 @@ class Lifecycle:
         try:
             # the clone publishes the same guest ports on host ports of its own
             record = dataclasses.replace(record, network=self._reserve_network(new_vm_id, spec))
+            await self._plumb(new_vm_id, record.network)  # a namespace of its own, same inside addresses
             handle = await self.driver.restore(record, snap)
         except BaseException:
             await asyncio.shield(self._undo_workdir(record, intent))
@@ -538,6 +559,11 @@ class Lifecycle:
                 shutil.rmtree(path, ignore_errors=True)
             self.store.drop_intent(intent.seq)
             undone += 1
+        for vm_id in self.store.bridge_slots():  # network objects of VMs gone or never recorded
+            gone = self.store.get_vm(vm_id)
+            if gone is None or gone.status is VmStatus.DESTROYED:
+                await self._unplumb(vm_id)
+                orphans += 1
         self.store.drop_orphan_networks()  # ports a create took before the operator died
         owned: set[str] = set()
         for vm in self.store.list_vms():
@@ -546,6 +572,8 @@ class Lifecycle:
             owned.add(Path(vm.workdir).name)
             if await self.driver.adopt(self._record(vm)):
                 adopted += 1
+                if vm.vm_id in self.store.bridge_slots():  # re-made where an operator crash left it short
+                    await self._plumb(vm.vm_id, self.store.network(vm.vm_id))
             else:
                 failed += 1
                 self.store.update_vm(

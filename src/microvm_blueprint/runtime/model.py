@@ -178,12 +178,17 @@ class VmNetwork:
 
 @dataclass(frozen=True)
 class NetworkSettings:
-    """Host-side networking choices (``MICROVM_NETWORK``, ``_PUBLISH_ADDR``, ``_PORT_RANGE``, ``_EGRESS``)."""
+    """Host-side networking choices (``MICROVM_NETWORK``, ``_PUBLISH_ADDR``, ``_PORT_RANGE``, ``_EGRESS``,
+    ``_BRIDGE_POOL``: the /30s of ``bridge`` mode's veth pairs)."""
 
     mode: NetworkMode = NetworkMode.NONE
     publish_addr: str = "127.0.0.1"
     port_range: tuple[int, int] = (40000, 49999)
     egress: bool = False
+    bridge_pool: str = "10.201.0.0/16"
+    tap_owner: tuple[int, int] | None = None
+    """(uid, gid) each ``bridge`` TAP is made for: the unprivileged VMM user, so QEMU opens it without
+    ``CAP_NET_ADMIN`` (``None``: root's, for a VMM that runs as root)."""
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,12 @@ CREATE TABLE IF NOT EXISTS ports (
     PRIMARY KEY (vm_id, guest_port),
     UNIQUE (host, host_port)
 );
+CREATE TABLE IF NOT EXISTS bridge_slots (
+    vm_id  TEXT PRIMARY KEY,
+    pool   TEXT NOT NULL,
+    slot   INTEGER NOT NULL,
+    UNIQUE (pool, slot)
+);
 CREATE TABLE IF NOT EXISTS intents (
     seq      INTEGER PRIMARY KEY AUTOINCREMENT,
     vm_id    TEXT NOT NULL,
@@ -434,6 +440,38 @@ class Store:
             gone = db.execute("DELETE FROM ports WHERE vm_id NOT IN (SELECT vm_id FROM vms)").rowcount
             db.execute("DELETE FROM networks WHERE vm_id NOT IN (SELECT vm_id FROM vms)")
         return int(gone)
+
+    # ---- bridge networking: one /30 of the pool per VM (DESIGN.md §10) -------------------------
+
+    def take_bridge_slot(self, vm_id: str, pool: str, slots: int) -> int:
+        """``vm_id``'s /30 slot in ``pool`` (``slots`` of them): the one it holds, else the lowest free.
+        Recorded before any network object exists, so every one the operator makes has a row that
+        destroy, an undone create or reconciliation tears down (:meth:`bridge_slots`). Raises
+        :class:`QuotaExceeded` when the pool is full."""
+        with self._tx(()) as db:
+            row = db.execute("SELECT slot FROM bridge_slots WHERE vm_id=? AND pool=?", (vm_id, pool)).fetchone()
+            if row is not None:
+                return int(row[0])
+            db.execute("DELETE FROM bridge_slots WHERE vm_id=?", (vm_id,))
+            free = db.execute(
+                "SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM bridge_slots WHERE pool=? AND slot=0) UNION ALL "
+                "SELECT slot + 1 FROM bridge_slots b WHERE pool=? AND slot + 1 < ? AND NOT EXISTS "
+                "(SELECT 1 FROM bridge_slots c WHERE c.pool=b.pool AND c.slot=b.slot + 1) ORDER BY 1 LIMIT 1",
+                (pool, pool, slots),
+            ).fetchone()
+            if free is None:
+                raise QuotaExceeded(f"quota exceeded: MICROVM_BRIDGE_POOL {pool} has no free /30 left")
+            db.execute("INSERT INTO bridge_slots (vm_id, pool, slot) VALUES (?,?,?)", (vm_id, pool, int(free[0])))
+            return int(free[0])
+
+    def bridge_slots(self) -> dict[str, tuple[str, int]]:
+        """Every VM holding a slot: ``vm_id -> (pool, slot)``."""
+        return {str(v): (str(p), int(s)) for v, p, s in self._read("SELECT vm_id, pool, slot FROM bridge_slots")}  # type: ignore[call-overload]
+
+    def release_bridge_slot(self, vm_id: str) -> None:
+        """Give the slot back (after its network objects are gone)."""
+        with self._tx(()) as db:
+            db.execute("DELETE FROM bridge_slots WHERE vm_id=?", (vm_id,))
 
     @staticmethod
     def _view(row: tuple[object, ...], snapshots: tuple[str, ...], history: tuple[HistoryEntry, ...]) -> VmView:

@@ -14,6 +14,7 @@ from pathlib import Path
 from ... import images
 from ...confine import Confinement
 from ...model import USER_GATEWAY, USER_GUEST_IP, NetworkMode, VmNetwork
+from ...netns import TAP
 
 QMP_SOCK = "qmp.sock"
 PID_FILE = "qemu.pid"
@@ -187,9 +188,13 @@ def qemu_argv(
 
 
 def network_args(network: VmNetwork | None, *, egress: bool) -> list[str]:
-    """The NIC of a VM: none, or QEMU user-mode networking with each published port forwarded from
-    its host port (``hostfwd``) and, unless egress is allowed, ``restrict=on``. Host addresses and
-    ports come from the store (validated numbers), never from a customer's text."""
+    """The NIC of a VM: none; QEMU user-mode networking with each published port forwarded from
+    its host port (``hostfwd``) and, unless egress is allowed, ``restrict=on``; or (``bridge``) the TAP
+    of the VM's network namespace, which QEMU runs inside (``runtime/netns.py`` makes it and its
+    rules). Host addresses and ports come from the store (validated numbers), never from a customer's text."""
+    if network is not None and network.mode is NetworkMode.BRIDGE:
+        return ["-netdev", f"tap,id=net0,ifname={TAP},script=no,downscript=no",
+                "-device", "virtio-net-device,netdev=net0"]
     if network is None or network.mode is not NetworkMode.USER:
         return []
     opts = ["user", "id=net0", f"restrict={'off' if egress else 'on'}", f"net={USER_NET}", f"host={USER_GATEWAY}",

@@ -34,11 +34,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ... import images
+from ... import images, netns
 from ...configdrive import build_config_drive_async, guest_config
 from ...driver import ExitListener
 from ...errors import ImageError, InvalidInput, VmError, VmmError, VmmTimeout
-from ...model import SnapshotRecord, VmHandle, VmRecord, VmSpec, VmStatus
+from ...model import NetworkMode, SnapshotRecord, VmHandle, VmRecord, VmSpec, VmStatus
 from . import console
 from .argv import (
     CONFIG,
@@ -57,6 +57,8 @@ from .process import QemuProcess, kill_left_over
 
 log = logging.getLogger(__name__)
 
+TUN_DEVICE = "/dev/net/tun"
+
 
 class QemuDriver:
     name = "qemu"
@@ -69,6 +71,7 @@ class QemuDriver:
         self._swept = False
         self._accel: str | None = None if self.settings.accel == "auto" else self.settings.accel
         self._accel_lock = asyncio.Lock()
+        self._warned_tun = False
 
     def set_exit_listener(self, listener: ExitListener) -> None:
         self._listener = listener
@@ -129,13 +132,35 @@ class QemuDriver:
         argv = qemu_argv(self.settings, manifest, vcpus=record.spec.vcpus, mem_mib=record.spec.mem_mib,
                          accel=accel, incoming=incoming, network=record.network if devices else None,
                          config_drive=devices)
+        confine = self.settings.confine
+        creds = confine.spawn_kwargs() if confine is not None else {"umask": 0o077}
+        if devices and record.network.mode is NetworkMode.BRIDGE:
+            # inside the VM's namespace, where its TAP is: `ip netns exec` needs root, so the switch to the
+            # VMM user comes after it (setpriv), not from the spawn itself
+            argv = netns.exec_prefix(record.vm_id) + self._drop_to_vmm_user() + argv
+            creds = {"umask": 0o077}
         _write_json(workdir / CONFIG, {"argv": argv, "accel": accel, "image": manifest.root, "devices": devices})
         self._confine_files(workdir, manifest)
-        confine = self.settings.confine
         limits = confine.limits(record.spec.mem_mib, record.spec.vcpus) if confine is not None else None
-        q = await QemuProcess.spawn(record.vm_id, workdir, argv, self.settings, limits)
+        q = await QemuProcess.spawn(record.vm_id, workdir, argv, self.settings, limits, creds=creds)
         self._adopted(q)
         return q
+
+    def _drop_to_vmm_user(self) -> list[str]:
+        """The ``setpriv`` prefix that makes a bridge-mode QEMU the VMM user after ``ip netns exec`` (which
+        needs root). Where that user cannot open ``/dev/net/tun`` (a root-only device: scripts/bootstrap.sh
+        gives it to a ``tun`` group), QEMU stays root, still under ``-sandbox``: said once, loudly."""
+        confine = self.settings.confine
+        if confine is None or confine.user is None:
+            return []
+        if not confine.can_use(TUN_DEVICE, write=True):
+            if not self._warned_tun:
+                log.warning("the VMM user %s cannot open %s: bridge-mode QEMUs run as root (sandboxed); give "
+                            "the device to a group of that user (scripts/bootstrap.sh makes a `tun` group)",
+                            confine.user.name, TUN_DEVICE)
+                self._warned_tun = True
+            return []
+        return confine.setpriv_prefix()
 
     def _confine_files(self, workdir: Path, manifest: images.ImageManifest) -> None:
         """The VM folder becomes the VMM user's and 0700, its files 0600 (the read-only config drive

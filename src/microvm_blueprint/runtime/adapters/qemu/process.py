@@ -87,15 +87,16 @@ class QemuProcess:
 
     @classmethod
     async def spawn(cls, vm_id: str, workdir: Path, argv: list[str], settings: QemuSettings,
-                    limits: CgroupLimits | None = None) -> QemuProcess:
+                    limits: CgroupLimits | None = None, *, creds: dict[str, Any] | None = None) -> QemuProcess:
         """Start QEMU from ``argv`` in ``workdir`` (as the VMM user, umask 077, see ``confine.py``), put
         it in its cgroup with ``limits`` before it can run the guest (``-S``: it waits for QMP), and
         connect to its QMP socket; on failure nothing is left running."""
         dirfd = _open_dir(workdir)
         confine = settings.confine
         try:
-            child = await Child.spawn(argv, workdir / QEMU_LOG, cwd=workdir,
-                                      creds=confine.spawn_kwargs() if confine is not None else {"umask": 0o077})
+            if creds is None:
+                creds = confine.spawn_kwargs() if confine is not None else {"umask": 0o077}
+            child = await Child.spawn(argv, workdir / QEMU_LOG, cwd=workdir, creds=creds)
         except OSError as exc:
             os.close(dirfd)
             raise VmmError(f"cannot start qemu: {exc}") from exc
