@@ -20,7 +20,14 @@ from microvm_blueprint.blueprint.settings import OperatorSettings
 from microvm_blueprint.runtime.driver import VmmDriver
 from microvm_blueprint.runtime.lifecycle import Lifecycle
 from microvm_blueprint.tangle.abi import encode_args
-from microvm_blueprint.tangle.devnet import ANVIL_KEYS, Anvil, DevDeployment, DevnetError, find_anvil
+from microvm_blueprint.tangle.devnet import (
+    ANVIL_KEYS,
+    MAX_BLOCK_TRANSACTIONS,
+    Anvil,
+    DevDeployment,
+    DevnetError,
+    find_anvil,
+)
 from microvm_blueprint.tangle.environment import BlueprintEnvironment, Secret
 from microvm_blueprint.tangle.keystore import import_key
 
@@ -251,7 +258,8 @@ def real_tangle_chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Real
     log_path = folder / "anvil.log"
     argv = [str(anvil), "--host", "127.0.0.1", "--port", str(port), "--base-fee", "0", "--gas-price", "0",
             "--gas-limit", "100000000", "--code-size-limit", "100000",
-            "--prune-history"]  # as the devnet: no state left under ~/.foundry/anvil/tmp
+            "--prune-history",  # as the devnet: no state left under ~/.foundry/anvil/tmp
+            "--max-transactions", str(MAX_BLOCK_TRANSACTIONS)]  # as the devnet: a burst does not stall it
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     chain = RealTangleChain(rpc_url=f"http://127.0.0.1:{port}", log_path=log_path)

@@ -52,8 +52,11 @@ async def run_dev(
 
     ``provider``: one of :data:`PROVIDERS`. ``on_operator`` is given the operator's ``stop`` once it
     exists (the CLI binds it to SIGINT/SIGTERM). Each run starts a fresh chain: yesterday's VMs
-    belong to yesterday's chain, so ``<data_dir>/run`` is wiped first."""
-    from ..tangle.devnet import ANVIL_KEYS, Anvil, deploy_dev_tangle
+    belong to yesterday's chain, so ``<data_dir>/run`` is emptied first, but only when an earlier
+    ``dev`` made it (:func:`claim_run_dir`). Refused before anything is touched: a ``--rpc-port``
+    that already has something listening (a chain left by a killed ``dev`` would otherwise be used
+    as if it were new), a ``run`` folder or ``dev.json`` that ``dev`` did not make."""
+    from ..tangle.devnet import ANVIL_KEYS, Anvil, deploy_dev_tangle, port_in_use
     from ..tangle.environment import BlueprintEnvironment
     from ..tangle.keystore import import_key
     from .operator import Operator
@@ -61,9 +64,13 @@ async def run_dev(
 
     data = data_dir.resolve()
     run_dir = data / "run"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+    if port_in_use(rpc_port):
+        raise ConfigError(
+            f"--rpc-port {rpc_port}: something already listens on 127.0.0.1:{rpc_port} (a chain left by an "
+            f"earlier dev?): stop it, or choose another port with --rpc-port"
+        )
+    _check_record(data / "dev.json")
+    claim_run_dir(run_dir)
     kind = _provider(provider)
     host, port = parse_addr(api_addr, "--api-addr")
     ssh_key = ssh_public_key(data)
@@ -107,6 +114,49 @@ async def run_dev(
             flush=True,
         )
         await operator.run()
+
+
+#: The file ``dev`` puts in the ``run`` folder it makes: only a folder holding it is ever emptied.
+RUN_MARK = ".made-by-microvm-blueprint-dev"
+
+
+def claim_run_dir(run_dir: Path) -> None:
+    """Make ``run_dir`` an empty folder of this run, removing only what an earlier ``dev`` made.
+
+    A folder holding :data:`RUN_MARK` was made by ``dev``: its contents go (the mark stays). A missing
+    or empty folder is made or taken, and marked. Anything else (a non-empty folder without the
+    mark, a file) is refused with :class:`ConfigError`, untouched."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is not a folder: move it away or choose another --data-dir")
+    mark = run_dir / RUN_MARK
+    if run_dir.is_dir():
+        if mark.is_file():
+            for entry in run_dir.iterdir():
+                if entry == mark:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        elif any(run_dir.iterdir()):
+            raise ConfigError(
+                f"{run_dir} exists and was not made by dev (no {RUN_MARK} in it): "
+                f"move it away or choose another --data-dir"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mark.write_text("made by `microvm-blueprint dev`, which empties this folder when it starts again\n")
+
+
+def _check_record(path: Path) -> None:
+    """``dev.json`` is rewritten each run: refuse when the file there is not one ``dev`` wrote."""
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = None
+    if not path.is_file() or not isinstance(data, dict) or not {"rpc_url", "contract", "api_url"} <= data.keys():
+        raise ConfigError(f"{path} exists and was not written by dev: move it away or choose another --data-dir")
 
 
 def _provider(choice: str) -> ProviderKind:
@@ -174,9 +224,10 @@ def ssh_public_key(data_dir: Path) -> tuple[Path, Path | None] | None:
     if shutil.which("ssh-keygen") is None:
         print("dev: no ~/.ssh/id_*.pub and no ssh-keygen (openssh-client): no SSH key to suggest", flush=True)
         return None
+    if public.exists() or private.exists() or public.is_symlink() or private.is_symlink():  # never ours to remove
+        print(f"dev: {_shown(private)} or its .pub exists without the other: no SSH key to suggest", flush=True)
+        return None
     private.parent.mkdir(parents=True, exist_ok=True)
-    private.unlink(missing_ok=True)
-    public.unlink(missing_ok=True)
     argv = ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "microvm-blueprint dev", "-f", str(private)]
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False, stdin=subprocess.DEVNULL)

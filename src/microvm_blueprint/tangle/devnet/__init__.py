@@ -71,8 +71,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something already listens on (or holds) ``host:port``: it answers a connect, or the port
+    cannot be bound (``SO_REUSEADDR``, as anvil binds, so a closed connection's ``TIME_WAIT`` does not count)."""
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        if s.connect_ex((host, port)) == 0:
+            return True
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 #: States (blocks) anvil keeps: how deep an ``anvil_reorg`` can go.
 KEEP_STATES = 16
+
+#: Ready transactions anvil's automine takes per block, above any burst a test or benchmark sends.
+#: At anvil's default (1,000) a pool holding 1,000 or more ready transactions makes its node loop
+#: queue the same batch again on every wake-up while a block is being mined (anvil 1.7.1,
+#: ``ReadyTransactionMiner`` keeps ``has_pending_txs``): memory grew ~45 MB/s and the chain mined
+#: empty blocks of stale batches for good under a 2,000-transaction burst (with or without
+#: ``--prune-history``). Blocks still hold what the block gas limit allows.
+MAX_BLOCK_TRANSACTIONS = 1_000_000
 
 
 class Anvil:
@@ -112,12 +136,21 @@ class Anvil:
             # stopped through its npm wrapper; 109 test and benchmark chains had filled 77 GB of
             # disk. A few are kept so that ``anvil_reorg`` can replace the newest blocks
             "--prune-history", str(KEEP_STATES),
+            "--max-transactions", str(MAX_BLOCK_TRANSACTIONS),
         ]
         if self.block_time:
             argv += ["--block-time", str(self.block_time)]
         return argv + self.extra_args
 
     async def start(self, timeout: float = 30.0) -> Anvil:
+        """Start anvil and wait (deadline) until it answers. A port that already has something
+        listening is an error: the chain answering there would be that one, not ours."""
+        if port_in_use(self.port):
+            await self.stop()
+            raise DevnetError(
+                f"port {self.port} on 127.0.0.1 already has something listening (a chain left running?): "
+                f"stop it or use another port"
+            )
         self.child = await Child.spawn(self.argv(), self.log_path)
         rpc = JsonRpc(self.rpc_url, timeout=2)
         deadline = asyncio.get_running_loop().time() + timeout
@@ -127,6 +160,8 @@ class Anvil:
                     raise DevnetError(f"anvil exited with {self.child.returncode}: {self.child.log_tail(1000)}")
                 try:
                     await rpc.chain_id()
+                    if self.child.returncode is not None:  # what answered was not ours
+                        continue
                     return self
                 except RpcError:
                     if asyncio.get_running_loop().time() > deadline:
