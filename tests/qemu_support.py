@@ -11,7 +11,22 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-IMAGE_DIR = Path(os.environ.get("MICROVM_IMAGE_DIR", REPO / ".cache" / "images"))
+
+def _image_dir() -> Path:
+    """``MICROVM_IMAGE_DIR``, else the checkout's ``.cache/images`` — unless the checkout sits below a
+    folder others cannot pass (e.g. /root): as root, QEMU runs as the unprivileged VMM user, who must
+    reach the images, so they then live in the system cache a root operator uses too."""
+    from microvm_blueprint.runtime import images
+
+    env = os.environ.get("MICROVM_IMAGE_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0 and not images.reachable_by_others(REPO):
+        return images.SYSTEM_CACHE_DIR
+    return REPO / ".cache" / "images"
+
+
+IMAGE_DIR = _image_dir()
 
 
 def qemu_available() -> str | None:

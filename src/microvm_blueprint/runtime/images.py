@@ -193,11 +193,29 @@ class ImageManifest:
 Progress = Callable[[str], None]
 
 
+SYSTEM_CACHE_DIR = Path("/var/cache/microvm-blueprint/images")
+"""Where a root operator keeps images: its VMMs run as an unprivileged user (DESIGN.md §9), who must reach
+them, and root's home (``/root``, 0700) is closed to it."""
+
+
 def default_cache_dir() -> Path:
+    """``MICROVM_IMAGE_DIR``; else :data:`SYSTEM_CACHE_DIR` for root, ``~/.cache/microvm-blueprint/images``
+    for anyone else (whose VMMs run as themselves)."""
     env = os.environ.get("MICROVM_IMAGE_DIR")
     if env:
         return Path(env)
+    if os.geteuid() == 0:
+        return SYSTEM_CACHE_DIR
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "microvm-blueprint" / "images"
+
+
+def reachable_by_others(path: Path) -> bool:
+    """True if a user other than the owner can pass through every folder down to ``path`` (o+x)."""
+    p = Path(os.path.realpath(path))
+    try:
+        return all(os.stat(folder).st_mode & 0o001 for folder in (*reversed(p.parents), p) if folder.exists())
+    except OSError:
+        return False
 
 
 def _tool(name: str) -> str:
