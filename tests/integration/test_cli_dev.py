@@ -14,14 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from microvm_blueprint.procs import Child
-from microvm_blueprint.tangle.devnet import free_port
-
-from ..waiting import until
+from ..dev_process import CLI, dev_env, start_dev
 
 pytestmark = pytest.mark.chain
 
-CLI = [sys.executable, "-m", "microvm_blueprint.cli"]
 
 
 async def cli(*argv: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -33,20 +29,9 @@ async def cli(*argv: str, env: dict[str, str], cwd: Path) -> subprocess.Complete
 async def test_dev_then_the_customer_cli(tmp_path: Path) -> None:
     home = tmp_path / "home"  # no ~/.ssh/id_*.pub: dev makes a key of its own
     home.mkdir()
-    env = {**os.environ, "MICROVM_DEV_DIR": str(tmp_path / "devnet"), "HOME": str(home)}
-    for name in ("HTTP_RPC_URL", "TANGLE_CONTRACT", "SERVICE_ID", "CUSTOMER_KEY", "MICROVM_API_URL"):
-        env.pop(name, None)
-    rpc_port, api_port = free_port(), free_port()
-    child = await Child.spawn(
-        [*CLI, "dev", "--provider", "in-memory", "--rpc-port", str(rpc_port), "--api-addr", f"127.0.0.1:{api_port}"],
-        tmp_path / "dev.log", env=env, cwd=tmp_path,
-    )
+    env = dev_env(tmp_path, home)
+    child, rpc_port, api_port = await start_dev(tmp_path, env)
     try:
-        def banner_done() -> bool:
-            assert child.returncode is None, child.log_tail()
-            return "dev: Ctrl-C stops everything." in child.log_tail(100_000)
-
-        await until(banner_done, 90, "dev's banner")
         recorded = json.loads((tmp_path / "devnet" / "dev.json").read_text())
         banner = child.log_tail(100_000)
         assert f"127.0.0.1:{rpc_port}" in recorded["rpc_url"] and recorded["api_url"] == f"http://127.0.0.1:{api_port}"

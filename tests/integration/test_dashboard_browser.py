@@ -7,22 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from microvm_blueprint.procs import Child
-from microvm_blueprint.tangle.devnet import free_port
 
 from ..browser import chromium, chromium_or_skip
+from ..dev_process import CLI, dev_env, start_dev
 from ..waiting import until
 
 pytestmark = pytest.mark.chain
 
-CLI = [sys.executable, "-m", "microvm_blueprint.cli"]
 ROW = "document.querySelector('tr[data-vm=\"vm-1\"]')"
 
 
@@ -34,21 +31,10 @@ async def cli(*argv: str, env: dict[str, str], cwd: Path) -> subprocess.Complete
 
 async def test_dashboard_follows_jobs_live(tmp_path: Path) -> None:
     chromium_or_skip()
-    env = {**os.environ, "MICROVM_DEV_DIR": str(tmp_path / "devnet")}
-    for name in ("HTTP_RPC_URL", "TANGLE_CONTRACT", "SERVICE_ID", "CUSTOMER_KEY", "MICROVM_API_URL"):
-        env.pop(name, None)
-    rpc_port, api_port = free_port(), free_port()
-    dev = await Child.spawn(
-        [*CLI, "dev", "--provider", "in-memory", "--rpc-port", str(rpc_port), "--api-addr", f"127.0.0.1:{api_port}"],
-        tmp_path / "dev.log", env=env, cwd=tmp_path,
-    )
+    env = dev_env(tmp_path)
+    dev, _, _ = await start_dev(tmp_path, env)
     watcher: Child | None = None
     try:
-        def banner_done() -> bool:
-            assert dev.returncode is None, dev.log_tail()
-            return "dev: Ctrl-C stops everything." in dev.log_tail(100_000)
-
-        await until(banner_done, 90, "dev's banner")
         api = json.loads((tmp_path / "devnet" / "dev.json").read_text())["api_url"]
         async with chromium(tmp_path / "browser") as page:
             await page.goto(api + "/")

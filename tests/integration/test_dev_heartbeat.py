@@ -5,16 +5,13 @@ heartbeat service works on `dev` as on Tangle, and `dev` shows it (isOnline turn
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 from eth_abi import decode, encode
 
-from microvm_blueprint.procs import Child
 from microvm_blueprint.tangle import contracts
-from microvm_blueprint.tangle.devnet import ANVIL_ADDRESSES, ANVIL_KEYS, Anvil, deploy_dev_tangle, free_port
+from microvm_blueprint.tangle.devnet import ANVIL_ADDRESSES, ANVIL_KEYS, Anvil, deploy_dev_tangle
 from microvm_blueprint.tangle.heartbeat import (
     domain_separator,
     encode_metrics,
@@ -26,6 +23,7 @@ from microvm_blueprint.tangle.keystore import key_from_hex
 from microvm_blueprint.tangle.rpc import ContractRevert, JsonRpc
 from microvm_blueprint.tangle.signing import LegacyTx, sign_legacy
 
+from ..dev_process import dev_env, start_dev
 from ..waiting import until
 
 pytestmark = pytest.mark.chain
@@ -102,22 +100,10 @@ async def test_dev_registry_checks_the_eip712_heartbeat(anvil: Anvil) -> None:
 async def test_dev_sends_heartbeats_and_its_chain_takes_them(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
-    env = {**os.environ, "MICROVM_DEV_DIR": str(tmp_path / "devnet"), "HOME": str(home)}
-    for name in ("HTTP_RPC_URL", "TANGLE_CONTRACT", "SERVICE_ID", "STATUS_REGISTRY_CONTRACT", "HEARTBEAT_INTERVAL_SECS"):
-        env.pop(name, None)
-    rpc_port, api_port = free_port(), free_port()
-    child = await Child.spawn(
-        [sys.executable, "-m", "microvm_blueprint.cli", "dev", "--provider", "in-memory", "--rpc-port", str(rpc_port),
-         "--api-addr", f"127.0.0.1:{api_port}"],
-        tmp_path / "dev.log", env=env, cwd=tmp_path,
-    )
+    env = dev_env(tmp_path, home)
+    child, rpc_port, _ = await start_dev(tmp_path, env)
     rpc = JsonRpc(f"http://127.0.0.1:{rpc_port}")
     try:
-        def banner_done() -> bool:
-            assert child.returncode is None, child.log_tail()
-            return "dev: Ctrl-C stops everything." in child.log_tail(100_000)
-
-        await until(banner_done, 90, "dev's banner")
         recorded = json.loads((tmp_path / "devnet" / "dev.json").read_text())
         registry = recorded["status_registry"]
         assert f"dev: heartbeat  every 300 s to the status registry {registry}" in child.log_tail(100_000)
