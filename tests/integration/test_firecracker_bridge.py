@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -25,6 +27,8 @@ from typing import Any
 
 import pytest
 
+from microvm_blueprint.blueprint.operator import build_provider
+from microvm_blueprint.blueprint.settings import OperatorSettings
 from microvm_blueprint.runtime import netns
 from microvm_blueprint.runtime.adapters.firecracker import FirecrackerApi, FirecrackerDriver
 from microvm_blueprint.runtime.adapters.firecracker.driver import GUEST_MAC, _instance_id
@@ -81,6 +85,21 @@ def chroot_base() -> Iterator[Path]:
 def ns_inode(vm_id: str) -> str:
     """What ``readlink /proc/self/ns/net`` says inside the VM's namespace."""
     return f"net:[{os.stat(f'/var/run/netns/{netns.ns_name(vm_id)}').st_ino}]"
+
+
+def user_name(uid: int) -> str:
+    """How ``ip -d link`` names a TAP's owner: the user's name if it has one, else the number."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def namespaces() -> str:
@@ -227,12 +246,16 @@ async def test_the_stand_in_refuses_a_tap_its_namespace_does_not_have(host: None
 async def test_bridge_under_the_jailer_joins_the_namespace_with_netns(
         host: None, tmp_path: Path, chroot_base: Path) -> None:
     settings = stand_in_settings(tmp_path / "fc", jailer=str(fake_jailer(tmp_path / "bin")),
-                                 chroot_base=str(chroot_base), jailer_uid=0, jailer_gid=0)
+                                 chroot_base=str(chroot_base), jailer_uid=999, jailer_gid=995)
     driver = FirecrackerDriver(settings)
-    life = bridge_life(driver, tmp_path)
+    # as the operator builds it: the TAPs belong to the jailer's user, who opens them without privileges
+    env = {"MICROVM_PROVIDER": "firecracker", "MICROVM_NETWORK": "bridge", "MICROVM_BRIDGE_POOL": POOL}
+    life = build_provider(OperatorSettings.from_env(env, tmp_path / "data"), driver)
     vm_ids = ["fj-a", "fj-c"]
     try:
         await life.create_vm("fj-a", VmSpec(), ANON)
+        _, tap = await netns.run(["ip", "-n", netns.ns_name("fj-a"), "-d", "link", "show", "dev", "tap0"])
+        assert f"user {user_name(999)} group {group_name(995)}" in tap, tap
         await life.start_vm("fj-a", ANON)
         await life.snapshot_vm("fj-a", "s1", ANON)
         await life.restore_vm("fj-a", "s1", "fj-c", ANON)
