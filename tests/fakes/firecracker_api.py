@@ -36,8 +36,16 @@ a getty login prompt, and nothing after. A snapshot records the configuration, t
 the tick count (its memory file has ``mem_size_mib`` KiB: a scaled-down fake), so a restore carries
 on counting.
 
-With ``--fake-journal FILE`` it records its drives: after every accepted ``PUT``/``PATCH /drives/{id}``
-and snapshot load, one JSON line ``{"pid", "id", "event", "drives"}`` with every drive it then has and,
+Network interfaces are opened as Firecracker opens them: ``PUT /network-interfaces/{id}`` (and a
+snapshot load, for each interface its saved state names) attaches to the TAP ``host_dev_name`` of the
+network namespace the process runs in (``TUNSETIFF`` on ``/dev/net/tun``) and holds it; a TAP that
+does not exist there, or that another process holds, is refused (a failed load exits). It never
+creates a TAP: one missing in its namespace is an error, not something to make.
+
+With ``--fake-journal FILE`` it records its drives: after every accepted ``PUT``/``PATCH /drives/{id}``,
+``PUT /network-interfaces/{id}``, ``InstanceStart`` and snapshot load, one JSON line
+``{"pid", "id", "event", "drives", "nets", "netns"}`` with every drive and network interface it then
+has, the network namespace it runs in (``readlink /proc/self/ns/net``) and,
 for each drive that is not the root, what a guest would find on it: the FAT volume label (read from the
 boot sector, as this project's guest init does) and, on a ``cidata`` drive, its ``meta-data`` (read with
 ``mtype``). Tests read it after the process (and the VM's folder) is gone.
@@ -49,11 +57,16 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import errno
+import fcntl
 import json
 import os
 import re
 import signal
+import socket
 import socketserver
+import struct
 import subprocess
 import sys
 import threading
@@ -70,6 +83,32 @@ STATE_FORMAT = "fake-firecracker-vmstate/1"
 MEM_HEADER = b"fake-firecracker-memory\n"
 NOT_STARTED, RUNNING, PAUSED = "Not started", "Running", "Paused"
 ID_RULE = re.compile(r"^[A-Za-z0-9-]{1,64}$")  # Firecracker's instance id rule
+MAC_RULE = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000  # the flags Firecracker opens its TAPs with
+CLONE_NEWNET = 0x40000000
+
+
+def netns_id() -> str:
+    """The network namespace this process runs in, as the kernel names it (``net:[<inode>]``)."""
+    return os.readlink("/proc/self/ns/net")
+
+
+def open_tap(name: str) -> int:
+    """Attach to the existing TAP ``name`` of this process's namespace, as Firecracker does; returns the fd.
+    Raises ``ValueError`` with Firecracker-like wording if there is none here or it cannot be had."""
+    try:
+        socket.if_nametoindex(name)  # in this namespace? (TUNSETIFF would create a missing one)
+    except OSError:
+        raise ValueError(f"Open tap device failed: no device {name} in network namespace {netns_id()}") from None
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+    except OSError as exc:
+        os.close(fd)
+        why = "it is in use by another process" if exc.errno == errno.EBUSY else os.strerror(exc.errno or 0)
+        raise ValueError(f"Open tap device failed: {name}: {why}") from None
+    return fd
 
 
 def default_spec() -> Path:
@@ -179,6 +218,7 @@ class Vmm:
         self.boot_source: dict[str, Any] | None = None
         self.drives: dict[str, dict[str, Any]] = {}
         self.nets: dict[str, dict[str, Any]] = {}
+        self.taps: dict[str, int] = {}  # iface_id -> the TAP fd held (as Firecracker holds it)
         self.other: dict[str, Any] = {}
         self.metrics_set = False
         self.configured = False  # a configuration call other than logger/metrics was made
@@ -254,7 +294,8 @@ class Vmm:
             return
         drives = [{**d, **({} if d.get("is_root_device") else {"found": drive_contents(d["path_on_host"])})}
                   for d in self.drives.values()]
-        line = json.dumps({"pid": os.getpid(), "id": self.id, "event": event, "drives": drives}) + "\n"
+        line = json.dumps({"pid": os.getpid(), "id": self.id, "event": event, "drives": drives,
+                           "nets": list(self.nets.values()), "netns": netns_id()}) + "\n"
         fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line.encode())
@@ -351,10 +392,23 @@ class Vmm:
         return 204, None
 
     def op_put_network_interfaces_iface_id(self, path: str, body: Any) -> tuple[int, Any]:
-        if path.rsplit("/", 1)[1] != body["iface_id"]:
+        iface = body["iface_id"]
+        if path.rsplit("/", 1)[1] != iface:
             raise Refused("The id from the path does not match the id from the body!")
+        if "guest_mac" in body and not MAC_RULE.match(body["guest_mac"]):
+            raise Refused(f"Invalid MAC address: {body['guest_mac']}")
+        if any(n["host_dev_name"] == body["host_dev_name"] for k, n in self.nets.items() if k != iface):
+            raise Refused(f"The host device name {body['host_dev_name']} is already in use.")
+        try:
+            fd = open_tap(body["host_dev_name"])
+        except ValueError as exc:
+            raise Refused(f"Could not create the network device: {exc}") from exc
+        if iface in self.taps:
+            os.close(self.taps[iface])
+        self.taps[iface] = fd
         self.configured = True
-        self.nets[body["iface_id"]] = body
+        self.nets[iface] = body
+        self._record("net")
         return 204, None
 
     def op_put_logger(self, path: str, body: Any) -> tuple[int, Any]:
@@ -379,6 +433,7 @@ class Vmm:
                 raise Refused("Cannot start microvm without kernel configuration.")
             self.state = RUNNING
             self.guest = self._root_guest()
+            self._record("start")
             if self._console():
                 self._boot_transcript()
             return 204, None
@@ -431,12 +486,21 @@ class Vmm:
             for drive in state["drives"].values():  # restoring opens every block device it names
                 if not Path(drive["path_on_host"]).is_file():
                     raise ValueError(f"Block device error: cannot open {drive['path_on_host']}")
+            taps = {}
+            try:  # ... and every TAP (by name, in this process's namespace)
+                for iface, nic in state.get("network-interfaces", {}).items():
+                    taps[iface] = open_tap(nic["host_dev_name"])
+            except ValueError as exc:
+                for fd in taps.values():
+                    os.close(fd)
+                raise ValueError(f"Net device error: {exc}") from exc
         except (OSError, ValueError, KeyError, TypeError) as exc:
             self.exit_after_reply = 1  # a failed load leaves Firecracker unusable: it exits
             raise Refused(f"Load snapshot error: Failed to restore from snapshot: {exc}") from exc
         self.machine, self.boot_source = state["machine-config"], state["boot-source"]
         self.drives, self.nets, self.ticks = state["drives"], state["network-interfaces"], state["ticks"]
         self.guest = state["guest"]
+        self.taps = taps
         self.loaded = True
         self.state = RUNNING if body.get("resume_vm") else PAUSED
         self._record("load")
@@ -592,8 +656,19 @@ def jailer_main(argv: list[str]) -> int:
         name, eq, value = c.partition("=")
         if not eq or name not in allowed or not value:
             return fail(f"--cgroup {c!r} is not a cgroup v{args.cgroup_version} file=value")
-    if args.netns and not Path(args.netns).exists():
-        return fail(f"network namespace {args.netns} does not exist")
+    netns = ""
+    if args.netns:  # the jailer joins it (setns) before it execs Firecracker
+        if not Path(args.netns).exists():
+            return fail(f"network namespace {args.netns} does not exist")
+        try:
+            fd = os.open(args.netns, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            return fail(f"cannot open network namespace {args.netns}: {exc}")
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            return fail(f"cannot join network namespace {args.netns}: {os.strerror(ctypes.get_errno())}")
+        os.close(fd)
+        netns = netns_id()
     if not sep:
         return fail("no '--' before the firecracker arguments")
     base = Path(args.chroot_base_dir)
@@ -612,7 +687,7 @@ def jailer_main(argv: list[str]) -> int:
     Path(fc[i]).parent.mkdir(parents=True, exist_ok=True)
     (chroot.parent / JAILER_RECORD).write_text(json.dumps({"argv": argv, "uid": args.uid, "gid": args.gid,
                                                             "cgroup_version": args.cgroup_version,
-                                                            "cgroups": args.cgroup}))
+                                                            "cgroups": args.cgroup, "netns": netns}))
     os.execv(str(exe), [str(exe), "--id", args.id, *fc])
     return 1  # pragma: no cover - execv does not return
 

@@ -1,5 +1,5 @@
 """Make a FirecrackerDriver whose binary is the spec-checking stand-in; find stand-ins left running;
-read the drives the stand-ins had (their ``--fake-journal``)."""
+read the drives, network interfaces and namespaces the stand-ins had (their ``--fake-journal``)."""
 
 from __future__ import annotations
 
@@ -130,6 +130,20 @@ def final_drives(journal: Path) -> dict[int, list[dict[str, Any]]]:
         entry = json.loads(line)
         last[int(entry["pid"])] = list(entry["drives"])
     return last
+
+
+def journal(path: Path) -> dict[int, list[dict[str, Any]]]:
+    """Every line each stand-in process (by pid) journalled, in order (``event``, ``drives``, ``nets``,
+    ``netns``): see the stand-in's ``--fake-journal``."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    for line in lines:
+        entry = json.loads(line)
+        out.setdefault(int(entry["pid"]), []).append(entry)
+    return out
 
 
 def config_drive_problems(drives: list[dict[str, Any]]) -> list[str]:

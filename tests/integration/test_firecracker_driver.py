@@ -265,7 +265,7 @@ async def test_every_vm_gets_a_config_drive_and_every_clone_a_new_instance_id(
     await life.close(stop_vms=True)
 
 
-async def test_firecracker_vms_have_no_network_yet(make: Callable[..., FirecrackerDriver], tmp_path: Path) -> None:
+async def test_firecracker_refuses_user_mode_networking(make: Callable[..., FirecrackerDriver], tmp_path: Path) -> None:
     driver = make()
     with pytest.raises(VmmError, match="network mode 'user' is not available with the firecracker provider"):
         await driver.create(record(tmp_path, "a", network=VmNetwork(NetworkMode.USER)))

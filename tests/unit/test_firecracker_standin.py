@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -187,7 +188,9 @@ def test_the_journal_records_the_drives_and_what_a_guest_finds_on_them(tmp_path:
         ok(a.c.put("/actions", json={"action_type": "InstanceStart"}))
         ok(a.c.patch("/drives/cidata", json={"drive_id": "cidata", "path_on_host": str(second)}))
         lines = [json.loads(line) for line in journal.read_text().splitlines()]
-        assert [(x["pid"], x["event"]) for x in lines] == [(a.proc.pid, "put")] * 2 + [(a.proc.pid, "patch")]
+        assert [(x["pid"], x["event"]) for x in lines] == ([(a.proc.pid, "put")] * 2 + [(a.proc.pid, "start")]
+                                                           + [(a.proc.pid, "patch")])
+        assert {x["netns"] for x in lines} == {os.readlink("/proc/self/ns/net")} and lines[2]["nets"] == []
         assert "found" not in lines[0]["drives"][0]  # the root drive is not read
         assert instance_id(lines[1]["drives"][1]["found"]["meta-data"]) == "i-first"
         drives = final_drives(journal)[a.proc.pid]

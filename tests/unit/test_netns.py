@@ -142,8 +142,12 @@ def test_settings_enable_bridge_or_name_what_the_host_lacks() -> None:
                       host_problems=lambda: ["root (network namespaces ...)", "`nft` (apt-get install nftables)"])
     with pytest.raises(ConfigError, match=re.escape("MICROVM_BRIDGE_POOL='10.9.0.0/31'")):
         parse_network(Env({"MICROVM_BRIDGE_POOL": "10.9.0.0/31"}), ProviderKind.QEMU, host_problems=list)
-    with pytest.raises(ConfigError, match="not available for Firecracker"):
-        parse_network(env, ProviderKind.FIRECRACKER, host_problems=list)
+    fc = parse_network(env, ProviderKind.FIRECRACKER, host_problems=list)  # TAP in a namespace: Firecracker too
+    assert fc.mode is NetworkMode.BRIDGE and fc.bridge_pool == "10.9.0.0/24"
+    with pytest.raises(ConfigError, match=r"bridge needs root"):
+        parse_network(env, ProviderKind.FIRECRACKER, host_problems=lambda: ["root (network namespaces ...)"])
+    with pytest.raises(ConfigError, match="user is not possible with Firecracker"):
+        parse_network(Env({"MICROVM_NETWORK": "user"}), ProviderKind.FIRECRACKER, host_problems=list)
     if os.geteuid() == 0 and all(shutil.which(t) for t in ("ip", "nft", "sysctl")):
         assert netns.host_problems() == [] or netns.host_problems() == ["/dev/net/tun (the tun kernel module)"]
 

@@ -110,6 +110,8 @@ def build_provider(
     confine = getattr(getattr(driver, "settings", None), "confine", None)
     if isinstance(confine, Confinement):  # bridge TAPs belong to the VMM user, who opens them unprivileged
         network = dataclasses.replace(network, tap_owner=confine.tap_owner())
+    elif callable(owner := getattr(getattr(driver, "settings", None), "tap_owner", None)):  # Firecracker: the jailer's user
+        network = dataclasses.replace(network, tap_owner=owner())
     return Lifecycle(driver, store, state_dir=settings.state_dir, limits=settings.limits,
                      default_spec=default_spec(settings), network=network, service_owner=service_owner,
                      min_free_mib=settings.min_free_mib)

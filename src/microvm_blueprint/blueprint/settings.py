@@ -118,8 +118,8 @@ class OperatorSettings:
 def parse_network(
     e: Env, provider: ProviderKind, host_problems: Callable[[], list[str]] = netns.host_problems
 ) -> NetworkSettings:
-    """``MICROVM_NETWORK`` (default ``user``, ``none`` for Firecracker, which has TAP devices only),
-    ``MICROVM_PUBLISH_ADDR``, ``MICROVM_PORT_RANGE`` (``LO-HI``), ``MICROVM_EGRESS`` (DESIGN.md §8) and
+    """``MICROVM_NETWORK`` (default ``user``; ``none`` for Firecracker, which has TAP devices only, so
+    ``none`` or ``bridge``), ``MICROVM_PUBLISH_ADDR``, ``MICROVM_PORT_RANGE`` (``LO-HI``), ``MICROVM_EGRESS`` (DESIGN.md §8) and
     ``MICROVM_BRIDGE_POOL`` (§10). ``bridge`` on a host that cannot do it is refused here, naming what
     is missing (``host_problems``: injected by tests)."""
     default = "none" if provider is ProviderKind.FIRECRACKER else "user"
@@ -129,14 +129,13 @@ def parse_network(
         pool = str(netns.parse_pool(raw_pool))
     except ValueError as exc:
         raise ConfigError(f"MICROVM_BRIDGE_POOL={raw_pool!r}: {exc}") from None
-    if mode is NetworkMode.BRIDGE:
-        if provider is ProviderKind.FIRECRACKER:
-            raise ConfigError("MICROVM_NETWORK=bridge is not available for Firecracker yet; use none")
+    if mode is NetworkMode.BRIDGE:  # QEMU and Firecracker alike (DESIGN.md §10)
         missing = host_problems()
         if missing:
             raise ConfigError("MICROVM_NETWORK=bridge needs " + "; ".join(missing))
     if mode is NetworkMode.USER and provider is ProviderKind.FIRECRACKER:
-        raise ConfigError("MICROVM_NETWORK=user is not possible with Firecracker (TAP devices only); use none")
+        raise ConfigError("MICROVM_NETWORK=user is not possible with Firecracker (TAP devices only); "
+                          "use bridge or none")
     addr = e.text("MICROVM_PUBLISH_ADDR", "127.0.0.1")
     try:
         ipaddress.ip_address(addr)

@@ -10,15 +10,21 @@ Per VM (``vm.workdir``, handed over by the lifecycle core): ``firecracker.log`` 
 stdout + stderr: Firecracker's own log *and* the guest's serial console, since Firecracker wires the
 guest's ttyS0 to its stdout), ``firecracker.pid``, ``vm.json`` (the configuration sent), ``cidata.img`` (the VM's config drive,
 DESIGN.md §8: cloud-init NoCloud, a new ``instance-id`` for every VM and every restored clone) and,
-unless the root filesystem is read-only, ``rootfs.ext4`` (the VM's own copy). There is no NIC
-(``MICROVM_NETWORK=none``; TAP devices come with the bridge mode). The API socket lives in
+unless the root filesystem is read-only, ``rootfs.ext4`` (the VM's own copy). Networking
+(DESIGN.md §10): with ``MICROVM_NETWORK=none`` there is no NIC; with ``bridge`` the lifecycle has made
+the VM's namespace ``mvm-<hash>`` with the TAP ``tap0`` inside (``runtime/netns.py``) before the driver
+runs, Firecracker runs inside that namespace (``ip netns exec <ns>`` before its argv, or the jailer's
+``--netns /var/run/netns/<ns>``) and gets ``PUT /network-interfaces/eth0`` (``host_dev_name`` ``tap0``, a
+fixed guest MAC) before ``InstanceStart``. A snapshot load re-opens the TAP its saved state names:
+``tap0`` in every namespace, so a clone in a namespace of its own needs no ``network_overrides``. The API socket lives in
 ``socket_dir`` under a name derived from the VM's folder name (never the raw id), kept short
 because Unix socket paths are limited to 107 bytes.
 
 Lifecycle:
 
 * create = build ``cidata.img``, spawn + ``PUT /machine-config``, ``/boot-source``, ``/drives/rootfs``,
-  ``/drives/cidata`` (not root, read-only) (+ ``/logger`` if a log level is set); not started.
+  ``/drives/cidata`` (not root, read-only) (+ ``/logger`` if a log level is set, + ``/network-interfaces/eth0``
+  in bridge mode); not started.
 * boot = ``InstanceStart``; ready when ``GET /`` says ``Running`` and, if the VM has a ready line,
   that line shows on its serial console in ``firecracker.log`` (this needs ``console=ttyS0`` in the
   boot args; the default has it). The ready line is decided at create
@@ -71,6 +77,7 @@ from ...confine import Confinement
 from ...driver import ExitListener
 from ...errors import ImageError, InvalidInput, VmError, VmmApiError, VmmError, VmmTimeout
 from ...model import DEFAULT_IMAGE, NetworkMode, SnapshotRecord, VmHandle, VmRecord, VmSpec, VmStatus
+from ...netns import TAP, exec_prefix, ns_name
 from .api import FirecrackerApi
 from .settings import ENV_PREFIX, MAX_VCPUS, SOCKET_NAME_LEN, FirecrackerSettings
 
@@ -91,6 +98,12 @@ SNAP_MEM = "memory.bin"
 SNAP_DISK = "rootfs.ext4"
 SNAP_CIDATA = "cidata.img"
 SNAP_FORMAT = "microvm-blueprint/firecracker-snapshot/1"
+IFACE_ID = "eth0"
+GUEST_MAC = "06:00:ac:10:00:02"
+"""The guest NIC's MAC in bridge mode: the same for every VM and clone (each is alone on its TAP), in
+Firecracker's ``06:00:<guest IPv4 in hex>`` convention (172.16.0.2)."""
+NETNS_DIR = "/var/run/netns"
+"""Where ``ip netns add`` binds a named namespace: the jailer's ``--netns`` takes that path."""
 
 LOG_TAIL = 2000
 
@@ -150,8 +163,10 @@ class FirecrackerDriver:
         --chroot-base-dir [--cgroup ...] [--netns] -- <firecracker args>``) when ``MICROVM_FIRECRACKER_JAILER`` is set."""
         workdir = Path(record.workdir)
         s = self.settings
-        if not s.jailer:
-            return [s.bin, "--api-sock", str(sock), "--id", _instance_id(workdir)]
+        bridge = record.network.mode is NetworkMode.BRIDGE
+        if not s.jailer:  # bridge: inside the VM's namespace, where its TAP is (`ip netns exec` execs in place)
+            return [*(exec_prefix(record.vm_id) if bridge else []), s.bin, "--api-sock", str(sock),
+                    "--id", _instance_id(workdir)]
         version = Confinement(None).cgroup_version()
         mem = (record.spec.mem_mib + 256) << 20
         cpu = record.spec.vcpus * 100_000
@@ -163,7 +178,8 @@ class FirecrackerDriver:
                 "--chroot-base-dir", s.chroot_base]
         for c in cgroups:
             argv += ["--cgroup", c]
-        # --netns /var/run/netns/<name> comes with the namespace per VM (DESIGN.md §10), not built yet
+        if bridge:  # the jailer joins the VM's namespace before it execs Firecracker (DESIGN.md §10)
+            argv += ["--netns", f"{NETNS_DIR}/{ns_name(record.vm_id)}"]
         return [*argv, "--", "--api-sock", JAILED_SOCKET]
 
     def _new_api(self, socket: Path) -> FirecrackerApi:
@@ -219,10 +235,17 @@ class FirecrackerDriver:
 
     @staticmethod
     def _check_network(vm: VmRecord) -> None:
-        """Firecracker VMs have no NIC yet (TAP devices come with the bridge mode, DESIGN.md §10)."""
-        if vm.network.mode is not NetworkMode.NONE:
+        """Firecracker has TAP devices only: ``none`` (no NIC) or ``bridge`` (DESIGN.md §10)."""
+        if vm.network.mode not in (NetworkMode.NONE, NetworkMode.BRIDGE):
             raise VmmError(f"network mode '{vm.network.mode.value}' is not available with the firecracker "
-                           "provider yet (MICROVM_NETWORK=none)")
+                           "provider (TAP devices only: MICROVM_NETWORK=bridge or none)")
+
+    @staticmethod
+    def _nics(vm: VmRecord) -> list[dict[str, Any]]:
+        """The VM's network interfaces: in bridge mode ``eth0`` on the namespace's TAP, else none."""
+        if vm.network.mode is not NetworkMode.BRIDGE:
+            return []
+        return [{"iface_id": IFACE_ID, "host_dev_name": TAP, "guest_mac": GUEST_MAC}]
 
     def _check_spec(self, spec: VmSpec) -> None:
         if (spec.image or DEFAULT_IMAGE) != DEFAULT_IMAGE:
@@ -333,18 +356,21 @@ class FirecrackerDriver:
         return code
 
     def _config(self, spec: VmSpec, disk: Path, read_only: bool, kernel: str, initrd: str,
-                boot_args: str, cidata: Path | None) -> dict[str, Any]:
+                boot_args: str, cidata: Path | None, nics: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         boot: dict[str, Any] = {"kernel_image_path": kernel, "boot_args": boot_args}
         if initrd:
             boot["initrd_path"] = initrd
         drives = [{"drive_id": DRIVE_ID, "path_on_host": str(disk), "is_root_device": True, "is_read_only": read_only}]
         if cidata is not None:
             drives.append(_cidata_drive(cidata))
-        return {
+        config: dict[str, Any] = {
             "machine-config": {"vcpu_count": spec.vcpus, "mem_size_mib": spec.mem_mib},
             "boot-source": boot,
             "drives": drives,
         }
+        if nics:
+            config["network-interfaces"] = nics
+        return config
 
     async def _logger(self, vm: _Vm) -> None:
         if self.settings.log_level:  # to stdout, i.e. firecracker.log (no log_path: it would have to exist)
@@ -356,6 +382,8 @@ class FirecrackerDriver:
         await self._call(vm, "PUT", "/boot-source", config["boot-source"])
         for drive in config["drives"]:
             await self._call(vm, "PUT", f"/drives/{drive['drive_id']}", drive)
+        for nic in config.get("network-interfaces") or []:  # pre-boot only: always before InstanceStart
+            await self._call(vm, "PUT", f"/network-interfaces/{nic['iface_id']}", nic)
 
     def _save_config(self, vm: _Vm, config: Mapping[str, Any]) -> None:
         vm.config = dict(config)
@@ -379,7 +407,7 @@ class FirecrackerDriver:
         q = await self._spawn(vm, disk, read_only)
         q.ready_line = s.guest_ready_line()  # decided by the rootfs the VM boots, kept in vm.json
         config = self._config(vm.spec, disk, read_only, str(Path(s.kernel).resolve()),
-                              str(Path(s.initrd).resolve()) if s.initrd else "", s.boot_args, cidata)
+                              str(Path(s.initrd).resolve()) if s.initrd else "", s.boot_args, cidata, self._nics(vm))
         async with self._killed_on_error(q, "cannot write the firecracker configuration"):
             await self._configure(q, config)
             self._save_config(q, config)
@@ -445,7 +473,7 @@ class FirecrackerDriver:
         manifest: dict[str, Any] = {
             "format": SNAP_FORMAT, "vm_status": vm.status.value, "spec": vm.spec.to_json(),
             "config": q.config or self._config(vm.spec, q.disk, q.disk_read_only, self.settings.kernel,
-                                               self.settings.initrd, self.settings.boot_args, None),
+                                               self.settings.initrd, self.settings.boot_args, None, self._nics(vm)),
             "disk": SNAP_DISK, "disk_read_only": q.disk_read_only, "ready_line": q.ready_line,
         }
         if vm.status is VmStatus.CREATED:
@@ -508,6 +536,20 @@ class FirecrackerDriver:
         # A live snapshot taken before config drives has none in its saved state, and no drive can be
         # added after a load: such a clone stays without one. Every other restore gets a new drive.
         with_cidata = status is VmStatus.CREATED or _drive_path(config, CIDATA_ID) is not None
+        saved_nics = config.get("network-interfaces") or []
+        if status is VmStatus.CREATED:  # configured afresh: the NIC this operator's network mode gives
+            config = {k: v for k, v in config.items() if k != "network-interfaces"}
+            if nics := self._nics(vm):
+                config["network-interfaces"] = nics
+        elif saved_nics and vm.network.mode is not NetworkMode.BRIDGE:
+            # the load re-opens the TAP the saved state names: there is none outside a VM's namespace
+            raise VmmError(f"snapshot '{snapshot.snapshot_id}' of vm '{snapshot.vm_id}' was taken with a network "
+                           f"interface (MICROVM_NETWORK=bridge); this operator runs MICROVM_NETWORK="
+                           f"{vm.network.mode.value}, so it cannot be restored here")
+        elif not saved_nics and vm.network.mode is NetworkMode.BRIDGE:
+            log.warning("snapshot %r of vm %r has no network interface (taken without bridge networking): "
+                        "its clone %r has none either (none can be added after a load)",
+                        snapshot.snapshot_id, snapshot.vm_id, vm.vm_id)
         if status is VmStatus.CREATED:
             self.settings.check_host(kernel=str(boot.get("kernel_image_path", "")),
                                      initrd=str(boot.get("initrd_path", "")), rootfs=str(src / SNAP_DISK))

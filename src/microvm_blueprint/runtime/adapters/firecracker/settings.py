@@ -139,6 +139,11 @@ class FirecrackerSettings:
             return self.ready_line
         return project_ready_line(self.rootfs if rootfs is None else rootfs) or ""
 
+    def tap_owner(self) -> tuple[int, int] | None:
+        """(uid, gid) a bridge-mode TAP must belong to: the jailer's user, as which Firecracker opens it
+        without privileges (``None`` without the jailer: Firecracker runs as the operator, root)."""
+        return (self.jailer_uid, self.jailer_gid) if self.jailer else None
+
     def check_binary(self) -> None:
         """Raise :class:`ImageError` naming ``MICROVM_FIRECRACKER_BIN`` if the binary cannot be run."""
         if shutil.which(self.bin) is None:
