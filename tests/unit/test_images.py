@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import subprocess
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -223,7 +224,22 @@ def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     monkeypatch.delenv("MICROVM_IMAGE_DIR")
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(images.os, "geteuid", lambda: 1000)  # a user's VMMs run as that user
     assert images.default_cache_dir() == tmp_path / ".cache" / "microvm-blueprint" / "images"
+    monkeypatch.setattr(images.os, "geteuid", lambda: 0)  # root's run as the VMM user: not below /root
+    assert images.default_cache_dir() == images.SYSTEM_CACHE_DIR == Path("/var/cache/microvm-blueprint/images")
+
+
+def test_reachable_by_others_needs_every_folder_passable() -> None:
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:  # /tmp itself is open to all, unlike pytest's tmp_path
+        top = Path(tmp)
+        inner = top / "a" / "b"
+        inner.mkdir(parents=True)
+        for folder in (top, top / "a", inner):
+            folder.chmod(0o755)
+        assert images.reachable_by_others(inner)
+        (top / "a").chmod(0o700)  # like /root
+        assert not images.reachable_by_others(inner)
 
 
 def test_a_missing_build_tool_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
