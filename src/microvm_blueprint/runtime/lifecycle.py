@@ -38,6 +38,7 @@ from .errors import (
     RecordedFailure,
     SnapshotAlreadyExists,
     SnapshotNotFound,
+    StoreError,
     VmAlreadyExists,
     VmError,
     VmmError,
@@ -115,6 +116,7 @@ class Lifecycle:
         self._vms_taken: dict[str, int] = {}  # creates/restores past their quota check, no row yet: MiB
         self._snaps_taken: dict[object, int] = {}  # snapshots being taken: bytes reserved
         self.min_free_mib = min_free_mib
+        self._unrecorded_errors: dict[str, str] = {}  # disk errors the (full) store could not take yet
         driver.set_exit_listener(self._on_vmm_exit)
         set_error_listener = getattr(driver, "set_error_listener", None)  # drivers that see guest disk errors
         if set_error_listener is not None:
@@ -209,7 +211,20 @@ class Lifecycle:
         view = self.store.vm_view(vm_id)
         if view is None:
             raise VmNotFound(vm_id)
-        return view
+        return self._with_unrecorded(view)
+
+    def _with_unrecorded(self, view: VmView) -> VmView:
+        """``view`` with the disk error its VMM reported that the store could not record (its disk was
+        full too): written now if the store takes it, shown from memory until then."""
+        text = self._unrecorded_errors.get(view.vm_id)
+        if text is None:
+            return view
+        if view.status not in LIVE:
+            self._unrecorded_errors.pop(view.vm_id, None)
+            return view
+        if self._record_vmm_error(view.vm_id, view.status, text):
+            return self.store.vm_view(view.vm_id) or view
+        return view if view.error else dataclasses.replace(view, error=text)
 
     def _check_owner(self, vm: StoredVm, origin: Origin, job: str) -> None:
         """Refuse (:class:`OwnershipError`, recorded on the VM's audit trail) a change by a caller that
@@ -283,7 +298,20 @@ class Lifecycle:
         if vm is None or vm.status not in LIVE:
             return
         log.warning("vm %r: %s", vm_id, text, extra={"vm_id": vm_id})
-        self.store.update_vm(vm_id, vm.status, Origin(), "disk_error", error=text[:2000])
+        self._unrecorded_errors[vm_id] = text[:2000]
+        self._record_vmm_error(vm_id, vm.status, text[:2000])
+
+    def _record_vmm_error(self, vm_id: str, status: VmStatus, text: str) -> bool:
+        """Write a VMM-reported error to the store; False (kept in memory, shown by the views and
+        retried by them) when the store cannot take it, as when the disk the guest filled is its disk."""
+        try:
+            self.store.update_vm(vm_id, status, Origin(), "disk_error", error=text)
+        except StoreError as exc:
+            log.warning("vm %r: cannot record its disk error yet (%s); shown from memory", vm_id, exc,
+                        extra={"vm_id": vm_id})
+            return False
+        self._unrecorded_errors.pop(vm_id, None)
+        return True
 
     def _check_free(self, job: str) -> None:
         """Refuse ``job`` (before any VMM work) while the state folder has less than ``min_free_mib`` free."""
@@ -606,7 +634,7 @@ class Lifecycle:
         return self._view(vm_id)
 
     async def list_vms(self, *, limit: int | None = None, after: str | None = None) -> list[VmView]:
-        return self.store.vm_views(limit=limit, after=after)
+        return [self._with_unrecorded(v) for v in self.store.vm_views(limit=limit, after=after)]
 
     async def list_snapshots(self, vm_id: str) -> list[SnapshotView]:
         validate_id("vm_id", vm_id)

@@ -341,6 +341,10 @@ class QemuDriver:
             return False
         return True
 
+    async def vmm_status(self, vm: VmRecord) -> str:
+        """QEMU's own run state of ``vm`` (QMP ``query-status``: ``running``, ``paused``, ``io-error``, ...)."""
+        return await self._vm(vm).status()
+
     async def adopt(self, vm: VmRecord) -> bool:
         self._sweep_once()
         workdir = Path(vm.workdir)
