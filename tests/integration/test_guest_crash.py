@@ -16,6 +16,7 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,10 @@ async def _job(customer: TangleCustomer, api_url: str, name: str, args: list[Any
     return await customer.wait_result(sub, timeout=timeout, api_url=api_url)
 
 
-async def _spawn_operator(env: dict[str, str], log: Path, api_url: str) -> Child:
-    """`microvm-blueprint run` as its own process, once its query API answers `/health`."""
-    child = await Child.spawn([sys.executable, "-m", "microvm_blueprint.cli", "run"], log, env=env)
+async def _spawn_operator(env: dict[str, str], log: Path, api_url: str, prefix: Sequence[str] = ()) -> Child:
+    """`microvm-blueprint run` as its own process, once its query API answers `/health`; ``prefix``: an
+    argv that runs it somewhere else (``ip netns exec <ns>``)."""
+    child = await Child.spawn([*prefix, sys.executable, "-m", "microvm_blueprint.cli", "run"], log, env=env)
 
     async def healthy() -> bool:
         assert child.returncode is None, f"the operator exited ({child.returncode}):\n{child.log_tail()}"

@@ -406,15 +406,16 @@ class Lifecycle:
             is_free=self._port_free,
         )
 
-    async def _plumb(self, vm_id: str, network: VmNetwork) -> None:
+    async def _plumb(self, vm_id: str, network: VmNetwork, inside_pid: int | None = None) -> None:
         """``bridge``: take the VM's /30 (recorded first) and make its namespace, veth, TAP and rules
-        (DESIGN.md §10), before the VMM, which runs inside. Idempotent: reconciliation re-runs it."""
+        (DESIGN.md §10), before the VMM, which runs inside. Idempotent: reconciliation re-runs it, with
+        ``inside_pid`` the re-adopted VMM's (whose namespace its name is re-attached to if need be)."""
         if network.mode is not NetworkMode.BRIDGE:
             return
         pool = self.network.bridge_pool
         slot = self.store.take_bridge_slot(vm_id, pool, netns.slot_count(netns.parse_pool(pool)))
         await netns.ensure(netns.Plumbing(vm_id, pool, slot, network.ports, self.network.egress,
-                                          tap_owner=self.network.tap_owner))
+                                          tap_owner=self.network.tap_owner), inside_pid=inside_pid)
 
     async def _unplumb(self, vm_id: str) -> None:
         """Remove what :meth:`_plumb` made (once the VMM is gone), then give the /30 back."""
@@ -601,7 +602,10 @@ class Lifecycle:
             if await self.driver.adopt(self._record(vm)):
                 adopted += 1
                 if vm.vm_id in self.store.bridge_slots():  # re-made where an operator crash left it short
-                    await self._plumb(vm.vm_id, self.store.network(vm.vm_id))
+                    adopted_vm = self.store.get_vm(vm.vm_id)
+                    handle = adopted_vm.handle if adopted_vm is not None else None
+                    await self._plumb(vm.vm_id, self.store.network(vm.vm_id),
+                                      handle.pid if handle is not None else None)
             else:
                 failed += 1
                 self.store.update_vm(

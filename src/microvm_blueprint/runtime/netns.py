@@ -317,9 +317,27 @@ def _write_sysctl(path: str, value: str) -> None:
         raise VmmError(f"network: cannot set {path}: {exc.strerror or exc}") from exc
 
 
-async def ensure(p: Plumbing) -> None:
-    """Make ``p`` exist and be exactly as generated (idempotent: reconciliation re-runs it)."""
+async def _ns_usable(ns: str) -> bool:
+    """Whether the name ``ns`` opens a namespace here: ``ip netns add`` bind-mounts the namespace on
+    /run/netns/<ns> in the mount namespace it runs in, so an operator that ran in a mount namespace of
+    its own (``ip netns exec``, systemd's private mounts) leaves only an empty file to the next one."""
+    code, _ = await run(["ip", "-n", ns, "link", "show", "dev", "lo"], check=False)
+    return code == 0
+
+
+async def ensure(p: Plumbing, *, inside_pid: int | None = None) -> None:
+    """Make ``p`` exist and be exactly as generated (idempotent: reconciliation re-runs it).
+    ``inside_pid``: a process in the VM's namespace (the re-adopted VMM): a name that no longer opens
+    the namespace (see :func:`_ns_usable`) is attached to that process's namespace again."""
     have_ns = p.ns in await namespaces()
+    if have_ns and not await _ns_usable(p.ns):
+        log.warning("network namespace %s: its name no longer opens it here; %s", p.ns,
+                    f"re-attached from pid {inside_pid}" if inside_pid else "made afresh")
+        await run(["ip", "netns", "del", p.ns])  # the stale name (its mount is in another mount namespace)
+        if inside_pid is not None:
+            await run(["ip", "netns", "attach", p.ns, str(inside_pid)])
+        else:
+            have_ns = False
     have_veth = await _link_exists(p.veth)
     if have_ns and not have_veth and await _link_exists(NS_VETH, p.ns):
         await run(["ip", "-n", p.ns, "link", "del", NS_VETH])  # half a pair: start it afresh
