@@ -61,6 +61,10 @@ async def test_dashboard_follows_jobs_live(tmp_path: Path) -> None:
             await until(lambda: page.js(f"{ROW}.dataset.status === 'running'"), 30, "vm-1 to turn running on the page")
             assert await page.js("window.notReloaded === true")
             assert await page.js("document.querySelector('[data-fig=\"running\"] b').textContent") == "1"
+            # the operator's figures come from /metrics and move with the jobs: create_vm and start_vm ran
+            await until(lambda: page.js("document.querySelector('[data-fig=\"jobs-run\"] b')?.textContent === '2'"),
+                        30, "the page's job figure to count both jobs")
+            assert await page.js("document.querySelector('[data-fig=\"jobs-failed\"] b').textContent") == "0"
             events = await page.js("[...document.querySelectorAll('#events li')].map(li => li.textContent)")
             assert any("start" in e and "running" in e for e in events), events
 
