@@ -50,6 +50,26 @@ def ensure_image() -> Path:
     return IMAGE_DIR
 
 
+def ensure_debian_image() -> Path:
+    """The image dir with the ``debian`` image in it (built once per cache, minutes), or skip with the
+    reason: no QEMU, no ssh/ssh-keygen/mtools to reach a guest, no mmdebstrap to build it."""
+    from microvm_blueprint.runtime import images
+
+    reason = qemu_available()
+    if reason:
+        pytest.skip(reason)
+    for tool in ("ssh", "ssh-keygen", "mcopy", "mtype"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (scripts/bootstrap.sh installs it)")
+    try:
+        images.resolve_image("debian", IMAGE_DIR)
+    except Exception:  # any reason it is not there: build it
+        if shutil.which("mmdebstrap") is None:
+            pytest.skip("mmdebstrap is not installed (scripts/bootstrap.sh installs it)")
+        images.build_image("debian", cache_dir=IMAGE_DIR, progress=print)
+    return IMAGE_DIR
+
+
 def ticks(text: str) -> int:
     found = re.findall(r"tick (\d+)", text)
     return int(found[-1]) if found else 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import socket
 import subprocess
 import time
@@ -20,7 +19,7 @@ from microvm_blueprint.runtime import images
 from microvm_blueprint.runtime.adapters.qemu import QemuSettings, qemu_argv
 from microvm_blueprint.runtime.configdrive import GuestConfig, GuestNetwork, build_config_drive, new_instance_id
 
-from ..qemu_support import IMAGE_DIR, qemu_available
+from ..qemu_support import ensure_debian_image
 from ..waiting import until
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
@@ -29,18 +28,7 @@ DISK_MIB = 1024
 
 
 def _debian_image() -> images.ImageManifest:
-    reason = qemu_available()
-    if reason:
-        pytest.skip(reason)
-    for tool in ("ssh", "ssh-keygen", "mcopy"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (scripts/bootstrap.sh installs it)")
-    try:
-        return images.resolve_image("debian", IMAGE_DIR)
-    except Exception:
-        if shutil.which("mmdebstrap") is None:
-            pytest.skip("mmdebstrap is not installed (scripts/bootstrap.sh installs it)")
-        return images.build_image("debian", cache_dir=IMAGE_DIR, progress=print)
+    return images.resolve_image("debian", ensure_debian_image())
 
 
 def _free_port() -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -21,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from microvm_blueprint.blueprint.jobs import JOBS_BY_NAME, TRUE, build_router
-from microvm_blueprint.runtime import images
 from microvm_blueprint.runtime.adapters.qemu import QemuDriver, QemuSettings
 from microvm_blueprint.runtime.adapters.qemu.argv import CONFIG_DRIVE, CONSOLE_LOG
 from microvm_blueprint.runtime.configdrive import hostname_for
@@ -32,7 +30,7 @@ from microvm_blueprint.runtime.store import Store
 from microvm_blueprint.tangle.abi import encode_args
 from microvm_blueprint.tangle.calls import JobCall
 
-from ..qemu_support import IMAGE_DIR, qemu_available, qemu_pids
+from ..qemu_support import ensure_debian_image, qemu_pids
 from ..waiting import until
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
@@ -45,20 +43,7 @@ _calls = iter(range(1, 10**9))
 # ---- support ----------------------------------------------------------------------------------------
 
 
-def _debian_image() -> Path:
-    reason = qemu_available()
-    if reason:
-        pytest.skip(reason)
-    for tool in ("ssh", "ssh-keygen", "mtype"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (scripts/bootstrap.sh installs it)")
-    try:
-        images.resolve_image("debian", IMAGE_DIR)
-    except Exception:  # noqa: BLE001 - any reason it is not there: build it (minutes, once per cache)
-        if shutil.which("mmdebstrap") is None:
-            pytest.skip("mmdebstrap is not installed (scripts/bootstrap.sh installs it)")
-        images.build_image("debian", cache_dir=IMAGE_DIR, progress=print)
-    return IMAGE_DIR
+_debian_image = ensure_debian_image  # the name the other guest tests import
 
 
 def _keygen(path: Path) -> Path:
