@@ -17,6 +17,7 @@ from microvm_blueprint.blueprint.client import Outcome, TangleCustomer
 from microvm_blueprint.blueprint.jobs import JOBS_BY_NAME
 from microvm_blueprint.blueprint.operator import Operator
 from microvm_blueprint.blueprint.settings import OperatorSettings
+from microvm_blueprint.procs import Child
 from microvm_blueprint.runtime.driver import VmmDriver
 from microvm_blueprint.runtime.lifecycle import Lifecycle
 from microvm_blueprint.tangle.abi import encode_args
@@ -30,6 +31,8 @@ from microvm_blueprint.tangle.devnet import (
 )
 from microvm_blueprint.tangle.environment import BlueprintEnvironment, Secret
 from microvm_blueprint.tangle.keystore import import_key
+
+from ..waiting import until
 
 
 def _anvil_or_skip() -> None:
@@ -135,6 +138,20 @@ async def api_get(url: str) -> tuple[int, Any]:
             return r.status_code, r.json()
         except ValueError:
             return r.status_code, r.text
+
+
+async def until_healthy(child: Child, api: str, timeout: float = 60) -> None:
+    """Wait (with a deadline) until the operator process ``child`` answers ``GET {api}/health``; its
+    early exit fails at once, with its log."""
+
+    async def healthy() -> bool:
+        assert child.returncode is None, child.log_tail()
+        try:
+            return (await api_get(f"{api}/health"))[0] == 200
+        except httpx.HTTPError:
+            return False
+
+    await until(healthy, timeout, f"the operator's query API at {api}")
 
 
 async def result_counts(rpc_url: str, contract: str) -> dict[int, int]:

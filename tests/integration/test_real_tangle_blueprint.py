@@ -51,7 +51,7 @@ from microvm_blueprint.tangle.keystore import key_from_hex
 from microvm_blueprint.tangle.registration import is_operator_registered, register_operator
 from microvm_blueprint.tangle.rpc import ContractRevert, JsonRpc
 
-from .conftest import api_get
+from .conftest import api_get, until_healthy
 
 pytestmark = pytest.mark.chain
 
@@ -155,16 +155,7 @@ async def test_deploy_register_request_approve_and_run_every_job(anvil: Anvil, r
         }
         child = await Child.spawn([*CLI, "run"], tmp_path / "operator.log", env=env)
         api = f"http://127.0.0.1:{port}"
-        deadline = asyncio.get_running_loop().time() + 60
-        while True:
-            try:
-                if (await api_get(f"{api}/health"))[0] == 200:
-                    break
-            except Exception:
-                pass
-            assert child.returncode is None, child.log_tail()
-            assert asyncio.get_running_loop().time() < deadline, child.log_tail()
-            await asyncio.sleep(0.1)
+        await until_healthy(child, api)
 
         plan: list[tuple[str, list[Any]]] = [
             ("create_vm", ["vm-1"]),

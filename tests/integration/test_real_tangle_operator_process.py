@@ -33,7 +33,7 @@ from microvm_blueprint.tangle.devnet import (
 )
 from microvm_blueprint.tangle.environment import Secret
 
-from .conftest import api_get, result_counts
+from .conftest import api_get, result_counts, until_healthy
 
 pytestmark = pytest.mark.chain
 
@@ -75,16 +75,7 @@ async def test_operator_against_real_tangle(anvil: Anvil, real_fixture: Path, tm
     customer = TangleCustomer(anvil.rpc_url, REAL_TANGLE, 0, Secret(ANVIL_KEYS[0]))
     api = f"http://127.0.0.1:{port}"
     try:
-        deadline = asyncio.get_running_loop().time() + 60
-        while True:
-            try:
-                if (await api_get(f"{api}/health"))[0] == 200:
-                    break
-            except Exception:
-                pass
-            assert child.returncode is None, child.log_tail()
-            assert asyncio.get_running_loop().time() < deadline, child.log_tail()
-            await asyncio.sleep(0.1)
+        await until_healthy(child, api)
         calls = []
         for name, args in [
             ("create_vm", ["vm-1"]),
