@@ -223,7 +223,7 @@ class Operator:
         heartbeat = build_heartbeat(env, rpc, consumer, producer, key, metrics)
         metrics.watch_tangle(consumer, producer, rpc, heartbeat)
         reads = SignedReads(public=settings.public_console, service_owner=owner.get)
-        server = QueryServer(QueryApp(provider, journal, metrics.render, console=reads), settings.api_host,
+        server = QueryServer(QueryApp(provider, journal, metrics=metrics.render, console=reads), settings.api_host,
                              settings.api_port, max_connections=settings.api_max_connections,
                              header_timeout=settings.api_header_timeout_s)
         runner = BlueprintRunner(

@@ -115,8 +115,8 @@ class QueryApp:
     and ``/events`` (by default a hub over ``vms.store`` when ``vms`` has a store). ``console`` says who may
     read ``/vms/{id}/console`` (by default: a request signed by the VM's owner, :mod:`.tangle_sig`)."""
 
-    def __init__(self, vms: VmQuery, journal: JobJournal | None, metrics: Callable[[], str] | None = None,
-                 events: EventHub | None = None, *, console: SignedReads | None = None) -> None:
+    def __init__(self, vms: VmQuery, journal: JobJournal | None, *, metrics: Callable[[], str] | None = None,
+                 events: EventHub | None = None, console: SignedReads | None = None) -> None:
         self.vms = vms
         self.journal = journal
         self.metrics = metrics
