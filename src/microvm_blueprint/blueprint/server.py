@@ -5,7 +5,10 @@ connection and the VMMs:
 
 * **header timeout**: a connection must bring a complete request head within ``header_timeout`` of
   opening (or of its previous answer); otherwise it is sent a 408 and closed, however slowly it
-  trickles bytes (uvicorn has no such timer: its keep-alive timer is reset by every byte);
+  trickles bytes (uvicorn has no such timer: its keep-alive timer is reset by every byte). The close
+  lingers: the write side is shut after the 408 and what the client still sends is read and dropped
+  for up to ``LINGER`` seconds, because closing a socket with unread bytes makes the kernel send a
+  reset, and a reset can reach the client before it has read the 408;
 * **connection cap**: at most ``max_connections`` at once, and never more than half the process's
   open-file limit (:func:`connection_cap`). A new connection beyond the cap makes room by closing the
   oldest connection that is waiting for a request (idle, or a request head still unfinished); when
@@ -43,6 +46,8 @@ STOP_TIMEOUT = 5.0
 FD_RESERVE_MIN = 64
 #: seconds accepting pauses when the process is out of file handles
 ACCEPT_PAUSE = 1.0
+#: seconds a connection closed with an answer keeps reading (and dropping) what its client still sends
+LINGER = 2.0
 #: connections taken from the listening socket per wake-up (the rest wait for the next loop turn)
 ACCEPT_BATCH = 64
 #: at most one "out of file handles" warning per this many seconds
@@ -85,6 +90,7 @@ class ConnectionGuard:
         self.header_timeout = header_timeout
         self.live: set[GuardedH11] = set()
         self.waiting: dict[GuardedH11, None] = {}  # insertion order: oldest first
+        self.lingering: dict[GuardedH11, None] = {}  # answered and half-closed, oldest first
         self.pending = 0  # accepted, protocol not made yet
         self.refused = 0
         self.timed_out = 0
@@ -99,6 +105,9 @@ class ConnectionGuard:
         """Whether one more connection may be taken; at the cap, close the oldest waiting one for it."""
         if self.open < self.cap:
             return True
+        if self.lingering:  # already answered: only its last unread bytes are lost
+            next(iter(self.lingering)).drop(None)
+            return True
         if not self.waiting:
             return False
         oldest = next(iter(self.waiting))
@@ -109,6 +118,7 @@ class ConnectionGuard:
     def release(self, proto: GuardedH11) -> None:
         self.live.discard(proto)
         self.waiting.pop(proto, None)
+        self.lingering.pop(proto, None)
 
 
 class GuardedH11(H11Protocol):
@@ -120,6 +130,7 @@ class GuardedH11(H11Protocol):
         self.guard = guard
         self.made = False
         self._header_timer: asyncio.TimerHandle | None = None
+        self._linger_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -130,8 +141,16 @@ class GuardedH11(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timer()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         self.guard.release(self)
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self in self.guard.lingering:
+            return  # answered and half-closed: read only so that the kernel does not reset the connection
+        super().data_received(data)
 
     def handle_events(self) -> None:
         before = self.cycle
@@ -151,13 +170,34 @@ class GuardedH11(H11Protocol):
         super().handle_websocket_upgrade(event)
 
     def drop(self, response: bytes | None) -> None:
-        """Close the connection now, after ``response`` if given."""
+        """Close the connection: at once without ``response``; with one, after writing it, shutting the
+        write side and reading what the client still sends for up to ``LINGER`` seconds (still counted
+        against the cap, and the first to go when room is needed)."""
         self._stop_timer()
-        self.guard.release(self)
-        if not self.transport.is_closing():
-            if response:
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
+        if self.transport.is_closing():
+            self.guard.release(self)
+            return
+        if self in self.guard.lingering:
+            response = None  # already answered
+        if response is None or not self.transport.can_write_eof():
+            self.guard.release(self)
+            if response is not None:
                 self.transport.write(response)
             self.transport.close()
+            return
+        self.guard.waiting.pop(self, None)
+        self.guard.lingering[self] = None
+        self.transport.write(response)
+        self.transport.write_eof()
+        self._linger_timer = self.loop.call_later(LINGER, self._linger_over)
+
+    def _linger_over(self) -> None:
+        self._linger_timer = None
+        self.guard.release(self)
+        self.transport.close()
 
     def _await_request(self) -> None:
         self._stop_timer()
