@@ -114,8 +114,19 @@ def test_nft_accepts_the_generated_rules(egress: bool) -> None:
 
 
 def test_qemu_gets_the_namespace_tap() -> None:
-    assert network_args(VmNetwork(NetworkMode.BRIDGE, PORTS), egress=False) == [
+    assert network_args(VmNetwork(NetworkMode.BRIDGE, PORTS)) == [
         "-netdev", "tap,id=net0,ifname=tap0,script=no,downscript=no", "-device", "virtio-net-device,netdev=net0"]
+
+
+def test_a_user_mode_nic_gets_the_egress_policy_recorded_with_the_vm() -> None:
+    """``restrict=`` follows the VM's recorded policy (``VmNetwork.egress``), not a driver setting: a VM
+    created under ``MICROVM_EGRESS=allow`` keeps its egress whatever the operator now runs with."""
+    def restrict(egress: bool) -> list[str]:
+        [opts] = [a for a in network_args(VmNetwork(NetworkMode.USER, PORTS, egress=egress)) if a.startswith("user,")]
+        return [o for o in opts.split(",") if o.startswith("restrict=")]
+
+    assert restrict(True) == ["restrict=off"]
+    assert restrict(False) == ["restrict=on"]
 
 
 def test_the_store_hands_out_each_30_once_and_takes_it_back(tmp_path: Path) -> None:

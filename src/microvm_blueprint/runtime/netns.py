@@ -352,6 +352,16 @@ async def ensure(p: Plumbing, *, inside_pid: int | None = None) -> None:
     await run(["nft", "-f", "-"], stdin=host_rules(p))
 
 
+async def live_egress(vm_id: str) -> bool | None:
+    """Whether the rules now in the VM's namespace let the guest out (``None``: no table to read).
+    For a VM whose egress policy predates its record in the store (schema 3)."""
+    code, out = await run(["ip", "netns", "exec", ns_name(vm_id), "nft", "list", "table", "inet", NS_TABLE],
+                          check=False)
+    if code != 0:
+        return None
+    return f'iifname "{TAP}" oifname "{NS_VETH}"' in out
+
+
 async def teardown(vm_id: str) -> None:
     """Remove the VM's host table, veth pair and namespace (its TAP goes with it). Idempotent; call it
     once the VMM is gone (a process still inside keeps the namespace alive until it exits)."""
