@@ -48,7 +48,7 @@ async def test_a_configured_vm_records_its_spec_and_network(provider: Lifecycle)
         assert len(set(hosts)) == 2 and all(PORT_RANGE[0] <= h <= PORT_RANGE[1] for h in hosts)
         assert {m["host"] for m in body["network"]["ports"]} == {"127.0.0.1"}
     else:
-        assert body["network"] == {"mode": "none", "guest_ip": None, "ports": []}
+        assert body["network"] == {"mode": "none", "guest_ip": None, "ports": [], "egress": "deny"}
     again = await provider.get_vm("cfg")
     assert again.network == view.network and again.spec.ssh_keys == (key(),)
 

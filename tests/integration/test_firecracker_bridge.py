@@ -18,6 +18,7 @@ import json
 import os
 import pwd
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -280,3 +281,58 @@ async def test_bridge_under_the_jailer_joins_the_namespace_with_netns(
         await close_all(life, vm_ids, driver.settings.socket_dir)
         with contextlib.suppress(OSError):
             shutil.rmtree(chroot_base)
+
+
+async def test_a_restart_under_another_egress_setting_keeps_each_vms_own_policy(host: None, tmp_path: Path) -> None:
+    """Issue #15 follow-up: the egress policy is recorded with the VM. An operator restarted with
+    ``MICROVM_EGRESS=deny`` re-makes a re-adopted VM's rules with the ``allow`` it was created under (it
+    neither closes nor, the other way round, opens a running VM's egress); a new VM gets ``deny``. A VM
+    whose row predates the record (schema 2) gets the policy its live rules show."""
+    def life_with(driver: FirecrackerDriver, egress: bool) -> Lifecycle:
+        return Lifecycle(driver, Store(tmp_path / "s.sqlite3"), state_dir=tmp_path / "state",
+                         network=NetworkSettings(mode=NetworkMode.BRIDGE, bridge_pool=POOL, egress=egress))
+
+    async def ns_rules(vm_id: str) -> str:
+        _, out = await netns.run(["ip", "netns", "exec", netns.ns_name(vm_id), "nft", "list", "ruleset"])
+        return out
+
+    async def host_table(vm_id: str) -> str:
+        _, out = await netns.run(["nft", "list", "table", "inet", netns.host_table(vm_id)])
+        return out
+
+    egress_rule = 'iifname "tap0" oifname "veth0" ip daddr != { 10.202.0.0/16, 127.0.0.0/8 } accept'
+    vm_ids = ["fe-open", "fe-legacy", "fe-new"]
+    first = FirecrackerDriver(stand_in_settings(tmp_path / "fc"))
+    life = life_with(first, egress=True)
+    second: FirecrackerDriver | None = None
+    try:
+        await life.create_vm("fe-open", VmSpec(), ANON)
+        await life.start_vm("fe-open", ANON)
+        await life.create_vm("fe-legacy", VmSpec(), ANON)
+        assert egress_rule in await ns_rules("fe-open")  # the test can tell allow from deny
+        assert (await life.get_vm("fe-open")).to_json()["network"]["egress"] == "allow"
+        await life.close()  # the VMM keeps running, as after an operator restart
+        life.store.close()
+        with sqlite3.connect(tmp_path / "s.sqlite3") as conn:  # as a row from before schema 3 would be
+            conn.execute("UPDATE networks SET egress=NULL WHERE vm_id='fe-legacy'")
+        # a rule lost while the operator was down: reconciliation must re-make the table, not keep it
+        await netns.run(["ip", "netns", "exec", netns.ns_name("fe-open"), "nft", "delete", "table", "inet", "mvm"])
+
+        second = FirecrackerDriver(stand_in_settings(tmp_path / "fc"))
+        life = life_with(second, egress=False)
+        assert "2 vm(s) re-adopted" in await life.reconcile()
+        rebuilt = await ns_rules("fe-open")
+        assert egress_rule in rebuilt, rebuilt
+        assert 'oifname != "mvm*" masquerade' in await host_table("fe-open")
+        assert (await life.get_vm("fe-open")).to_json()["network"]["egress"] == "allow"
+        assert egress_rule in await ns_rules("fe-legacy")  # read from its live rules, then recorded
+        assert (await life.get_vm("fe-legacy")).to_json()["network"]["egress"] == "allow"
+        assert life.store.unrecorded_egress() == set()
+
+        await life.create_vm("fe-new", VmSpec(), ANON)
+        fresh = await ns_rules("fe-new")
+        assert 'iifname "tap0" oifname "veth0"' not in fresh and "chain forward" in fresh, fresh
+        assert 'oifname != "mvm*" masquerade' not in await host_table("fe-new")
+        assert (await life.get_vm("fe-new")).to_json()["network"]["egress"] == "deny"
+    finally:
+        await close_all(life, vm_ids, first.settings.socket_dir)

@@ -202,8 +202,7 @@ class Operators:
         self.all: list[Lifecycle] = []
 
     def make(self, *, egress: bool = False) -> Lifecycle:
-        driver = QemuDriver(QemuSettings(image_dir=self.image_dir, accel="tcg", boot_timeout=BOOT_TIMEOUT,
-                                         egress=egress))
+        driver = QemuDriver(QemuSettings(image_dir=self.image_dir, accel="tcg", boot_timeout=BOOT_TIMEOUT))
         life = Lifecycle(driver, Store(self.tmp / "s.sqlite3"), state_dir=self.tmp / "state",
                          network=NetworkSettings(mode=NetworkMode.USER, egress=egress))
         self.all.append(life)

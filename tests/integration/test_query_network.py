@@ -59,7 +59,8 @@ async def test_published_ports_are_shown_exactly(life: Lifecycle, http: httpx.As
     assert body["spec"] == {"vcpus": 2, "mem_mib": 512, "image": "default", "disk_mib": 2048, "ssh_keys": 1,
                             "ports": [22, 8080]}
     network = body["network"]
-    assert set(network) == {"mode", "guest_ip", "ports"}
+    assert set(network) == {"mode", "guest_ip", "ports", "egress"}
+    assert network["egress"] == "deny"  # the fixture's operator runs with MICROVM_EGRESS unset
     assert (network["mode"], network["guest_ip"]) == ("user", "10.0.2.15")
     assert [(p["guest_port"], p["host"]) for p in network["ports"]] == [(22, "127.0.0.1"), (8080, "127.0.0.1")]
     assert all(set(p) == {"guest_port", "host", "host_port"} for p in network["ports"])
@@ -71,11 +72,13 @@ async def test_published_ports_are_shown_exactly(life: Lifecycle, http: httpx.As
     [left] = {43100, 43101, 43102} - taken
     listed = {v["vm_id"]: v["network"] for v in (await http.get("/vms")).json()}
     assert listed == {"web": network, "other": {"mode": "user", "guest_ip": "10.0.2.15",
-                                               "ports": [{"guest_port": 5432, "host": "127.0.0.1", "host_port": left}]}}
+                                               "ports": [{"guest_port": 5432, "host": "127.0.0.1", "host_port": left}],
+                                               "egress": "deny"}}
     assert other.network.to_json() == listed["other"]
     # destroy gives the ports back: the VM lists none, and they can be taken again
     await life.destroy_vm("web", Origin())
-    assert (await http.get("/vms/web")).json()["network"] == {"mode": "user", "guest_ip": "10.0.2.15", "ports": []}
+    assert (await http.get("/vms/web")).json()["network"] == {"mode": "user", "guest_ip": "10.0.2.15", "ports": [],
+                                                                  "egress": "deny"}
     again = await life.create_vm("again", VmSpec(ports=(22, 80)), Origin())
     assert {p.host_port for p in again.network.ports} == taken
 
@@ -100,7 +103,7 @@ async def test_every_vm_body_matches_the_served_openapi_document(life: Lifecycle
     one = _strict(copy.deepcopy(doc["paths"]["/vms/{vm_id}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]))
     many = _strict(copy.deepcopy(doc["paths"]["/vms"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]))
     network = one["properties"]["network"]
-    assert network["required"] == ["mode", "guest_ip", "ports"]
+    assert network["required"] == ["mode", "guest_ip", "ports", "egress"]
     assert network["properties"]["ports"]["items"]["required"] == ["guest_port", "host", "host_port"]
     await life.create_vm("keys", VmSpec(disk_mib=4096, ssh_keys=(KEY, KEY), ports=(80,)), Origin(1, "0xc"))
     await life.create_vm("plain", None, Origin())
@@ -119,7 +122,7 @@ async def test_every_vm_body_matches_the_served_openapi_document(life: Lifecycle
     await bare.create_vm("bare", None, Origin())
     async for client in _serve(bare, tmp_path):
         body = (await client.get("/vms/bare")).json()
-    assert body["network"] == {"mode": "none", "guest_ip": None, "ports": []}
+    assert body["network"] == {"mode": "none", "guest_ip": None, "ports": [], "egress": "deny"}
     jsonschema.validate(body, one)
     # the schema can fail: an undocumented field or a null port is refused
     with pytest.raises(jsonschema.ValidationError):

@@ -135,7 +135,7 @@ def test_a_store_of_another_schema_is_unusable_not_transient(db: Path) -> None:
     Store(db).close()
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE meta SET value='99' WHERE key='schema'")
-    with pytest.raises(StoreUnusable, match="has schema 99, expected 2") as err:
+    with pytest.raises(StoreUnusable, match="has schema 99, expected 3") as err:
         Store(db)
     assert not isinstance(err.value, TransientError | VmError)
 
@@ -191,7 +191,7 @@ async def test_a_schema_1_store_gets_owners_from_the_creating_call(tmp_path: Pat
     assert {v.vm_id: v.owner for v in store.list_vms()} == {"mine": "0xA", "internal": None}
     store.close()
     store = Store(path)  # opened again: already upgraded, nothing changes
-    assert store._read("SELECT value FROM meta WHERE key='schema'") == [("2",)]
+    assert store._read("SELECT value FROM meta WHERE key='schema'") == [("3",)]
     assert store.get_vm("mine") is not None and store.get_vm("mine").owner == "0xA"  # type: ignore[union-attr]
     life = Lifecycle(InMemoryDriver(), store, state_dir=tmp_path / "state")
     with pytest.raises(OwnershipError):

@@ -22,6 +22,8 @@ from microvm_blueprint.runtime.model import NetworkMode, PortMapping, VmNetwork
 from microvm_blueprint.runtime.netns import Plumbing
 from microvm_blueprint.runtime.store import Store
 
+from ..waiting import until
+
 PORTS = (PortMapping(22, "127.0.0.1", 40022), PortMapping(80, "127.0.0.1", 40080))
 
 
@@ -114,8 +116,19 @@ def test_nft_accepts_the_generated_rules(egress: bool) -> None:
 
 
 def test_qemu_gets_the_namespace_tap() -> None:
-    assert network_args(VmNetwork(NetworkMode.BRIDGE, PORTS), egress=False) == [
+    assert network_args(VmNetwork(NetworkMode.BRIDGE, PORTS)) == [
         "-netdev", "tap,id=net0,ifname=tap0,script=no,downscript=no", "-device", "virtio-net-device,netdev=net0"]
+
+
+def test_a_user_mode_nic_gets_the_egress_policy_recorded_with_the_vm() -> None:
+    """``restrict=`` follows the VM's recorded policy (``VmNetwork.egress``), not a driver setting: a VM
+    created under ``MICROVM_EGRESS=allow`` keeps its egress whatever the operator now runs with."""
+    def restrict(egress: bool) -> list[str]:
+        [opts] = [a for a in network_args(VmNetwork(NetworkMode.USER, PORTS, egress=egress)) if a.startswith("user,")]
+        return [o for o in opts.split(",") if o.startswith("restrict=")]
+
+    assert restrict(True) == ["restrict=off"]
+    assert restrict(False) == ["restrict=on"]
 
 
 def test_the_store_hands_out_each_30_once_and_takes_it_back(tmp_path: Path) -> None:
@@ -183,3 +196,70 @@ def test_ensure_makes_everything_again_and_again_and_teardown_leaves_nothing() -
         await netns.teardown(vm_id)  # again: nothing to do, no error
 
     asyncio.run(go())
+
+
+def test_a_stale_name_is_reattached_only_to_a_vmm_in_a_namespace_of_its_own() -> None:
+    """The re-attach branch of :func:`netns.ensure` (a restarted operator whose namespace name no longer
+    opens the VM's namespace), without root: what replaces the stale name."""
+    ns = "mvm-0123456789ab"
+    remove = ["ip", "netns", "del", ns]
+    assert netns.stale_name_commands(ns, 4242, 7001, 4026531840) == [remove, ["ip", "netns", "attach", ns, "4242"]]
+    assert netns.stale_name_commands(ns, None, None, 4026531840) == [remove]  # no pid known: made afresh
+    assert netns.stale_name_commands(ns, 4242, None, 4026531840) == [remove]  # the VMM is gone
+    # a pid that now names a process of the operator's own namespace (reused): never given the VM's rules
+    assert netns.stale_name_commands(ns, 4242, 4026531840, 4026531840) == [remove]
+
+
+def test_pid_netns_reads_a_process_namespace_or_none() -> None:
+    own = os.stat("/proc/self/ns/net").st_ino
+    assert netns.pid_netns("self") == own == netns.pid_netns(os.getpid())
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    assert netns.pid_netns(pid_max + 1) is None  # no such process
+
+
+def test_ensure_reattaches_a_stale_name_from_the_vmm_pid_or_else_makes_the_namespace_afresh() -> None:
+    """As root, for real: a name left by an operator that ran in another mount namespace (an empty file
+    under /run/netns) is re-attached to the namespace of the process inside (what reconciliation passes:
+    the re-adopted VMM's pid), and with no pid, or a pid of the host's namespace, made afresh."""
+    reason = _root_with_tools()
+    if reason or shutil.which("unshare") is None:
+        pytest.skip(reason or "no unshare(1)")
+    vm_id = f"unit-reattach-{os.getpid()}"
+    p = Plumbing(vm_id, "10.201.0.0/16", 16001, PORTS)
+    name = Path("/run/netns") / p.ns
+    own = os.stat("/proc/self/ns/net").st_ino
+
+    def stale() -> None:
+        name.parent.mkdir(parents=True, exist_ok=True)
+        name.touch()  # listed by `ip netns list`, opens nothing
+
+    def named() -> int:
+        return os.stat(name).st_ino  # a bind mount of a namespace: its inode
+
+    async def go(vmm: subprocess.Popen[bytes]) -> None:
+        await until(lambda: netns.pid_netns(vmm.pid) not in (None, own), 10, "the stand-in VMM in its namespace")
+        try:
+            stale()
+            assert not await netns._ns_usable(p.ns)
+            await netns.ensure(p, inside_pid=vmm.pid)
+            assert named() == netns.pid_netns(vmm.pid)  # the VMM's own namespace, with its TAP and veth
+            await netns.run(["ip", "-n", p.ns, "link", "show", "dev", "tap0"])
+            await netns.run(["ip", "link", "show", "dev", p.veth])
+            await netns.teardown(vm_id)
+            for pid in (None, os.getpid()):  # no pid known; a pid of the host's namespace
+                stale()
+                await netns.ensure(p, inside_pid=pid)
+                assert await netns._ns_usable(p.ns)
+                assert named() not in (own, netns.pid_netns(vmm.pid)), pid
+                await netns.teardown(vm_id)
+        finally:
+            await netns.teardown(vm_id)
+            name.unlink(missing_ok=True)
+
+    vmm = subprocess.Popen(["unshare", "--net", "sleep", "120"])
+    try:
+        asyncio.run(go(vmm))
+    finally:
+        vmm.kill()
+        vmm.wait(10)
+    assert p.ns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout

@@ -95,3 +95,30 @@ def test_a_reservation_without_a_vm_is_an_orphan_dropped_at_start(tmp_path: Path
     assert store.network("ghost").ports == ()
     _add(store, "b", (22,), rng=(41000, 41000))  # the port is free again
     assert store.network("b").ports[0].host_port == 41000
+
+
+def test_a_schema_2_store_opens_and_its_networks_read_as_deny_until_recorded(tmp_path: Path) -> None:
+    """Schema 2 had no ``networks.egress``: the rows already there get NULL (not recorded), read as
+    deny, and listed for reconciliation to record (from the VM's live rules where it can read them)."""
+    import sqlite3
+
+    path = tmp_path / "s.sqlite3"
+    store = Store(path)
+    _add(store, "old", (22,))
+    store.close()
+    with sqlite3.connect(path) as conn:  # back to schema 2: the table without the column
+        conn.execute("ALTER TABLE networks DROP COLUMN egress")
+        conn.execute("UPDATE meta SET value='2' WHERE key='schema'")
+    store = Store(path)
+    assert store._read("SELECT value FROM meta WHERE key='schema'") == [("3",)]
+    assert store.network("old").egress is False and store.network("old").ports[0].guest_port == 22
+    assert store.vm_view("old").network.to_json()["egress"] == "deny"  # type: ignore[union-attr]
+    assert store.unrecorded_egress() == {"old"}
+    store.record_egress("old", True)
+    assert store.unrecorded_egress() == set()
+    assert store.vm_view("old").network.to_json()["egress"] == "allow"  # type: ignore[union-attr]
+    store.record_egress("old", False)  # a recorded policy is never overwritten
+    assert store.network("old").egress is True
+    store.reserve_network("new", NetworkMode.USER, (), host=HOST, port_range=(41000, 41009), is_free=_free,
+                          egress=True)
+    assert store.network("new").egress is True and store.unrecorded_egress() == set()

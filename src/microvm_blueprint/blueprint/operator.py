@@ -66,7 +66,6 @@ def make_driver(settings: OperatorSettings) -> VmmDriver:
                 image_dir=settings.image_dir or images.default_cache_dir(),
                 accel=settings.qemu_accel,
                 boot_timeout=settings.boot_timeout_s,
-                egress=settings.network.egress,
                 confine=Confinement(settings.vmm_user, mem_overhead_mib=settings.vmm_mem_overhead_mib),
             )
         )

@@ -553,9 +553,15 @@ _NETWORK = {
         "while the VM runs; the host ports are the VM's from create on, until it is destroyed "
         "(a destroyed VM lists none). A restored VM has host ports of its own."
     ),
-    "required": ["mode", "guest_ip", "ports"],
+    "required": ["mode", "guest_ip", "ports", "egress"],
     "properties": {
         "mode": {"type": "string", "enum": ["none", "user", "bridge"], "description": "MICROVM_NETWORK"},
+        "egress": {
+            "type": "string",
+            "enum": ["allow", "deny"],
+            "description": "MICROVM_EGRESS as it was when the VM was created or restored: the VM keeps it "
+                           "for life, across operator restarts under another setting",
+        },
         "guest_ip": {"type": "string", "nullable": True, "description": "the guest's address; null with mode none"},
         "ports": {
             "type": "array",

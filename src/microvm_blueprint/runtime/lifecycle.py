@@ -392,7 +392,9 @@ class Lifecycle:
             raise InvalidInput("ports cannot be published: this operator runs with MICROVM_NETWORK=none")
 
     def _reserve_network(self, vm_id: str, spec: VmSpec) -> VmNetwork:
-        """Record the VM's network and take its host ports (before the VMM, which binds them)."""
+        """Record the VM's network and take its host ports (before the VMM, which binds them). The
+        egress policy recorded is this operator's ``MICROVM_EGRESS``: the VM keeps it for life (its
+        rules are re-made with it after a restart under another setting; DESIGN.md §10)."""
         mode = self.network.mode
         ports = set(spec.ports)
         if spec.ssh_keys:
@@ -404,17 +406,19 @@ class Lifecycle:
             host=self.network.publish_addr,
             port_range=self.network.port_range,
             is_free=self._port_free,
+            egress=self.network.egress,
         )
 
     async def _plumb(self, vm_id: str, network: VmNetwork, inside_pid: int | None = None) -> None:
         """``bridge``: take the VM's /30 (recorded first) and make its namespace, veth, TAP and rules
         (DESIGN.md §10), before the VMM, which runs inside. Idempotent: reconciliation re-runs it, with
-        ``inside_pid`` the re-adopted VMM's (whose namespace its name is re-attached to if need be)."""
+        ``inside_pid`` the re-adopted VMM's (whose namespace its name is re-attached to if need be). The
+        rules get the egress policy recorded with the VM (``network.egress``), never this operator's."""
         if network.mode is not NetworkMode.BRIDGE:
             return
         pool = self.network.bridge_pool
         slot = self.store.take_bridge_slot(vm_id, pool, netns.slot_count(netns.parse_pool(pool)))
-        await netns.ensure(netns.Plumbing(vm_id, pool, slot, network.ports, self.network.egress,
+        await netns.ensure(netns.Plumbing(vm_id, pool, slot, network.ports, network.egress,
                                           tap_owner=self.network.tap_owner), inside_pid=inside_pid)
 
     async def _unplumb(self, vm_id: str) -> None:
@@ -594,6 +598,7 @@ class Lifecycle:
                 await self._unplumb(vm_id)
                 orphans += 1
         self.store.drop_orphan_networks()  # ports a create took before the operator died
+        await self._record_unrecorded_egress()
         owned: set[str] = set()
         for vm in self.store.list_vms():
             if vm.status not in LIVE:
@@ -627,6 +632,19 @@ class Lifecycle:
         )
         log.info(summary)
         return summary
+
+    async def _record_unrecorded_egress(self) -> None:
+        """VMs created before the store recorded egress (schema 3): record what the VM's live rules say
+        it was created with (``bridge``: its namespace's table, before :meth:`_plumb` re-makes it),
+        else deny (``user``/``none`` or no readable rules). A user-mode QEMU already running keeps the
+        ``restrict=`` it was started with either way; only the record (and the view) may then say deny."""
+        for vm_id in sorted(self.store.unrecorded_egress()):
+            live = None
+            if self.store.network(vm_id).mode is NetworkMode.BRIDGE:
+                live = await netns.live_egress(vm_id)
+            self.store.record_egress(vm_id, bool(live))
+            log.info("vm %r: egress policy recorded as %s (%s)", vm_id, "allow" if live else "deny",
+                     "read from its live rules" if live is not None else "not knowable: the default")
 
     async def close(self, *, stop_vms: bool = False) -> None:
         await self.driver.close(stop_vms=stop_vms)

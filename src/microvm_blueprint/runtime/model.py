@@ -167,19 +167,26 @@ class PortMapping:
 
 @dataclass(frozen=True)
 class VmNetwork:
-    """A VM's network as recorded in the store: its mode and its published ports."""
+    """A VM's network as recorded in the store: its mode, its published ports and its egress policy.
+
+    ``egress`` is the ``MICROVM_EGRESS`` the VM was created (or restored) under: its rules (``bridge``)
+    and its QEMU user-mode NIC (``restrict=``) keep it for the VM's life, whatever a later operator
+    start says (that setting applies to new VMs only)."""
 
     mode: NetworkMode = NetworkMode.NONE
     ports: tuple[PortMapping, ...] = ()
+    egress: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"mode": self.mode.value, "guest_ip": self.mode.guest_ip, "ports": [p.to_json() for p in self.ports]}
+        return {"mode": self.mode.value, "guest_ip": self.mode.guest_ip, "ports": [p.to_json() for p in self.ports],
+                "egress": "allow" if self.egress else "deny"}
 
 
 @dataclass(frozen=True)
 class NetworkSettings:
     """Host-side networking choices (``MICROVM_NETWORK``, ``_PUBLISH_ADDR``, ``_PORT_RANGE``, ``_EGRESS``,
-    ``_BRIDGE_POOL``: the /30s of ``bridge`` mode's veth pairs)."""
+    ``_BRIDGE_POOL``: the /30s of ``bridge`` mode's veth pairs). ``egress`` is recorded with each VM
+    created under it (:class:`VmNetwork`): a VM keeps its own policy across operator restarts."""
 
     mode: NetworkMode = NetworkMode.NONE
     publish_addr: str = "127.0.0.1"

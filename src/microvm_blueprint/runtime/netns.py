@@ -325,19 +325,41 @@ async def _ns_usable(ns: str) -> bool:
     return code == 0
 
 
+def pid_netns(pid: int | str) -> int | None:
+    """The inode of the network namespace ``pid`` is in (``/proc/<pid>/ns/net``; ``"self"``: this
+    process); ``None`` when that process is gone or not ours to look at."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+
+
+def stale_name_commands(ns: str, inside_pid: int | None, pid_ns: int | None, own_ns: int | None) -> list[list[str]]:
+    """What replaces the name ``ns`` that no longer opens the VM's namespace (see :func:`_ns_usable`):
+    it is removed and, when ``inside_pid`` (the re-adopted VMM) is in a namespace (``pid_ns``) other
+    than the operator's own (``own_ns``), attached to that process's namespace again. Otherwise (no pid
+    known, the process gone, or a pid now naming a process of the host's namespace: a reused pid, whose
+    namespace must never get the VM's rules) nothing is attached and the namespace is made afresh."""
+    cmds = [["ip", "netns", "del", ns]]  # the stale name (its mount is in another mount namespace)
+    if inside_pid is not None and pid_ns is not None and pid_ns != own_ns:
+        cmds.append(["ip", "netns", "attach", ns, str(inside_pid)])
+    return cmds
+
+
 async def ensure(p: Plumbing, *, inside_pid: int | None = None) -> None:
     """Make ``p`` exist and be exactly as generated (idempotent: reconciliation re-runs it).
     ``inside_pid``: a process in the VM's namespace (the re-adopted VMM): a name that no longer opens
-    the namespace (see :func:`_ns_usable`) is attached to that process's namespace again."""
+    the namespace (see :func:`_ns_usable`) is attached to that process's namespace again
+    (:func:`stale_name_commands`, with the namespaces :func:`pid_netns` reads)."""
     have_ns = p.ns in await namespaces()
     if have_ns and not await _ns_usable(p.ns):
+        cmds = stale_name_commands(p.ns, inside_pid, pid_netns(inside_pid) if inside_pid is not None else None,
+                                   pid_netns("self"))
         log.warning("network namespace %s: its name no longer opens it here; %s", p.ns,
-                    f"re-attached from pid {inside_pid}" if inside_pid else "made afresh")
-        await run(["ip", "netns", "del", p.ns])  # the stale name (its mount is in another mount namespace)
-        if inside_pid is not None:
-            await run(["ip", "netns", "attach", p.ns, str(inside_pid)])
-        else:
-            have_ns = False
+                    f"re-attached from pid {inside_pid}" if len(cmds) > 1 else "made afresh")
+        for argv in cmds:
+            await run(argv)
+        have_ns = len(cmds) > 1
     have_veth = await _link_exists(p.veth)
     if have_ns and not have_veth and await _link_exists(NS_VETH, p.ns):
         await run(["ip", "-n", p.ns, "link", "del", NS_VETH])  # half a pair: start it afresh
@@ -350,6 +372,16 @@ async def ensure(p: Plumbing, *, inside_pid: int | None = None) -> None:
         _write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")
     await run(["ip", "netns", "exec", p.ns, "nft", "-f", "-"], stdin=ns_rules(p))
     await run(["nft", "-f", "-"], stdin=host_rules(p))
+
+
+async def live_egress(vm_id: str) -> bool | None:
+    """Whether the rules now in the VM's namespace let the guest out (``None``: no table to read).
+    For a VM whose egress policy predates its record in the store (schema 3)."""
+    code, out = await run(["ip", "netns", "exec", ns_name(vm_id), "nft", "list", "table", "inet", NS_TABLE],
+                          check=False)
+    if code != 0:
+        return None
+    return f'iifname "{TAP}" oifname "{NS_VETH}"' in out
 
 
 async def teardown(vm_id: str) -> None:

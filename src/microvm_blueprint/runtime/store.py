@@ -41,9 +41,10 @@ from .model import (
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
-#: schema versions this code opens, each upgraded in place to SCHEMA_VERSION (1 -> 2: ``vms.owner``)
-UPGRADABLE = (1,)
+SCHEMA_VERSION = 3
+#: schema versions this code opens, each upgraded in place to SCHEMA_VERSION (1 -> 2: ``vms.owner``;
+#: 2 -> 3: ``networks.egress``)
+UPGRADABLE = (1, 2)
 #: VM views kept between writes (a view is well under 1 KiB)
 VIEW_CACHE = 4096
 
@@ -91,7 +92,8 @@ CREATE TABLE IF NOT EXISTS calls (
 );
 CREATE TABLE IF NOT EXISTS networks (
     vm_id    TEXT PRIMARY KEY,
-    mode     TEXT NOT NULL
+    mode     TEXT NOT NULL,
+    egress   TEXT
 );
 CREATE TABLE IF NOT EXISTS ports (
     vm_id       TEXT NOT NULL,
@@ -191,14 +193,18 @@ class Store:
 
     @staticmethod
     def _upgrade(db: sqlite3.Connection) -> None:
-        """Schema 1 -> 2, in the caller's transaction and guarded (safe to run twice): add ``vms.owner``
-        and fill it from each VM's first history row (its create or restore, which recorded the caller)."""
+        """Schema 1 -> 2 -> 3, in the caller's transaction and guarded (safe to run twice): add
+        ``vms.owner`` and fill it from each VM's first history row (its create or restore, which
+        recorded the caller); add ``networks.egress``, NULL in the rows already there (the policy they
+        were created under was not recorded: reconciliation fills it in, :meth:`unrecorded_egress`)."""
         columns = {str(r[1]) for r in db.execute("PRAGMA table_info(vms)")}
         if "owner" not in columns:
             db.execute("ALTER TABLE vms ADD COLUMN owner TEXT")
             db.execute(
                 "UPDATE vms SET owner=(SELECT caller FROM history h WHERE h.vm_id=vms.vm_id ORDER BY seq LIMIT 1)"
             )
+        if "egress" not in {str(r[1]) for r in db.execute("PRAGMA table_info(networks)")}:
+            db.execute("ALTER TABLE networks ADD COLUMN egress TEXT")
 
     def close(self) -> None:
         self._dbx.close()
@@ -364,8 +370,10 @@ class Store:
     def _networks(self, first: str, last: str) -> dict[str, VmNetwork]:
         """The recorded networks of the VMs with ids in ``[first, last]``: two statements."""
         modes = {
-            str(v): NetworkMode(str(m))
-            for v, m in self._read("SELECT vm_id, mode FROM networks WHERE vm_id BETWEEN ? AND ?", (first, last))
+            str(v): (NetworkMode(str(m)), e == "allow")  # NULL (not recorded yet): deny
+            for v, m, e in self._read(
+                "SELECT vm_id, mode, egress FROM networks WHERE vm_id BETWEEN ? AND ?", (first, last)
+            )
         }
         ports: dict[str, list[PortMapping]] = {}
         for vm_id, guest, host, host_port in self._read(
@@ -374,10 +382,10 @@ class Store:
             (first, last),
         ):
             ports.setdefault(str(vm_id), []).append(PortMapping(int(guest), str(host), int(host_port)))  # type: ignore[call-overload]
-        return {v: VmNetwork(mode=m, ports=tuple(ports.get(v, ()))) for v, m in modes.items()}
+        return {v: VmNetwork(mode=m, ports=tuple(ports.get(v, ())), egress=e) for v, (m, e) in modes.items()}
 
     def network(self, vm_id: str) -> VmNetwork:
-        """A VM's network: its mode and the host ports it holds (none once destroyed)."""
+        """A VM's network: its mode, the host ports it holds (none once destroyed) and its egress policy."""
         return self._networks(vm_id, vm_id).get(vm_id, VmNetwork())
 
     def reserve_network(
@@ -389,8 +397,10 @@ class Store:
         host: str,
         port_range: tuple[int, int],
         is_free: Callable[[str, int], bool],
+        egress: bool = False,
     ) -> VmNetwork:
-        """Record ``vm_id``'s network and take a host port for each guest port, in one transaction.
+        """Record ``vm_id``'s network (with its egress policy, which it keeps for life) and take a host
+        port for each guest port, in one transaction.
 
         Ports never collide: one a VM (the table's UNIQUE constraint) and none that ``is_free`` says
         something else on the host listens on. Called before the VMM is spawned (it needs the ports);
@@ -401,7 +411,8 @@ class Store:
         span = hi - lo + 1
         with self._tx((vm_id,)) as db:
             db.execute("DELETE FROM ports WHERE vm_id=?", (vm_id,))
-            db.execute("INSERT OR REPLACE INTO networks (vm_id, mode) VALUES (?, ?)", (vm_id, mode.value))
+            db.execute("INSERT OR REPLACE INTO networks (vm_id, mode, egress) VALUES (?, ?, ?)",
+                       (vm_id, mode.value, "allow" if egress else "deny"))
             taken = {int(r[0]) for r in db.execute("SELECT host_port FROM ports WHERE host=?", (host,))}
             # start where the last allocation stopped, so a port just released is not handed out at once
             start = int(db.execute("SELECT coalesce(max(host_port), ?) FROM ports WHERE host=?", (lo - 1, host))
@@ -425,7 +436,17 @@ class Store:
                         (vm_id, guest, host, candidate),
                     )
                     break
-        return VmNetwork(mode=mode, ports=tuple(mapped))
+        return VmNetwork(mode=mode, ports=tuple(mapped), egress=egress)
+
+    def unrecorded_egress(self) -> set[str]:
+        """VMs whose network row predates schema 3 (no egress policy recorded: read as deny)."""
+        return {str(r[0]) for r in self._read("SELECT vm_id FROM networks WHERE egress IS NULL")}
+
+    def record_egress(self, vm_id: str, egress: bool) -> None:
+        """Record the egress policy of a VM whose row had none (:meth:`unrecorded_egress`)."""
+        with self._tx((vm_id,)) as db:
+            db.execute("UPDATE networks SET egress=? WHERE vm_id=? AND egress IS NULL",
+                       ("allow" if egress else "deny", vm_id))
 
     def release_network(self, vm_id: str, *, forget: bool = False) -> None:
         """Give ``vm_id``'s host ports back (destroy); ``forget`` also drops its mode (an undone create)."""

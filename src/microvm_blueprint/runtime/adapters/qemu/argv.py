@@ -61,9 +61,6 @@ class QemuSettings:
     """Cap on the disk space ``console.log`` holds while the operator runs (its head is dropped)."""
     kvm_probe_timeout: float = 20.0
     extra_cmdline: str = ""
-    egress: bool = False
-    """``MICROVM_EGRESS=allow``: a user-mode NIC may open connections out (else ``restrict=on``: only
-    its published ports reach it, and it reaches nothing, not even the host's loopback via 10.0.2.2)."""
     confine: Confinement | None = None
     """Who QEMU runs as and its cgroup (``runtime/confine.py``); ``None``: as the operator, no cgroup."""
 
@@ -177,7 +174,7 @@ def qemu_argv(
     if config_drive:
         argv += ["-drive", f"id=cidata,file={CONFIG_DRIVE},format=raw,if=none,readonly=on,rerror=report",
                  "-device", "virtio-blk-device,drive=cidata"]
-    argv += network_args(network, egress=settings.egress)
+    argv += network_args(network)
     argv += [
         "-qmp", f"unix:{QMP_SOCK},server=on,wait=off",
         "-S",
@@ -187,9 +184,11 @@ def qemu_argv(
     return argv
 
 
-def network_args(network: VmNetwork | None, *, egress: bool) -> list[str]:
+def network_args(network: VmNetwork | None) -> list[str]:
     """The NIC of a VM: none; QEMU user-mode networking with each published port forwarded from
-    its host port (``hostfwd``) and, unless egress is allowed, ``restrict=on``; or (``bridge``) the TAP
+    its host port (``hostfwd``) and, unless the VM's recorded egress policy (``network.egress``, the
+    ``MICROVM_EGRESS`` it was created under) allows it, ``restrict=on`` (only its published ports reach
+    it, and it reaches nothing, not even the host's loopback via 10.0.2.2); or (``bridge``) the TAP
     of the VM's network namespace, which QEMU runs inside (``runtime/netns.py`` makes it and its
     rules). Host addresses and ports come from the store (validated numbers), never from a customer's text."""
     if network is not None and network.mode is NetworkMode.BRIDGE:
@@ -197,7 +196,7 @@ def network_args(network: VmNetwork | None, *, egress: bool) -> list[str]:
                 "-device", "virtio-net-device,netdev=net0"]
     if network is None or network.mode is not NetworkMode.USER:
         return []
-    opts = ["user", "id=net0", f"restrict={'off' if egress else 'on'}", f"net={USER_NET}", f"host={USER_GATEWAY}",
+    opts = ["user", "id=net0", f"restrict={'off' if network.egress else 'on'}", f"net={USER_NET}", f"host={USER_GATEWAY}",
             f"dhcpstart={USER_GUEST_IP}"]
     opts += [f"hostfwd=tcp:{m.host}:{m.host_port}-:{m.guest_port}" for m in network.ports]
     return ["-netdev", ",".join(opts), "-device", "virtio-net-device,netdev=net0"]
