@@ -20,6 +20,19 @@ fixed guest MAC) before ``InstanceStart``. A snapshot load re-opens the TAP its 
 ``socket_dir`` under a name derived from the VM's folder name (never the raw id), kept short
 because Unix socket paths are limited to 107 bytes.
 
+Under the jailer (``MICROVM_FIRECRACKER_JAILER``, DESIGN.md §9) Firecracker sees only its chroot,
+``<chroot base>/<exec file name>/<id>/root`` (:meth:`FirecrackerDriver.chroot`), as the jailer's uid/gid.
+Before it runs, the driver places there every file it will open (:meth:`FirecrackerDriver._into_jail`: a hard
+link, a copy across file systems; the VM's writable disk is linked, so it stays the VM's one disk, or moved
+into the chroot if it cannot be): ``/vmlinux`` (+ ``/initrd``), ``/rootfs.ext4``, ``/cidata.img``, and for a load
+``/snapshot/vmstate.bin``, ``/snapshot/memory.bin`` and the drives the saved state names (``state_drives`` in
+the snapshot manifest). Every path sent over the API is the chroot one (the saved configuration keeps host
+paths; ``vm.json``'s ``jail`` maps them). A live snapshot links its disk copies into ``/snapshot``, has
+Firecracker write its state and memory there, and moves those to the snapshot folder. The chroot is removed
+when the VMM is stopped for good (destroy, a failed start); :meth:`FirecrackerDriver.remove_orphans` removes
+those of VM folders gone (reconciliation). A snapshot taken under the jailer names chroot paths in its saved
+state, so it is restored under the jailer only.
+
 Lifecycle:
 
 * create = build ``cidata.img``, spawn + ``PUT /machine-config``, ``/boot-source``, ``/drives/rootfs``,
