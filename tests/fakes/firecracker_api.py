@@ -50,7 +50,13 @@ for each drive that is not the root, what a guest would find on it: the FAT volu
 boot sector, as this project's guest init does) and, on a ``cidata`` drive, its ``meta-data`` (read with
 ``mtype``). Tests read it after the process (and the VM's folder) is gone.
 
+Started by the stand-in jailer (``firecracker_api.py jailer ...``), it gets ``--fake-chroot DIR --fake-uid N
+--fake-gid N`` and behaves as a jailed Firecracker (:class:`Jail`): every path it is given over the API is
+resolved inside that chroot (it does not chroot), and one that does not exist there, or that the uid could not
+open (a folder on the way not searchable, the file not readable, a writable drive not writable), is refused.
+
     firecracker_api.py --api-sock PATH [--id ID] [--fake-spec YAML] [--fake-never-listen] [--fake-journal FILE]
+                       [--fake-chroot DIR --fake-uid N --fake-gid N]
 """
 
 from __future__ import annotations
