@@ -6,11 +6,14 @@ something this machine lacks skip with the reason.
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
+from microvm_blueprint.runtime.adapters.firecracker import FirecrackerDriver
 from microvm_blueprint.runtime.adapters.in_memory import InMemoryDriver
 from microvm_blueprint.runtime.driver import VmmDriver
 from microvm_blueprint.runtime.lifecycle import Lifecycle
@@ -34,6 +37,19 @@ def _firecracker(tmp: Path) -> VmmDriver:
     return stand_in_driver(tmp / "fc")
 
 
+def _firecracker_jailer(tmp: Path) -> VmmDriver:
+    """The stand-in under the stand-in jailer (as the VMM user 999:995): every file in its chroot."""
+    import tempfile
+
+    from ..fakes.firecracker_support import fake_jailer
+
+    driver = _firecracker(tmp)
+    assert isinstance(driver, FirecrackerDriver)
+    base = tempfile.mkdtemp(prefix="jl-")  # short: the API socket is under it; removed by the fixture
+    return FirecrackerDriver(dataclasses.replace(driver.settings, jailer=str(fake_jailer(tmp / "jail-bin")),
+                                                 chroot_base=base, jailer_uid=999, jailer_gid=995))
+
+
 def _qemu(tmp: Path) -> VmmDriver:
     from microvm_blueprint.runtime.adapters.qemu import QemuDriver, QemuSettings
 
@@ -42,10 +58,12 @@ def _qemu(tmp: Path) -> VmmDriver:
     return QemuDriver(QemuSettings(image_dir=ensure_image(), accel="tcg", boot_timeout=120))
 
 
-DRIVERS: dict[str, DriverFactory] = {"in-memory": _in_memory, "firecracker-spec": _firecracker, "qemu": _qemu}
+DRIVERS: dict[str, DriverFactory] = {"in-memory": _in_memory, "firecracker-spec": _firecracker,
+                                     "firecracker-jailer": _firecracker_jailer, "qemu": _qemu}
 #: each driver's own network mode, as the operator's settings default it (Firecracker: TAP only, so none here)
 NETWORKS: dict[str, NetworkMode] = {
-    "in-memory": NetworkMode.USER, "firecracker-spec": NetworkMode.NONE, "qemu": NetworkMode.USER,
+    "in-memory": NetworkMode.USER, "firecracker-spec": NetworkMode.NONE, "firecracker-jailer": NetworkMode.NONE,
+    "qemu": NetworkMode.USER,
 }
 PORT_RANGE = (45000, 45999)
 #: the service's owner on the chain (DESIGN.md §9): may act on every VM
@@ -56,6 +74,7 @@ SERVICE_OWNER = "0x00000000000000000000000000000000000000Ee"
     params=[
         "in-memory",
         "firecracker-spec",
+        "firecracker-jailer",
         pytest.param("qemu", marks=[pytest.mark.qemu]),
     ]
 )
@@ -71,6 +90,8 @@ async def provider(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
             if vm.status.value in ("created", "running", "stopped", "failed"):
                 await life.destroy_vm(vm.vm_id, _anon())
         await life.close(stop_vms=True)
+        if isinstance(driver, FirecrackerDriver) and driver.settings.jailer:
+            shutil.rmtree(driver.settings.chroot_base, ignore_errors=True)
 
 
 def _anon():  # type: ignore[no-untyped-def]

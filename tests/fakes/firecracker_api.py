@@ -50,7 +50,13 @@ for each drive that is not the root, what a guest would find on it: the FAT volu
 boot sector, as this project's guest init does) and, on a ``cidata`` drive, its ``meta-data`` (read with
 ``mtype``). Tests read it after the process (and the VM's folder) is gone.
 
+Started by the stand-in jailer (``firecracker_api.py jailer ...``), it gets ``--fake-chroot DIR --fake-uid N
+--fake-gid N`` and behaves as a jailed Firecracker (:class:`Jail`): every path it is given over the API is
+resolved inside that chroot (it does not chroot), and one that does not exist there, or that the uid could not
+open (a folder on the way not searchable, the file not readable, a writable drive not writable), is refused.
+
     firecracker_api.py --api-sock PATH [--id ID] [--fake-spec YAML] [--fake-never-listen] [--fake-journal FILE]
+                       [--fake-chroot DIR --fake-uid N --fake-gid N]
 """
 
 from __future__ import annotations
@@ -207,12 +213,55 @@ class Spec:
             raise Refused(f"stand-in bug: response breaks the spec: {exc.message}", 500) from None
 
 
+class Jail:
+    """Firecracker as the jailer leaves it (``--fake-chroot``, ``--fake-uid``, ``--fake-gid``, passed by the
+    stand-in jailer): chrooted into ``root`` as ``uid``/``gid``. It is not chrooted and may run as root, so
+    every path it is given is resolved inside ``root`` (an absolute host path names nothing there) and
+    refused unless ``uid``/``gid`` could open it: each folder on the way searchable, the file readable
+    (and writable for a writable drive), or, for a file it creates, its folder writable."""
+
+    def __init__(self, root: Path, uid: int, gid: int) -> None:
+        self.root, self.uid, self.gid = root, uid, gid
+
+    def _may(self, path: Path, want: int) -> bool:
+        if self.uid == 0:
+            return True
+        st = path.stat()
+        shift = 6 if st.st_uid == self.uid else 3 if st.st_gid == self.gid else 0
+        return (st.st_mode >> shift) & want == want
+
+    def resolve(self, path: str, *, write: bool = False, create: bool = False) -> str:
+        inside = os.path.normpath("/" + path)  # relative paths start at the chroot's root; ".." stops there
+        target = self.root / inside.lstrip("/")
+        folders = [self.root, *[self.root / Path(*Path(inside).parts[1:i]) for i in range(2, len(Path(inside).parts))]]
+        for folder in folders:
+            if not folder.is_dir():
+                raise OSError(f"No such file or directory (os error 2): {path} in the jail")
+            if not self._may(folder, 0o1):
+                raise OSError(f"Permission denied (os error 13): {path}: folder {folder} is not searchable by uid {self.uid}")
+        if create:
+            if not self._may(folders[-1], 0o3):
+                raise OSError(f"Permission denied (os error 13): cannot create {path}: its folder is not writable by uid {self.uid}")
+            return str(target)
+        if not target.exists() or target.is_symlink():
+            raise OSError(f"No such file or directory (os error 2): {path} in the jail")
+        if not self._may(target, 0o6 if write else 0o4):
+            raise OSError(f"Permission denied (os error 13): {path} is not {'writable' if write else 'readable'} by uid {self.uid}")
+        return str(target)
+
+    def made(self, path: str) -> None:
+        """A file Firecracker created belongs to the user it runs as."""
+        if os.geteuid() == 0:
+            os.chown(path, self.uid, self.gid)
+
+
 class Vmm:
     """The microVM's state machine (one per process, like Firecracker)."""
 
-    def __init__(self, instance_id: str, journal: Path | None = None) -> None:
+    def __init__(self, instance_id: str, journal: Path | None = None, jail: Jail | None = None) -> None:
         self.id = instance_id
         self.journal = journal
+        self.jail = jail
         self.state = NOT_STARTED
         self.machine: dict[str, Any] = {"vcpu_count": 1, "mem_size_mib": 128, "smt": False, "track_dirty_pages": False}
         self.boot_source: dict[str, Any] | None = None
@@ -250,7 +299,7 @@ class Vmm:
         keep = len(PROJECT_INIT) - 1
         tail = b""
         try:
-            with open(root["path_on_host"], "rb") as fh:
+            with open(self.host(root["path_on_host"]), "rb") as fh:
                 for _ in range(256):  # at most 256 MiB
                     chunk = fh.read(1 << 20)
                     if not chunk:
@@ -292,7 +341,7 @@ class Vmm:
         """One line of the drive journal (``--fake-journal``): the drives as they are now."""
         if self.journal is None:
             return
-        drives = [{**d, **({} if d.get("is_root_device") else {"found": drive_contents(d["path_on_host"])})}
+        drives = [{**d, **({} if d.get("is_root_device") else {"found": drive_contents(self.host(d["path_on_host"]))})}
                   for d in self.drives.values()]
         line = json.dumps({"pid": os.getpid(), "id": self.id, "event": event, "drives": drives,
                            "nets": list(self.nets.values()), "netns": netns_id()}) + "\n"
@@ -301,6 +350,11 @@ class Vmm:
             os.write(fd, line.encode())
         finally:
             os.close(fd)
+
+    def host(self, path: str, *, write: bool = False, create: bool = False) -> str:
+        """Where the file an API path names is on the host: the path itself, or, under the jailer, that
+        path inside the chroot (see :class:`Jail`), refused as Firecracker would fail to open it."""
+        return path if self.jail is None else self.jail.resolve(path, write=write, create=create)
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -354,8 +408,11 @@ class Vmm:
 
     def op_put_boot_source(self, path: str, body: Any) -> tuple[int, Any]:
         for key in ("kernel_image_path", "initrd_path"):
-            if key in body and not Path(body[key]).is_file():
-                raise Refused(f"The {key.split('_')[0]} file cannot be opened: No such file or directory (os error 2)")
+            try:
+                if key in body and not Path(self.host(body[key])).is_file():
+                    raise OSError("No such file or directory (os error 2)")
+            except OSError as exc:
+                raise Refused(f"The {key.split('_')[0]} file cannot be opened: {exc}") from None
         self.configured = True
         self.boot_source = body
         return 204, None
@@ -368,8 +425,11 @@ class Vmm:
             raise Refused("vhost-user-block drives are not modelled by the stand-in")
         if "path_on_host" not in body or "is_read_only" not in body:
             raise Refused("path_on_host and is_read_only are required for a virtio-block drive")
-        if not Path(body["path_on_host"]).is_file():
-            raise Refused(f"Unable to open drive file {body['path_on_host']}: No such file or directory (os error 2)")
+        try:
+            if not Path(self.host(body["path_on_host"], write=not body["is_read_only"])).is_file():
+                raise OSError("No such file or directory (os error 2)")
+        except OSError as exc:
+            raise Refused(f"Unable to open drive file {body['path_on_host']}: {exc}") from None
         if body["is_root_device"] and any(d["is_root_device"] for k, d in self.drives.items() if k != drive_id):
             raise Refused("A root block device already exists!")
         self.configured = True
@@ -385,8 +445,11 @@ class Vmm:
         if drive is None:
             raise Refused(f"Invalid block device ID: {drive_id}")
         if "path_on_host" in body:
-            if not Path(body["path_on_host"]).is_file():
-                raise Refused(f"Unable to patch the block device: cannot open {body['path_on_host']}")
+            try:
+                if not Path(self.host(body["path_on_host"], write=not drive.get("is_read_only"))).is_file():
+                    raise OSError("No such file or directory (os error 2)")
+            except OSError as exc:
+                raise Refused(f"Unable to patch the block device: cannot open {body['path_on_host']}: {exc}") from None
             drive["path_on_host"] = body["path_on_host"]
         self._record("patch")
         return 204, None
@@ -412,14 +475,14 @@ class Vmm:
         return 204, None
 
     def op_put_logger(self, path: str, body: Any) -> tuple[int, Any]:
-        if "log_path" in body and not Path(body["log_path"]).exists():
+        if "log_path" in body and not Path(self.host(body["log_path"], write=True)).exists():
             raise Refused(f"Failed to open target file: {body['log_path']}")
         return 204, None
 
     def op_put_metrics(self, path: str, body: Any) -> tuple[int, Any]:
         if self.metrics_set:
             raise Refused("Reinitialization of metrics not allowed.")
-        if not Path(body["metrics_path"]).exists():
+        if not Path(self.host(body["metrics_path"], write=True)).exists():
             raise Refused(f"Failed to open target file: {body['metrics_path']}")
         self.metrics_set = True
         return 204, None
@@ -462,8 +525,12 @@ class Vmm:
             "boot-source": self.boot_source, "drives": self.drives, "network-interfaces": self.nets,
         }
         try:
-            Path(body["snapshot_path"]).write_text(json.dumps(state))
-            Path(body["mem_file_path"]).write_bytes(MEM_HEADER.ljust(self.machine["mem_size_mib"] * 1024, b"\0"))
+            files = [(self.host(body["snapshot_path"], create=True), json.dumps(state).encode()),
+                     (self.host(body["mem_file_path"], create=True), MEM_HEADER.ljust(self.machine["mem_size_mib"] * 1024, b"\0"))]
+            for where, data in files:
+                Path(where).write_bytes(data)
+                if self.jail is not None:
+                    self.jail.made(where)
         except OSError as exc:
             raise Refused(f"Cannot create snapshot file: {exc}") from exc
         return 204, None
@@ -477,15 +544,18 @@ class Vmm:
         try:
             if backend["backend_type"] != "File":
                 raise ValueError("the stand-in only loads File memory backends")
-            state = json.loads(Path(body["snapshot_path"]).read_text())
+            state = json.loads(Path(self.host(body["snapshot_path"])).read_text())
             if state.get("format") != STATE_FORMAT:
                 raise ValueError("not a snapshot state file")
-            mem = Path(backend["backend_path"]).read_bytes()
+            mem = Path(self.host(backend["backend_path"])).read_bytes()
             if not mem.startswith(MEM_HEADER) or len(mem) != state["machine-config"]["mem_size_mib"] * 1024:
                 raise ValueError("the memory file does not match the snapshot")
             for drive in state["drives"].values():  # restoring opens every block device it names
-                if not Path(drive["path_on_host"]).is_file():
-                    raise ValueError(f"Block device error: cannot open {drive['path_on_host']}")
+                try:
+                    if not Path(self.host(drive["path_on_host"], write=not drive.get("is_read_only"))).is_file():
+                        raise OSError("No such file or directory (os error 2)")
+                except OSError as exc:
+                    raise ValueError(f"Block device error: cannot open {drive['path_on_host']}: {exc}") from None
             taps = {}
             try:  # ... and every TAP (by name, in this process's namespace)
                 for iface, nic in state.get("network-interfaces", {}).items():
@@ -594,6 +664,9 @@ def main() -> int:
     parser.add_argument("--fake-spec", default=None, help="stand-in: the firecracker.yaml to check against")
     parser.add_argument("--fake-never-listen", action="store_true", help="stand-in: never create the socket")
     parser.add_argument("--fake-journal", default=None, help="stand-in: append the drives it has to this file")
+    parser.add_argument("--fake-chroot", default=None, help="stand-in jailer: the chroot API paths are inside")
+    parser.add_argument("--fake-uid", type=int, default=0, help="stand-in jailer: the uid it would run as")
+    parser.add_argument("--fake-gid", type=int, default=0, help="stand-in jailer: the gid it would run as")
     args = parser.parse_args()
     if not ID_RULE.match(args.id):
         print(f"Invalid instance ID: {args.id}", file=sys.stderr, flush=True)
@@ -607,7 +680,8 @@ def main() -> int:
     if os.path.exists(args.api_sock):
         print(f"Failed to open the API socket: {args.api_sock} already exists", file=sys.stderr, flush=True)
         return 1
-    serve(args.api_sock, spec, Vmm(args.id, Path(args.fake_journal) if args.fake_journal else None))
+    jail = Jail(Path(args.fake_chroot), args.fake_uid, args.fake_gid) if args.fake_chroot else None
+    serve(args.api_sock, spec, Vmm(args.id, Path(args.fake_journal) if args.fake_journal else None, jail))
     return 0
 
 
@@ -684,11 +758,15 @@ def jailer_main(argv: list[str]) -> int:
     if not fc[i].startswith("/"):
         return fail("--api-sock must be a path inside the chroot")
     fc[i] = str(chroot / fc[i].lstrip("/"))
+    chroot.mkdir(parents=True, exist_ok=True)  # nothing is done if it exists (the doc)
+    if os.geteuid() == 0:
+        os.chown(chroot, args.uid, args.gid)  # as the jailer does, so Firecracker can make its socket there
     Path(fc[i]).parent.mkdir(parents=True, exist_ok=True)
     (chroot.parent / JAILER_RECORD).write_text(json.dumps({"argv": argv, "uid": args.uid, "gid": args.gid,
                                                             "cgroup_version": args.cgroup_version,
                                                             "cgroups": args.cgroup, "netns": netns}))
-    os.execv(str(exe), [str(exe), "--id", args.id, *fc])
+    jailed = ["--fake-chroot", str(chroot), "--fake-uid", str(args.uid), "--fake-gid", str(args.gid)]
+    os.execv(str(exe), [str(exe), *jailed, "--id", args.id, *fc])
     return 1  # pragma: no cover - execv does not return
 
 

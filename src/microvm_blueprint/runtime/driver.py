@@ -13,7 +13,8 @@ as it found it where it can (a failed ``create`` leaves no process and no folder
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from .model import SnapshotRecord, VmHandle, VmRecord
 
@@ -75,3 +76,13 @@ class VmmDriver(Protocol):
 
     async def close(self, *, stop_vms: bool) -> None:
         """Release driver resources. ``stop_vms``: also stop every VMM this process started."""
+
+
+@runtime_checkable
+class OrphanRemover(Protocol):
+    """A driver that keeps something outside the VM folders (the Firecracker jailer's chroots), which
+    reconciliation asks to remove what no VM folder accounts for any more."""
+
+    async def remove_orphans(self, vms_dir: Path, keep: set[str]) -> int:
+        """Remove what belongs to VM folders in ``vms_dir`` other than those named in ``keep``; returns
+        how many were removed. Never touches what belongs to folders elsewhere."""

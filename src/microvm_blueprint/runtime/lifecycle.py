@@ -30,7 +30,7 @@ from pathlib import Path
 from ..crashpoints import crash_point
 from ..errors import TransientError
 from . import netns
-from .driver import VmmDriver
+from .driver import OrphanRemover, VmmDriver
 from .errors import (
     InvalidInput,
     OwnershipError,
@@ -626,6 +626,8 @@ class Lifecycle:
                     log.warning("removing orphan %s: %s", entry, exc)
                 shutil.rmtree(entry, ignore_errors=True)
                 orphans += 1
+        if isinstance(self.driver, OrphanRemover):  # e.g. jailer chroots whose VM folder is gone
+            orphans += await self.driver.remove_orphans(self.vms_dir, owned)
         summary = (
             f"reconciled: {adopted} vm(s) re-adopted, {failed} marked failed, "
             f"{undone} unfinished step(s) undone, {orphans} orphan folder(s) removed"

@@ -20,6 +20,19 @@ fixed guest MAC) before ``InstanceStart``. A snapshot load re-opens the TAP its 
 ``socket_dir`` under a name derived from the VM's folder name (never the raw id), kept short
 because Unix socket paths are limited to 107 bytes.
 
+Under the jailer (``MICROVM_FIRECRACKER_JAILER``, DESIGN.md §9) Firecracker sees only its chroot,
+``<chroot base>/<exec file name>/<id>/root`` (:meth:`FirecrackerDriver.chroot`), as the jailer's uid/gid.
+Before it runs, the driver places there every file it will open (:meth:`FirecrackerDriver._into_jail`: a hard
+link, a copy across file systems; the VM's writable disk is linked, so it stays the VM's one disk, or moved
+into the chroot if it cannot be): ``/vmlinux`` (+ ``/initrd``), ``/rootfs.ext4``, ``/cidata.img``, and for a load
+``/snapshot/vmstate.bin``, ``/snapshot/memory.bin`` and the drives the saved state names (``state_drives`` in
+the snapshot manifest). Every path sent over the API is the chroot one (the saved configuration keeps host
+paths; ``vm.json``'s ``jail`` maps them). A live snapshot links its disk copies into ``/snapshot``, has
+Firecracker write its state and memory there, and moves those to the snapshot folder. The chroot is removed
+when the VMM is stopped for good (destroy, a failed start); :meth:`FirecrackerDriver.remove_orphans` removes
+those of VM folders gone (reconciliation). A snapshot taken under the jailer names chroot paths in its saved
+state, so it is restored under the jailer only.
+
 Lifecycle:
 
 * create = build ``cidata.img``, spawn + ``PUT /machine-config``, ``/boot-source``, ``/drives/rootfs``,
@@ -86,6 +99,13 @@ log = logging.getLogger(__name__)
 LOG = "firecracker.log"
 JAILED_SOCKET = "/run/firecracker.socket"
 """The API socket inside the jailer's chroot (Firecracker's default path)."""
+JAIL_SNAP = "snapshot"
+"""The folder inside the chroot where a snapshot is written, and where a restore finds the one it loads."""
+JAIL_KERNEL = "vmlinux"
+JAIL_INITRD = "initrd"
+JAIL_WORKDIR = "workdir"
+"""A file beside the chroot (in ``<chroot base>/<exec file name>/<id>/``) naming the VM folder it belongs to."""
+_LINK_FALLBACK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP)
 PID = "firecracker.pid"
 CONFIG = "vm.json"
 DISK = "rootfs.ext4"
@@ -122,6 +142,8 @@ class _Vm:
     watcher: asyncio.Task[None] | None = None
     config: dict[str, Any] = field(default_factory=dict)
     ready_line: str = ""  # "" = ready when the VMM says Running (see FirecrackerSettings.guest_ready_line)
+    #: under the jailer: host path -> the path Firecracker sees inside its chroot, for every file placed there
+    jail: dict[str, str] = field(default_factory=dict)
 
     def exit_code(self) -> int | None:
         return self.child.returncode if self.child is not None else None
@@ -157,6 +179,160 @@ class FirecrackerDriver:
     def chroot(self, workdir: str | Path) -> Path:
         """The jailer's chroot of the VM in ``workdir``: ``<chroot base>/<exec file name>/<id>/root``."""
         return Path(self.settings.chroot_base) / Path(self.settings.bin).name / _instance_id(workdir) / "root"
+
+    def jail_dir(self, workdir: str | Path) -> Path:
+        """``<chroot base>/<exec file name>/<id>``: the chroot's parent, removed whole when the VMM is gone."""
+        return self.chroot(workdir).parent
+
+    async def _new_jail(self, workdir: Path) -> None:
+        """An empty chroot for the VM in ``workdir`` (leftovers of an earlier VMM removed): ``root`` and
+        ``root/run`` (where Firecracker binds its API socket) belong to the jailer's user, as the jailer
+        makes them; beside ``root``, a note naming ``workdir`` (for :meth:`remove_orphans`)."""
+        if not self.settings.jailer:
+            return
+        s = self.settings
+
+        def run() -> None:
+            jail = self.jail_dir(workdir)
+            shutil.rmtree(jail, ignore_errors=True)
+            (jail / "root").mkdir(parents=True, mode=0o700)
+            (jail / JAIL_WORKDIR).write_text(str(Path(workdir).resolve()))
+            _jail_dirs(jail / "root", jail / "root" / "run", s.jailer_uid, s.jailer_gid)
+            _chown(jail / "root", s.jailer_uid, s.jailer_gid)
+
+        try:
+            await asyncio.to_thread(run)
+        except OSError as exc:
+            raise VmmError(f"cannot make the jailer's chroot under {s.chroot_base} ({type(exc).__name__}: {exc})") from exc
+
+    async def _into_jail(self, workdir: Path, jail: dict[str, str], host: Path, rel: str, *,
+                         own: bool, writable: bool = False) -> Path:
+        """Put ``host`` into the VM's chroot at ``rel`` (a no-op without the jailer) and note in ``jail``
+        the path Firecracker is to be given for it (``/rel``: API paths are relative to the chroot root).
+
+        A hard link where it can be (the same file: a writable disk stays the VM's one disk), else a copy
+        (another file system). A *writable* file that cannot be linked is moved instead, so the VMM writes
+        the VM's real disk and no stale copy is left behind: the VM's disk is then the chroot's file, and
+        that is the path returned (else ``host``). ``own``: the file is the VM's (its disk, its config
+        drive, a snapshot's files), chowned to the jailer's user; a shared file (the kernel, a read-only
+        image) keeps its owner and is only linked if that user can read it, else a private copy is made."""
+        s = self.settings
+        if not s.jailer:
+            return host
+        root = self.chroot(workdir)
+        dst = root / rel
+
+        def run() -> Path:
+            _jail_dirs(root, dst.parent, s.jailer_uid, s.jailer_gid)
+            with contextlib.suppress(FileNotFoundError):
+                dst.unlink()
+            real, mine = host, own
+            try:
+                os.link(host, dst)
+            except OSError as exc:
+                if exc.errno not in _LINK_FALLBACK:
+                    raise
+                if writable:
+                    shutil.move(host, dst)
+                    real = dst
+                else:
+                    shutil.copyfile(host, dst)
+                    mine = True  # a private copy: the VMM user's
+            if not mine and not _may_read(dst, s.jailer_uid, s.jailer_gid):
+                dst.unlink()
+                shutil.copyfile(host, dst)
+                mine = True
+            if mine:
+                _chown(dst, s.jailer_uid, s.jailer_gid)
+                os.chmod(dst, 0o600)
+            return real
+
+        try:
+            real = await asyncio.to_thread(run)
+        except FileNotFoundError as exc:
+            raise ImageError(f"file not found: {exc.filename}") from exc
+        except OSError as exc:
+            raise VmmError(f"cannot place {host.name} in the jailer's chroot ({type(exc).__name__}: {exc})") from exc
+        jail[str(real)] = "/" + rel
+        return real
+
+    async def _out_of_jail(self, workdir: Path, rel: str, dst: Path) -> None:
+        """Move a file Firecracker wrote in its chroot (a snapshot's state or memory) to ``dst``, the
+        operator's (0600): a rename, or a copy across file systems."""
+        src = self.chroot(workdir) / rel
+
+        def run() -> None:
+            shutil.move(src, dst)
+            _chown(dst, os.getuid(), os.getgid())
+            os.chmod(dst, 0o600)
+
+        try:
+            await asyncio.to_thread(run)
+        except OSError as exc:
+            raise VmmError(f"cannot move {rel} out of the jailer's chroot ({type(exc).__name__}: {exc})") from exc
+
+    async def _drop_from_jail(self, workdir: Path, rel: str) -> None:
+        if self.settings.jailer:
+            await asyncio.to_thread(shutil.rmtree, self.chroot(workdir) / rel, True)
+
+    async def _remove_jail(self, workdir: Path) -> None:
+        if self.settings.jailer:
+            await asyncio.to_thread(shutil.rmtree, self.jail_dir(workdir), True)
+
+    async def remove_orphans(self, vms_dir: Path, keep: set[str]) -> int:
+        """Remove the chroots (under the jailer) of this operator's VM folders in ``vms_dir`` that are not
+        in ``keep`` (folder names): left by a VMM that was not stopped through the driver. A chroot whose
+        note names a folder elsewhere (another operator sharing the chroot base) is never touched."""
+        if not self.settings.jailer:
+            return 0
+        parent = Path(self.settings.chroot_base) / Path(self.settings.bin).name
+        mine = Path(vms_dir).resolve()
+
+        def run() -> int:
+            removed = 0
+            try:
+                entries = list(parent.iterdir())
+            except OSError:
+                return 0
+            for jail in entries:
+                try:
+                    workdir = Path((jail / JAIL_WORKDIR).read_text().strip())
+                except OSError:
+                    continue
+                if workdir.parent == mine and workdir.name not in keep:
+                    log.warning("removing the orphaned jailer chroot %s", jail)
+                    shutil.rmtree(jail, ignore_errors=True)
+                    removed += 1
+            return removed
+
+        return await asyncio.to_thread(run)
+
+    def _api_path(self, vm: _Vm, host: str | Path) -> str:
+        """The path Firecracker is given for the host file ``host``: itself, or its place in the chroot."""
+        if not self.settings.jailer:
+            return str(host)
+        try:
+            return vm.jail[str(host)]
+        except KeyError:
+            raise VmmError(f"{host} was not placed in the jailer's chroot") from None
+
+    def _api_config(self, vm: _Vm, config: Mapping[str, Any]) -> dict[str, Any]:
+        """``config`` (host paths, as saved) with the paths Firecracker is to be given."""
+        out = dict(config)
+        boot = dict(config.get("boot-source") or {})
+        for key in ("kernel_image_path", "initrd_path"):
+            if boot.get(key):
+                boot[key] = self._api_path(vm, boot[key])
+        out["boot-source"] = boot
+        out["drives"] = [{**d, "path_on_host": self._api_path(vm, d["path_on_host"])} if d.get("path_on_host") else d
+                         for d in config.get("drives") or []]
+        return out
+
+    async def _jail_boot(self, workdir: Path, jail: dict[str, str], boot: Mapping[str, Any]) -> None:
+        """Place the kernel (and initrd) a boot source names into the chroot (shared files: linked)."""
+        for key, rel in (("kernel_image_path", JAIL_KERNEL), ("initrd_path", JAIL_INITRD)):
+            if boot.get(key):
+                await self._into_jail(workdir, jail, Path(boot[key]), rel, own=False)
 
     def vmm_argv(self, record: VmRecord, sock: Path) -> list[str]:
         """Firecracker's argv, or the jailer's (per its doc: ``--id --exec-file --uid --gid --cgroup-version
@@ -256,8 +432,10 @@ class FirecrackerDriver:
         if not 1 <= spec.vcpus <= MAX_VCPUS:
             raise InvalidInput(f"vcpus must be between 1 and {MAX_VCPUS} for firecracker")
 
-    async def _spawn(self, record: VmRecord, disk: Path, disk_read_only: bool) -> _Vm:
-        """Start ``firecracker --api-sock`` and wait, with a deadline, until its API answers."""
+    async def _spawn(self, record: VmRecord, disk: Path, disk_read_only: bool,
+                     jail: dict[str, str] | None = None) -> _Vm:
+        """Start ``firecracker --api-sock`` and wait, with a deadline, until its API answers (``jail``:
+        the files already placed in its chroot, see :meth:`_into_jail`)."""
         workdir = Path(record.workdir)
         sock = self.socket_path(workdir)
         try:
@@ -268,8 +446,10 @@ class FirecrackerDriver:
             argv = self.vmm_argv(record, sock)
             child = await Child.spawn(argv, workdir / LOG, cwd=workdir)
         except OSError as exc:
+            await self._remove_jail(workdir)
             raise VmmError(f"cannot start firecracker ({type(exc).__name__}: {exc})") from exc
-        vm = _Vm(record.vm_id, workdir, sock, self._new_api(sock), child, child.pid, disk, disk_read_only)
+        vm = _Vm(record.vm_id, workdir, sock, self._new_api(sock), child, child.pid, disk, disk_read_only,
+                 jail=dict(jail or {}))
         self._vms[record.vm_id] = vm
         async with self._killed_on_error(vm, "cannot start firecracker"):
             (workdir / PID).write_text(str(child.pid))
@@ -329,7 +509,8 @@ class FirecrackerDriver:
             self._listener(vm.vm_id, reason)
 
     async def _kill(self, vm_id: str, workdir: Path, handle: VmHandle | None = None) -> int | None:
-        """Stop the VMM: SIGTERM, then SIGKILL, each with a deadline; reap it; remove its socket."""
+        """Stop the VMM: SIGTERM, then SIGKILL, each with a deadline; reap it; remove its socket (and its
+        chroot under the jailer)."""
         grace = self.settings.stop_timeout_ms / 1000
         vm = self._vms.pop(vm_id, None)
         code: int | None = None
@@ -353,6 +534,7 @@ class FirecrackerDriver:
         for sock in sockets:
             with contextlib.suppress(OSError):
                 sock.unlink()
+        await self._remove_jail(workdir)  # the VMM is gone for good: so is its chroot
         return code
 
     def _config(self, spec: VmSpec, disk: Path, read_only: bool, kernel: str, initrd: str,
@@ -377,6 +559,7 @@ class FirecrackerDriver:
             await self._call(vm, "PUT", "/logger", {"level": self.settings.log_level, "show_level": True})
 
     async def _configure(self, vm: _Vm, config: Mapping[str, Any]) -> None:
+        config = self._api_config(vm, config)
         await self._logger(vm)
         await self._call(vm, "PUT", "/machine-config", config["machine-config"])
         await self._call(vm, "PUT", "/boot-source", config["boot-source"])
@@ -388,7 +571,7 @@ class FirecrackerDriver:
     def _save_config(self, vm: _Vm, config: Mapping[str, Any]) -> None:
         vm.config = dict(config)
         data = {"config": config, "disk": str(vm.disk), "disk_read_only": vm.disk_read_only,
-                "ready_line": vm.ready_line}
+                "ready_line": vm.ready_line, "jail": vm.jail}
         (vm.workdir / CONFIG).write_text(json.dumps(data, indent=1))
 
     # ---- VmmDriver -----------------------------------------------------------------------------------
@@ -404,10 +587,20 @@ class FirecrackerDriver:
         if not read_only:
             await _place(Path(s.rootfs), disk, link=False)
         cidata = await build_config_drive_async(guest_config(vm), workdir / CIDATA)  # a new instance-id
-        q = await self._spawn(vm, disk, read_only)
+        kernel, initrd = str(Path(s.kernel).resolve()), str(Path(s.initrd).resolve()) if s.initrd else ""
+        jail: dict[str, str] = {}
+        if s.jailer:  # everything Firecracker opens must be inside its chroot (the jailer doc)
+            try:
+                await self._new_jail(workdir)
+                await self._jail_boot(workdir, jail, {"kernel_image_path": kernel, "initrd_path": initrd})
+                disk = await self._into_jail(workdir, jail, disk, DISK, own=not read_only, writable=not read_only)
+                await self._into_jail(workdir, jail, cidata, CIDATA, own=True)
+            except BaseException:
+                await asyncio.shield(self._remove_jail(workdir))
+                raise
+        q = await self._spawn(vm, disk, read_only, jail)
         q.ready_line = s.guest_ready_line()  # decided by the rootfs the VM boots, kept in vm.json
-        config = self._config(vm.spec, disk, read_only, str(Path(s.kernel).resolve()),
-                              str(Path(s.initrd).resolve()) if s.initrd else "", s.boot_args, cidata, self._nics(vm))
+        config = self._config(vm.spec, disk, read_only, kernel, initrd, s.boot_args, cidata, self._nics(vm))
         async with self._killed_on_error(q, "cannot write the firecracker configuration"):
             await self._configure(q, config)
             self._save_config(q, config)
@@ -479,19 +672,22 @@ class FirecrackerDriver:
         if vm.status is VmStatus.CREATED:
             await _place(q.disk, out / SNAP_DISK, link=False)  # config + disk only
         else:
-            await self._snapshot_live(q, out, running=vm.status is VmStatus.RUNNING)
-            manifest.update(state=SNAP_STATE, memory=SNAP_MEM)
+            named = await self._snapshot_live(q, out, running=vm.status is VmStatus.RUNNING)
+            manifest.update(state=SNAP_STATE, memory=SNAP_MEM, state_drives=named, jailed=bool(self.settings.jailer))
         try:
             (out / SNAP_MANIFEST).write_text(json.dumps(manifest, indent=1))
             return sum(p.stat().st_size for p in out.iterdir() if p.is_file())
         except OSError as exc:
             raise VmmError(f"cannot write the snapshot manifest ({exc})") from exc
 
-    async def _snapshot_live(self, q: _Vm, out: Path, *, running: bool) -> None:
+    async def _snapshot_live(self, q: _Vm, out: Path, *, running: bool) -> dict[str, str]:
         """Pause (if running), copy the disks, save with the drives pointing at the copies, undo, resume.
+        Returns the path the saved state names for each drive (the load opens those).
 
         The config drive is copied too (a link: it is never written): the saved state names it, and a
-        load opens every drive the state names."""
+        load opens every drive the state names. Under the jailer the copies are linked into the chroot's
+        ``/snapshot`` folder, Firecracker writes the state and memory there (chroot-relative paths), and
+        they are moved to ``out`` afterwards; ``/snapshot`` is then emptied."""
         copies = [(DRIVE_ID, q.disk, out / SNAP_DISK, q.disk_read_only and q.disk.parent == q.workdir)]
         cidata = _drive_path(q.config, CIDATA_ID)
         if cidata is not None:
@@ -499,22 +695,31 @@ class FirecrackerDriver:
         if running:
             await self._call(q, "PATCH", "/vm", {"state": "Paused"})
         repointed: list[tuple[str, Path]] = []
+        named: dict[str, str] = {}
+        jailed = bool(self.settings.jailer)
+        state = f"/{JAIL_SNAP}/{SNAP_STATE}" if jailed else str(out / SNAP_STATE)
+        memory = f"/{JAIL_SNAP}/{SNAP_MEM}" if jailed else str(out / SNAP_MEM)
         try:
+            await self._drop_from_jail(q.workdir, JAIL_SNAP)
             for drive_id, own, copy, link in copies:
                 await _place(own, copy, link=link)
-                await self._call(q, "PATCH", f"/drives/{drive_id}", {"drive_id": drive_id, "path_on_host": str(copy)})
+                jail = dict(q.jail)
+                await self._into_jail(q.workdir, jail, copy, f"{JAIL_SNAP}/{copy.name}", own=True)
+                named[drive_id] = jail.get(str(copy), str(copy))
+                await self._call(q, "PATCH", f"/drives/{drive_id}", {"drive_id": drive_id, "path_on_host": named[drive_id]})
                 repointed.append((drive_id, own))
             await self._call(q, "PUT", "/snapshot/create", {
-                "snapshot_type": "Full",
-                "snapshot_path": str(out / SNAP_STATE),
-                "mem_file_path": str(out / SNAP_MEM),
+                "snapshot_type": "Full", "snapshot_path": state, "mem_file_path": memory,
             })
+            if jailed:
+                await self._out_of_jail(q.workdir, state.lstrip("/"), out / SNAP_STATE)
+                await self._out_of_jail(q.workdir, memory.lstrip("/"), out / SNAP_MEM)
         finally:
             if repointed:
                 try:
                     for drive_id, own in repointed:
                         await self._call(q, "PATCH", f"/drives/{drive_id}",
-                                         {"drive_id": drive_id, "path_on_host": str(own)})
+                                         {"drive_id": drive_id, "path_on_host": self._api_path(q, own)})
                 except VmmError as exc:
                     # Resumed, the guest would write into the snapshot's disk: stop it instead.
                     await asyncio.shield(self._kill(q.vm_id, q.workdir))
@@ -522,8 +727,10 @@ class FirecrackerDriver:
                                    f"so it was stopped: {exc}", log_tail=exc.log_tail) from exc
             if running:
                 await self._call(q, "PATCH", "/vm", {"state": "Resumed"})
+            await self._drop_from_jail(q.workdir, JAIL_SNAP)
         if running:
             await self._wait_state(q, "Running", self.settings.api_timeout_ms)
+        return named
 
     async def restore(self, vm: VmRecord, snapshot: SnapshotRecord) -> VmHandle | None:
         self._check_network(vm)
@@ -558,17 +765,45 @@ class FirecrackerDriver:
             for name in (SNAP_STATE, SNAP_MEM, SNAP_DISK, *([SNAP_CIDATA] if with_cidata else [])):
                 if not (src / name).is_file():
                     raise VmmError(f"snapshot '{snapshot.snapshot_id}' of vm '{snapshot.vm_id}' is missing {name}")
+        jailed = bool(self.settings.jailer)
+        if status is not VmStatus.CREATED and manifest.get("jailed") and not jailed:
+            raise VmmError(f"snapshot '{snapshot.snapshot_id}' of vm '{snapshot.vm_id}' was taken under the jailer "
+                           f"(its saved state names paths inside a chroot): restore it with {ENV_PREFIX}JAILER set")
         workdir = Path(vm.workdir)
         disk = workdir / DISK
         await _place(src / SNAP_DISK, disk, link=read_only)  # the new VM's own copy (a link if read-only)
         own = {DRIVE_ID: disk}
         if with_cidata:  # the clone's own, with a new instance-id
             own[CIDATA_ID] = await build_config_drive_async(guest_config(vm), workdir / CIDATA)
+        jail: dict[str, str] = {}
+        load = {"snapshot_path": str(src / SNAP_STATE), "backend_path": str(src / SNAP_MEM)}
+        if jailed:  # everything Firecracker opens, inside its chroot, before it runs
+            try:
+                await self._new_jail(workdir)
+                if status is VmStatus.CREATED:
+                    await self._jail_boot(workdir, jail, boot)
+                else:  # the state and memory, and the drives the saved state names, where it names them
+                    for key, name in (("snapshot_path", SNAP_STATE), ("backend_path", SNAP_MEM)):
+                        load[key] = "/" + f"{JAIL_SNAP}/{name}"
+                        await self._into_jail(workdir, {}, src / name, f"{JAIL_SNAP}/{name}", own=True)
+                    named = manifest.get("state_drives") or {DRIVE_ID: str(src / SNAP_DISK),
+                                                             CIDATA_ID: str(src / SNAP_CIDATA)}
+                    files = {DRIVE_ID: SNAP_DISK, CIDATA_ID: SNAP_CIDATA}
+                    for drive_id, path in named.items():
+                        if drive_id in files and (drive_id != CIDATA_ID or with_cidata):
+                            await self._into_jail(workdir, {}, src / files[drive_id], str(path).lstrip("/"), own=True)
+                disk = own[DRIVE_ID] = await self._into_jail(workdir, jail, disk, DISK, own=not read_only,
+                                                             writable=not read_only)
+                if with_cidata:
+                    await self._into_jail(workdir, jail, own[CIDATA_ID], CIDATA, own=True)
+            except BaseException:
+                await asyncio.shield(self._remove_jail(workdir))
+                raise
         drives = [d for d in config.get("drives", []) if d.get("drive_id") != CIDATA_ID]
         drives += [_cidata_drive(own[CIDATA_ID])] if with_cidata else []
         config = {**config, "drives": [{**d, "path_on_host": str(own[d["drive_id"]])} if d.get("drive_id") in own
                                        else d for d in drives]}
-        q = await self._spawn(vm, disk, read_only)
+        q = await self._spawn(vm, disk, read_only, jail)
         q.ready_line = self._ready_line(manifest.get("ready_line"))
         async with self._killed_on_error(q, "cannot write the firecracker configuration"):
             if status is VmStatus.CREATED:
@@ -578,12 +813,14 @@ class FirecrackerDriver:
                 # The load opens the drives the saved state names (the snapshot's own copies); then each
                 # is pointed at this VM's own file (drives are not part of a Firecracker snapshot).
                 await self._call(q, "PUT", "/snapshot/load", {
-                    "snapshot_path": str(src / SNAP_STATE),
-                    "mem_backend": {"backend_type": "File", "backend_path": str(src / SNAP_MEM)},
+                    "snapshot_path": load["snapshot_path"],
+                    "mem_backend": {"backend_type": "File", "backend_path": load["backend_path"]},
                     "resume_vm": False,
                 })
                 for drive_id, path in own.items():
-                    await self._call(q, "PATCH", f"/drives/{drive_id}", {"drive_id": drive_id, "path_on_host": str(path)})
+                    await self._call(q, "PATCH", f"/drives/{drive_id}",
+                                     {"drive_id": drive_id, "path_on_host": self._api_path(q, path)})
+                await self._drop_from_jail(workdir, JAIL_SNAP)  # loaded: the memory is mapped, the drives re-pointed
                 if status is VmStatus.RUNNING:
                     await self._call(q, "PATCH", "/vm", {"state": "Resumed"})
                     await self._wait_state(q, "Running", self.settings.api_timeout_ms)
@@ -597,6 +834,7 @@ class FirecrackerDriver:
         code = await self._kill(vm.vm_id, Path(vm.workdir), vm.handle)
         if code is not None:
             log.info("firecracker of vm %r stopped (exit code %s)", vm.vm_id, code)
+        await self._remove_jail(Path(vm.workdir))  # before the folder: a chroot never outlives its VM's folder
         await asyncio.to_thread(shutil.rmtree, vm.workdir, True)
 
     async def delete_snapshot(self, snapshot: SnapshotRecord) -> None:
@@ -625,7 +863,8 @@ class FirecrackerDriver:
         disk = Path(saved.get("disk") or workdir / DISK)
         q = _Vm(vm.vm_id, workdir, sock, self._new_api(sock), None, pid, disk,
                 bool(saved.get("disk_read_only", False)), config=dict(saved.get("config") or {}),
-                ready_line=self._ready_line(saved.get("ready_line")))
+                ready_line=self._ready_line(saved.get("ready_line")),
+                jail={str(k): str(v) for k, v in (saved.get("jail") or {}).items()})
         try:
             await self._state(q)
         except VmError:
@@ -731,3 +970,31 @@ async def _stop_task(task: asyncio.Task[None]) -> None:
 def _instance_id(workdir: str | Path) -> str:
     """Firecracker's (and the jailer's) ``--id``: from the folder name, letters, digits and hyphens only."""
     return f"vm-{Path(workdir).name[:SOCKET_NAME_LEN]}"
+
+
+def _chown(path: Path, uid: int, gid: int) -> None:
+    """``chown`` unless ``path`` already belongs to ``uid``/``gid`` (a non-root operator's own user needs none)."""
+    st = path.stat()
+    if (st.st_uid, st.st_gid) != (uid, gid):
+        os.chown(path, uid, gid)
+
+
+def _jail_dirs(root: Path, folder: Path, uid: int, gid: int) -> None:
+    """Make ``folder`` (inside the chroot ``root``) and the folders between: 0700, the jailer's user's."""
+    missing = []
+    here = folder
+    while here != root and not here.exists():
+        missing.append(here)
+        here = here.parent
+    for d in reversed(missing):
+        d.mkdir(mode=0o700)
+        _chown(d, uid, gid)
+
+
+def _may_read(path: Path, uid: int, gid: int) -> bool:
+    """Whether ``uid``/``gid`` may read the file ``path`` by its mode bits (root may read anything)."""
+    if uid == 0:
+        return True
+    st = path.stat()
+    shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
+    return bool(st.st_mode >> shift & 0o4)
