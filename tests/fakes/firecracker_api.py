@@ -766,6 +766,7 @@ def jailer_main(argv: list[str]) -> int:
                                                             "cgroup_version": args.cgroup_version,
                                                             "cgroups": args.cgroup, "netns": netns}))
     jailed = ["--fake-chroot", str(chroot), "--fake-uid", str(args.uid), "--fake-gid", str(args.gid)]
+    os.chdir(chroot)  # the real jailer chroots and changes to "/": seen from outside, its cwd is the chroot
     os.execv(str(exe), [str(exe), *jailed, "--id", args.id, *fc])
     return 1  # pragma: no cover - execv does not return
 

@@ -240,3 +240,41 @@ async def test_the_jailed_stand_in_resolves_api_paths_inside_the_chroot(tmp_path
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 30)
         log.close()
+
+
+async def test_a_jailed_vmm_is_re_adopted_and_destroyed_after_an_operator_restart(tmp_path: Path,
+                                                                                  chroot_base: Path) -> None:
+    """A jailed Firecracker's working directory is its chroot (the jailer chroots and changes to ``/``),
+    not the VM folder: the pid-reuse guard must look there, or a restarted operator would neither re-adopt
+    the VM nor stop its VMM at destroy (it failed so before the stand-in jailer changed folder as the real
+    one does)."""
+    _need_spec()
+    settings = _jailed(tmp_path, chroot_base)
+    store = tmp_path / "s.sqlite3"
+    first = Lifecycle(FirecrackerDriver(settings), Store(store), state_dir=tmp_path / "state")
+    o = Origin()
+    await first.create_vm("a", VmSpec(vcpus=1, mem_mib=256), o)
+    assert (await first.start_vm("a", o)).status is VmStatus.RUNNING
+    vm = first.store.get_vm("a")
+    assert vm is not None and vm.handle is not None and vm.handle.pid
+    pid = vm.handle.pid
+    await first.close(stop_vms=False)  # the operator exits; its VMs run on
+
+    driver = FirecrackerDriver(settings)
+    second = Lifecycle(driver, Store(store), state_dir=tmp_path / "state")
+    try:
+        assert os.readlink(f"/proc/{pid}/cwd") == str(driver.chroot(vm.workdir))
+        assert "1 vm(s) re-adopted" in await second.reconcile()
+        assert (await second.get_vm("a")).status is VmStatus.RUNNING
+        await second.destroy_vm("a", o)
+
+        def gone() -> bool:  # exited (a zombie of this test process, which spawned it through the first driver)
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+            except OSError:
+                return True
+
+        await until(gone, 10, "the jailed VMM stopped by destroy")
+        assert _chroots(chroot_base) == []
+    finally:
+        await second.close(stop_vms=True)

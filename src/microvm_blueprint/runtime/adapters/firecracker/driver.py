@@ -180,6 +180,12 @@ class FirecrackerDriver:
         """The jailer's chroot of the VM in ``workdir``: ``<chroot base>/<exec file name>/<id>/root``."""
         return Path(self.settings.chroot_base) / Path(self.settings.bin).name / _instance_id(workdir) / "root"
 
+    def _runs_in(self, pid: int, workdir: Path) -> bool:
+        """Whether ``pid`` is this driver's VMM of ``workdir`` (the guard against pid reuse): its working
+        directory is the VM folder, or under the jailer the chroot (the jailer chroots and changes to
+        ``/``, which reads from outside as the chroot folder)."""
+        return runs_in(pid, self.chroot(workdir) if self.settings.jailer else workdir)
+
     def jail_dir(self, workdir: str | Path) -> Path:
         """``<chroot base>/<exec file name>/<id>``: the chroot's parent, removed whole when the VMM is gone."""
         return self.chroot(workdir).parent
@@ -518,7 +524,7 @@ class FirecrackerDriver:
             vm.stopping = True
             if vm.child is not None:
                 code = await vm.child.stop(polite=None, grace=0, term_grace=grace)
-            elif vm.pid and runs_in(vm.pid, workdir):
+            elif vm.pid and self._runs_in(vm.pid, workdir):
                 await kill_pid(vm.pid, grace=grace)
             if vm.watcher is not None:
                 await _stop_task(vm.watcher)
@@ -526,7 +532,7 @@ class FirecrackerDriver:
             sockets = {vm.socket}
         else:  # not ours in this process (operator restarted, never adopted): find it by its pid file
             pid = handle.pid if handle is not None and handle.pid else read_pid(workdir / PID)
-            if pid and runs_in(pid, workdir):
+            if pid and self._runs_in(pid, workdir):
                 await kill_pid(pid, grace=grace)
             sockets = {self.socket_path(workdir)}
             if handle is not None and handle.control:
@@ -856,7 +862,7 @@ class FirecrackerDriver:
         """A VMM of ``vm`` left by an earlier operator process: pid alive, ours, and ``GET /`` answers."""
         workdir = Path(vm.workdir)
         pid = vm.handle.pid if vm.handle is not None and vm.handle.pid else read_pid(workdir / PID)
-        if not pid or not runs_in(pid, workdir):  # alive, and a VMM this driver started there
+        if not pid or not self._runs_in(pid, workdir):  # alive, and a VMM this driver started there
             return None
         sock = Path(vm.handle.control) if vm.handle is not None and vm.handle.control else self.socket_path(workdir)
         saved = _read_json(workdir / CONFIG)
