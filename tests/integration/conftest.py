@@ -28,6 +28,7 @@ from microvm_blueprint.tangle.devnet import (
     DevDeployment,
     DevnetError,
     find_anvil,
+    shared_tangle_dir,
 )
 from microvm_blueprint.tangle.environment import BlueprintEnvironment, Secret
 from microvm_blueprint.tangle.keystore import import_key
@@ -246,6 +247,16 @@ def _find_anvil_binary() -> Path | None:
         return local
     found = shutil.which("anvil")
     return Path(found) if found else None
+
+
+@pytest.fixture
+def real_fixture() -> Path:
+    """The real Tangle fixture's folder (../shared/tangle, for tests that seed their own anvil from it);
+    skips with the reason when it is absent."""
+    folder = shared_tangle_dir()
+    if not (folder / "replay.py").is_file():
+        pytest.skip(f"the real Tangle fixture is not available at {folder} (set MICROVM_SHARED_DIR)")
+    return folder
 
 
 @pytest.fixture(scope="session")

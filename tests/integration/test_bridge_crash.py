@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import ctypes
 import os
-import signal
 import subprocess
 import threading
 from collections.abc import Awaitable, Callable
@@ -32,18 +30,13 @@ from typing import Any, TypeVar
 
 import pytest
 
-from microvm_blueprint.blueprint.client import TangleCustomer
-from microvm_blueprint.procs import Child, kill_pid
 from microvm_blueprint.runtime import netns
-from microvm_blueprint.tangle.devnet import ANVIL_KEYS, Anvil, deploy_dev_tangle, free_port
-from microvm_blueprint.tangle.environment import Secret
-from microvm_blueprint.tangle.keystore import import_key
+from microvm_blueprint.tangle.devnet import Anvil, deploy_dev_tangle
 
 from ..qemu_support import qemu_pids
-from ..waiting import until
-from .conftest import _anvil_or_skip, api_get, result_counts
-from .test_guest_access import _debian_image, _keygen, refused, ssh_ok, wait_ssh
-from .test_guest_crash import BOOT_ID, PORT_RANGE, _job, _keep_evidence, _spawn_operator
+from .conftest import _anvil_or_skip, api_get
+from .test_guest_access import _debian_image, _keygen, ssh_ok, wait_ssh
+from .test_guest_crash import BOOT_ID, PORT_RANGE, crash_run
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.chain]
 
@@ -160,37 +153,17 @@ async def test_kill9_of_a_bridge_mode_operator_in_its_own_host_namespace(tmp_pat
 
 async def _scenario(tmp_path: Path, host: HostNamespace, image_dir: Path, key: Path) -> None:
     pub = key.with_suffix(".pub").read_text().strip()
-    children: list[Child] = []
     vm_ns = netns.ns_name(VM)
+    network_env = {"MICROVM_NETWORK": "bridge", "MICROVM_BRIDGE_POOL": POOL, "MICROVM_PUBLISH_ADDR": "127.0.0.1"}
     async with AnvilIn(host.prefix, log_dir=tmp_path) as chain:
         d = await deploy_dev_tangle(chain.rpc_url)
-        keystore = tmp_path / "keystore"
-        import_key(keystore, ANVIL_KEYS[1])
-        api_port = free_port()
-        api = f"http://127.0.0.1:{api_port}"
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("MICROVM_") or k == "MICROVM_SHARED_DIR"},
-            "MICROVM_PROVIDER": "qemu", "MICROVM_IMAGE_DIR": str(image_dir), "MICROVM_QEMU_ACCEL": "tcg",
-            "MICROVM_NETWORK": "bridge", "MICROVM_BRIDGE_POOL": POOL, "MICROVM_PUBLISH_ADDR": "127.0.0.1",
-            "MICROVM_PORT_RANGE": f"{PORT_RANGE[0]}-{PORT_RANGE[1]}",
-            "MICROVM_BOOT_TIMEOUT_S": "240", "MICROVM_API_ADDR": f"127.0.0.1:{api_port}",
-            "HTTP_RPC_URL": chain.rpc_url, "KEYSTORE_URI": str(keystore), "DATA_DIR": str(tmp_path / "data"),
-            "BLUEPRINT_ID": "0", "SERVICE_ID": "0", "TANGLE_CONTRACT": d.contract, "POLL_INTERVAL": "0.1",
-            "FROM_BLOCK": str(d.activation_block),
-        }  # MICROVM_STOP_VMS_ON_EXIT is left at its default (false): VMs outlive their operator
-        customer = TangleCustomer(chain.rpc_url, d.contract, 0, Secret(ANVIL_KEYS[0]))
-        calls: list[int] = []
-        try:
-            first = await _spawn_operator(env, tmp_path / "operator-0.log", api, host.prefix)
-            children.append(first)
+        async with crash_run(tmp_path, d, image_dir, key, network_env, host.prefix) as run:
+            api = run.api
+            first = await run.operator(0)
 
             # ---- job 8 + start_vm through the chain; SSH in on the published port, inside the host ----
-            created = await _job(customer, api, "create_vm_with_config",
-                                 [VM, "1", "512", "0", "debian", [pub], ["22"]], timeout=120)
-            assert created.result is True, created
-            started = await _job(customer, api, "start_vm", [VM], timeout=300)
-            assert started.result is True, started
-            calls += [created.call_id, started.call_id]
+            await run.job("create_vm_with_config", [VM, "1", "512", "0", "debian", [pub], ["22"]], timeout=120)
+            await run.job("start_vm", [VM], timeout=300)
             status, view = await api_get(f"{api}/vms/{VM}")
             assert status == 200 and view["status"] == "running", view
             network = view["network"]
@@ -212,52 +185,14 @@ async def _scenario(tmp_path: Path, host: HostNamespace, image_dir: Path, key: P
             assert netns.host_veth(VM) not in sh([*OUTSIDE, "ip", "-o", "link"])
             assert netns.vm_key(VM) not in sh([*OUTSIDE, "nft", "list", "ruleset"])
 
-            # ---- kill -9 the operator process: QEMU outlives it, the guest still answers ---------------
-            os.kill(first.pid, signal.SIGKILL)
-            assert await first.wait(30) == -signal.SIGKILL
-            assert qemu_pids(tmp_path) == vmm
-            assert (await ssh_ok(key, ssh_port, BOOT_ID)).strip() == boot_id  # no operator running now
-
-            # ---- a new operator (inside the host, same DATA_DIR) re-adopts it: same ports, SSH ---------
-            second = await _spawn_operator(env, tmp_path / "operator-1.log", api, host.prefix)
-            children.append(second)
-            status, after = await api_get(f"{api}/vms/{VM}")
-            assert status == 200 and after["status"] == "running", after
-            assert after["network"] == network  # the same host ports, from the store
-            assert qemu_pids(tmp_path) == vmm  # re-adopted, not restarted
-            await wait_ssh(key, ssh_port, 60)
-            out = await ssh_ok(key, ssh_port, f"cat /root/marker; {BOOT_ID}")
-            assert out.split() == ["before-the-kill", boot_id]
+            # ---- kill -9, a new operator (inside the host, same DATA_DIR) re-adopts it: same ports, SSH ----
+            second = await run.kill9_and_readopt(first, VM, network, ssh_port, boot_id, vmm)
 
             # ---- destroy through the chain: the port refuses, nothing of the VM is left ----------------
-            destroyed = await _job(customer, api, "destroy_vm", [VM], timeout=120)
-            assert destroyed.result is True, destroyed
-            calls.append(destroyed.call_id)
-            status, gone = await api_get(f"{api}/vms/{VM}")
-            assert status == 200 and gone["status"] == "destroyed", gone
-            assert gone["network"]["ports"] == [], gone["network"]
-            assert await asyncio.to_thread(refused, ssh_port), f"port {ssh_port} still answers after destroy"
-
-            async def vmm_gone() -> bool:
-                return qemu_pids(tmp_path) == set()
-
-            await until(vmm_gone, 30, "the VM's QEMU to exit")
+            await run.destroy(VM, (ssh_port,))
             key_ = netns.vm_key(VM)
             assert key_ not in sh(["ip", "netns", "list"]), sh(["ip", "netns", "list"])
             assert key_ not in sh([*host.prefix, "nft", "list", "ruleset"])
             assert key_ not in sh([*host.prefix, "ip", "-o", "link"])
             assert key_ not in sh([*OUTSIDE, "nft", "list", "ruleset"])
-            assert await result_counts(chain.rpc_url, d.contract) == {c: 1 for c in calls}  # each result once
-            assert await second.stop(grace=30) == 0, second.log_tail()
-            assert list((tmp_path / "data" / "vms" / "vms").iterdir()) == []
-        except BaseException:
-            _keep_evidence(tmp_path, children)
-            raise
-        finally:  # never leave an operator or a QEMU behind, whatever failed
-            for child in children:
-                if child.returncode is None:
-                    await child.stop(grace=20)
-            for pid in qemu_pids(tmp_path):  # only QEMUs running in this test's folders
-                await kill_pid(pid)
-            with contextlib.suppress(Exception):
-                await customer.aclose()
+            await run.finish(second)

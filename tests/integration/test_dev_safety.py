@@ -63,6 +63,18 @@ async def until_banner_or_exit(child: Child) -> None:
                 "dev's banner or its exit")
 
 
+async def refusal(tmp_path: Path, data: Path, rpc_port: int) -> str:
+    """Run dev (log ``dev.log``) until its banner or its exit, then stop it: it must have refused to
+    start (exit 1). Returns what it wrote."""
+    child = await start_dev(tmp_path, data, rpc_port, "dev.log")
+    try:
+        await until_banner_or_exit(child)
+    finally:
+        code = await child.stop(grace=30)
+    assert code == 1, child.log_tail()
+    return child.log_tail()
+
+
 async def test_dev_refuses_a_run_folder_it_did_not_make(tmp_path: Path) -> None:
     data = tmp_path / "data"
     (data / "run" / "deep").mkdir(parents=True)
@@ -70,13 +82,7 @@ async def test_dev_refuses_a_run_folder_it_did_not_make(tmp_path: Path) -> None:
     (data / "run" / "deep" / "model.bin").write_bytes(os.urandom(4096))
     before = user_files(data)
     rpc_port = free_port()
-    child = await start_dev(tmp_path, data, rpc_port, "dev.log")
-    try:
-        await until_banner_or_exit(child)
-    finally:
-        code = await child.stop(grace=30)
-    assert code == 1, child.log_tail()
-    assert child.log_tail() == (
+    assert await refusal(tmp_path, data, rpc_port) == (
         f"error: {data / 'run'} exists and was not made by dev (no {RUN_MARK} in it): "
         f"move it away or choose another --data-dir\n"
     )
@@ -112,13 +118,7 @@ async def test_dev_refuses_a_port_that_already_has_a_chain(anvil: Anvil, tmp_pat
         await rpc.call("anvil_mine", [hex(5)])
         head = await rpc.call("eth_getBlockByNumber", ["latest", False])
         data = tmp_path / "data"
-        child = await start_dev(tmp_path, data, anvil.port, "dev.log")
-        try:
-            await until_banner_or_exit(child)
-        finally:
-            code = await child.stop(grace=30)
-        assert code == 1, child.log_tail()
-        assert child.log_tail() == (
+        assert await refusal(tmp_path, data, anvil.port) == (
             f"error: --rpc-port {anvil.port}: something already listens on 127.0.0.1:{anvil.port} (a chain left by "
             f"an earlier dev?): stop it, or choose another port with --rpc-port\n"
         )

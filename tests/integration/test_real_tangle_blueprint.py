@@ -44,7 +44,6 @@ from microvm_blueprint.tangle.devnet import (
     free_port,
     seed_real_tangle,
     send_unlocked,
-    shared_tangle_dir,
 )
 from microvm_blueprint.tangle.environment import Secret
 from microvm_blueprint.tangle.keystore import key_from_hex
@@ -60,14 +59,6 @@ SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFNGMa6e5RyWvtnugA0FwZ1M6BZasAb9b
 OWNER, OP1, OP2 = ANVIL_ADDRESSES
 SEL_GET_DEFINITION = contracts.selector_bytes(contracts.GET_BLUEPRINT_DEFINITION)
 SEL_SUBMIT_JOB = contracts.selector_bytes(contracts.SUBMIT_JOB)
-
-
-@pytest.fixture
-def real_fixture() -> Path:
-    folder = shared_tangle_dir()
-    if not (folder / "replay.py").is_file():
-        pytest.skip(f"the real Tangle fixture is not available at {folder} (set MICROVM_SHARED_DIR)")
-    return folder
 
 
 def _cli(*args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

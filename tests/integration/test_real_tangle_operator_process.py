@@ -29,21 +29,12 @@ from microvm_blueprint.tangle.devnet import (
     Anvil,
     free_port,
     seed_real_tangle,
-    shared_tangle_dir,
 )
 from microvm_blueprint.tangle.environment import Secret
 
 from .conftest import api_get, result_counts, until_healthy
 
 pytestmark = pytest.mark.chain
-
-
-@pytest.fixture
-def real_fixture() -> Path:
-    folder = shared_tangle_dir()
-    if not (folder / "replay.py").is_file():
-        pytest.skip(f"the real Tangle fixture is not available at {folder} (set MICROVM_SHARED_DIR)")
-    return folder
 
 
 async def test_operator_against_real_tangle(anvil: Anvil, real_fixture: Path, tmp_path: Path) -> None:

@@ -105,12 +105,8 @@ def build_provider(
     settings.data_dir.chmod(0o700)  # disks, snapshots, consoles, keys: the operator's alone (DESIGN.md §9)
     store = Store(":memory:" if settings.ephemeral else settings.data_dir / "runtime.sqlite3")
     driver = driver or make_driver(settings)
-    network = settings.network
-    confine = getattr(getattr(driver, "settings", None), "confine", None)
-    if isinstance(confine, Confinement):  # bridge TAPs belong to the VMM user, who opens them unprivileged
-        network = dataclasses.replace(network, tap_owner=confine.tap_owner())
-    elif callable(owner := getattr(getattr(driver, "settings", None), "tap_owner", None)):  # Firecracker: the jailer's user
-        network = dataclasses.replace(network, tap_owner=owner())
+    # bridge TAPs belong to the VMM's user (confined QEMU, jailed Firecracker), who opens them unprivileged
+    network = dataclasses.replace(settings.network, tap_owner=driver.tap_owner())
     return Lifecycle(driver, store, state_dir=settings.state_dir, limits=settings.limits,
                      default_spec=default_spec(settings), network=network, service_owner=service_owner,
                      min_free_mib=settings.min_free_mib)

@@ -34,16 +34,23 @@ KEY_TYPES = (
 )
 
 
-def validate_ssh_key(key: object, field: str = "ssh_authorized_keys[0]") -> str:
-    """One ``authorized_keys`` line: ``TYPE BASE64 [COMMENT]``; returns it unchanged."""
-    if not isinstance(key, str):
+def utf8_text(field: str, value: object) -> tuple[str, bytes]:
+    """``value`` and its UTF-8 bytes if it is a non-empty string that encodes (no lone surrogates);
+    else :class:`~.errors.InvalidInput` naming ``field``. The common start of every text a customer sends
+    (ids, keys); each caller then checks the length and characters its own rules allow."""
+    if not isinstance(value, str):
         raise InvalidInput(f"{field} must be a string")
-    if key == "":
+    if value == "":
         raise InvalidInput(f"{field} must not be empty")
     try:
-        raw = key.encode("utf-8")
+        return value, value.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InvalidInput(f"{field} is not valid UTF-8") from exc
+
+
+def validate_ssh_key(key: object, field: str = "ssh_authorized_keys[0]") -> str:
+    """One ``authorized_keys`` line: ``TYPE BASE64 [COMMENT]``; returns it unchanged."""
+    key, raw = utf8_text(field, key)
     if len(raw) > MAX_KEY_BYTES:
         raise InvalidInput(f"{field} is {len(raw)} bytes, more than the maximum of {MAX_KEY_BYTES}")
     if "\n" in key or "\r" in key:

@@ -30,6 +30,15 @@ class VmmDriver(Protocol):
     def set_exit_listener(self, listener: ExitListener) -> None:
         """Register the lifecycle core's callback for VMMs that die unasked. Called once, before use."""
 
+    def tap_owner(self) -> tuple[int, int] | None:
+        """``(uid, gid)`` that must own a VM's TAP device for this driver's VMM to open it without
+        privileges (the VMM user of ``runtime/confine.py``, or the jailer's user), or ``None`` when the
+        VMM runs as the operator and a TAP needs no owner.
+
+        Called once by the operator's ``build_provider`` when it assembles the lifecycle core, to fill
+        :attr:`~microvm_blueprint.runtime.model.NetworkSettings.tap_owner` (which bridge networking
+        hands to ``ip tuntap add ... user U group G``). Reads settings only: no I/O, raises nothing."""
+
     async def create(self, vm: VmRecord) -> VmHandle | None:
         """Make ``vm`` exist configured but not running, in ``vm.workdir`` (created by the core).
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from .access import validate_disk_mib, validate_ports, validate_ssh_keys
+from .access import utf8_text, validate_disk_mib, validate_ports, validate_ssh_keys
 from .errors import InvalidInput, InvalidTransition
 
 MAX_ID_BYTES = 256
@@ -69,19 +69,12 @@ def guard(vm_id: str, status: VmStatus, action: Action) -> None:
 
 def validate_id(kind: str, value: object) -> str:
     """Check an id (``vm_id``, ``snapshot_id`` ...) against §5: 1-256 UTF-8 bytes, no control characters."""
-    if not isinstance(value, str):
-        raise InvalidInput(f"{kind} must be a string")
-    if value == "":
-        raise InvalidInput(f"{kind} must not be empty")
-    try:
-        raw = value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidInput(f"{kind} is not valid UTF-8") from exc
+    text, raw = utf8_text(kind, value)
     if len(raw) > MAX_ID_BYTES:
         raise InvalidInput(f"{kind} exceeds maximum length of {MAX_ID_BYTES} bytes")
-    if any(unicodedata.category(ch) == "Cc" for ch in value):
+    if any(unicodedata.category(ch) == "Cc" for ch in text):
         raise InvalidInput(f"{kind} contains control characters")
-    return value
+    return text
 
 
 def fs_name(value: str) -> str:

@@ -32,6 +32,10 @@ class InMemoryDriver:
     def set_exit_listener(self, listener: ExitListener) -> None:
         self._listener = listener
 
+    def tap_owner(self) -> tuple[int, int] | None:
+        """No VMM process, so no TAP to own."""
+        return None
+
     def _say(self, vm: VmRecord, line: str) -> None:
         text = self._console.get(vm.vm_id, "") + f"[{time.time():.3f}] {line}\n"
         self._console[vm.vm_id] = text[-_CONSOLE_CAP:]

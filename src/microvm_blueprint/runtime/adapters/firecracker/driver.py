@@ -167,6 +167,10 @@ class FirecrackerDriver:
     def set_exit_listener(self, listener: ExitListener) -> None:
         self._listener = listener
 
+    def tap_owner(self) -> tuple[int, int] | None:
+        """The jailer's user (see :meth:`FirecrackerSettings.tap_owner`); ``None`` without the jailer."""
+        return self.settings.tap_owner()
+
     # ---- plumbing ----------------------------------------------------------------------------------
 
     def socket_path(self, workdir: str | Path) -> Path:

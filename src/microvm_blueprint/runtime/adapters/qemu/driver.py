@@ -76,6 +76,10 @@ class QemuDriver:
     def set_exit_listener(self, listener: ExitListener) -> None:
         self._listener = listener
 
+    def tap_owner(self) -> tuple[int, int] | None:
+        """The VMM user of ``settings.confine`` (QEMU opens the TAP as that user); ``None`` unconfined."""
+        return self.settings.confine.tap_owner() if self.settings.confine is not None else None
+
     def set_error_listener(self, listener: ExitListener) -> None:
         """``listener(vm_id, text)`` when a guest's disk fails (the VM keeps running; the view shows it)."""
         self._error_listener = listener
