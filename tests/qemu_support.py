@@ -51,9 +51,10 @@ def ensure_image() -> Path:
 
 
 def ensure_debian_image() -> Path:
-    """The image dir with the ``debian`` image in it (built once per cache, minutes), or skip with the
-    reason: no QEMU, no ssh/ssh-keygen/mtools to reach a guest, no mmdebstrap to build it."""
+    """The image dir with the ``debian`` image in it (built once per cache and guest init, minutes), or skip
+    with the reason: no QEMU, no ssh/ssh-keygen/mtools to reach a guest, no mmdebstrap to build it."""
     from microvm_blueprint.runtime import images
+    from microvm_blueprint.runtime.errors import ImageError
 
     reason = qemu_available()
     if reason:
@@ -62,8 +63,10 @@ def ensure_debian_image() -> Path:
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed (scripts/bootstrap.sh installs it)")
     try:
-        images.resolve_image("debian", IMAGE_DIR)
-    except Exception:  # any reason it is not there: build it
+        built = images.resolve_image("debian", IMAGE_DIR)
+        if built.guest_init != images.debian_guest_init():  # built by older code: the guest init changed
+            raise ImageError("stale debian image")
+    except Exception:  # any reason it is not there (or stale): build it
         if shutil.which("mmdebstrap") is None:
             pytest.skip("mmdebstrap is not installed (scripts/bootstrap.sh installs it)")
         images.build_image("debian", cache_dir=IMAGE_DIR, progress=print)

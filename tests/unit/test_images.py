@@ -496,3 +496,20 @@ def test_a_callers_image_name_never_becomes_a_command_to_paste(tmp_path: Path, n
     message = str(err.value)
     assert message == f"image '{name}' is not built on this operator (only its operator can build or import it)"
     assert message.count(name) == 1 and "image build" not in message and "`" not in message.replace(name, "")
+
+
+def test_the_debian_image_key_follows_the_guest_init(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest's own init files are inputs of the debian image: changing them (the drive's watcher that
+    re-identifies a restored clone) gives a new cache address, so an image built by older code is rebuilt;
+    the default image's key does not take them."""
+    first = images.debian_guest_init()
+    assert first == images.debian_guest_init()  # stable
+    deb = {**INPUTS, "recipe_name": "debian", "guest_init": first}
+    key = images.image_key(deb, 512)
+    init = images.DEBIAN_INIT.format(ready=images.READY_LINE)
+    assert "guestinit.py --watch &" in init and init.index("--watch") < init.index(images.READY_LINE)
+    monkeypatch.setattr(images, "DEBIAN_INIT", images.DEBIAN_INIT + "# changed\n")
+    changed = images.debian_guest_init()
+    assert changed != first
+    assert images.image_key({**deb, "guest_init": changed}, 512) != key
+    assert images.image_key(INPUTS, 64) == "ae07cb59b4ab2f4b"

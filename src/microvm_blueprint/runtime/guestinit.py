@@ -8,16 +8,36 @@ read-only, and applies ``meta-data`` (instance-id, hostname), ``user-data`` (roo
 resize_rootfs) and ``network-config`` version 2 (static addresses, routes, nameservers). The files are JSON
 (what this project writes); plain ``key: value`` YAML is read as a fallback for hand-made drives.
 Every value is checked again here before it reaches a file or a command (argv lists only).
+
+``guestinit.py --watch`` then runs for the guest's life: a VM restored from a snapshot of a *running* guest
+(a clone) carries on with the source's memory, hostname and instance-id, but boots with a config drive of
+its own. Every :data:`WATCH_EVERY` seconds the watcher reads the drive's first 64 KiB past the page cache
+(BLKFLSBUF, i.e. ``blockdev --flushbufs``, then ``pread``: one small virtio-blk read, no process started);
+when those bytes change and the drive names another instance-id, it re-applies the hostname, root's
+authorized_keys and (only if it differs) the network, and prints ``microvm: re-identified as <id>`` on the
+console. A poll rather than a host trigger: it needs nothing from the VMM (QEMU and Firecracker restores
+alike, and a clone restored by an older operator), and costs next to nothing between changes.
 """
 
+import fcntl
 import os
 import re
 import socket
 import subprocess
 import sys
+import time
 from typing import Any
 
 MOUNT = "/run/cidata"
+IID_FILE = "/var/lib/cloud/data/instance-id"
+NET_FILE = "/run/microvm-network"
+"""The network config applied (canonical text), so a re-read re-does the network only if it changed."""
+REIDENT_PREFIX = "microvm: re-identified as "
+"""The console line a running guest prints when its drive names another instance-id (+ the new one)."""
+WATCH_EVERY = 2.0
+FINGERPRINT_BYTES = 64 * 1024
+BLKFLSBUF = 0x1261
+_IID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 _KEY = re.compile(r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|sk-ssh-ed25519@openssh\.com|"
                   r"sk-ecdsa-sha2-nistp256@openssh\.com) [A-Za-z0-9+/=]+( [ -~]*)?")
@@ -220,20 +240,71 @@ def apply_network(net: dict[str, Any]) -> None:
             fh.write("".join(f"nameserver {a}\n" for a in resolv))
 
 
-def main() -> int:
-    dev, fstype = find_drive()
-    if dev is None:
-        say("no config drive (label cidata)")
-        return 0
+def read_drive(dev: str, fstype: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None:
+    """``meta-data``, ``user-data`` and ``network-config`` as the drive holds them *now*: the device's
+    cached blocks are dropped first (a guest restored from a snapshot still holds the source's drive in
+    its page cache when anything kept the device open), then it is mounted read-only, read, unmounted."""
+    flush(dev)
     os.makedirs(MOUNT, exist_ok=True)
-    if fstype is None or not run("mount", "-t", fstype, "-o", "ro", dev, MOUNT):
-        return 1
-    meta, user, net = load("meta-data"), load("user-data"), load("network-config")
+    if not run("mount", "-t", fstype, "-o", "ro", dev, MOUNT):
+        return None
+    try:
+        return load("meta-data"), load("user-data"), load("network-config")
+    finally:
+        run("umount", MOUNT)
+
+
+def flush(dev: str) -> None:
+    """Drop ``dev``'s cached blocks."""
+    fd = os.open(dev, os.O_RDONLY)
+    try:
+        _drop_cache(fd)
+    finally:
+        os.close(fd)
+
+
+def _drop_cache(fd: int) -> None:
+    # BLKFLSBUF is `blockdev --flushbufs` (a block device, root); a plain file (the tests) takes fadvise
+    try:
+        fcntl.ioctl(fd, BLKFLSBUF)
+    except OSError:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def fingerprint(dev: str) -> bytes:
+    """The drive's first :data:`FINGERPRINT_BYTES` read past the page cache: the FAT boot sector (whose
+    volume serial this project derives from the instance-id), the FAT and root directory, or an ISO9660
+    primary volume descriptor. Cheap enough to take every couple of seconds under TCG."""
+    fd = os.open(dev, os.O_RDONLY)
+    try:
+        _drop_cache(fd)
+        return os.pread(fd, FINGERPRINT_BYTES, 0)
+    finally:
+        os.close(fd)
+
+
+def instance_id_of(meta: dict[str, Any]) -> str | None:
     iid = meta.get("instance-id")
-    if isinstance(iid, str) and re.fullmatch(r"[A-Za-z0-9._-]{1,128}", iid):
-        os.makedirs("/var/lib/cloud/data", exist_ok=True)
-        with open("/var/lib/cloud/data/instance-id", "w") as fh:
+    return iid if isinstance(iid, str) and _IID.fullmatch(iid) else None
+
+
+def applied_instance_id() -> str | None:
+    """The instance-id this guest last applied (``/var/lib/cloud/data/instance-id``)."""
+    try:
+        with open(IID_FILE) as fh:
+            return fh.read().strip() or None
+    except OSError:
+        return None
+
+
+def apply_identity(meta: dict[str, Any], user: dict[str, Any]) -> str | None:
+    """Record the instance-id, set the hostname and write root's authorized_keys; returns the instance-id."""
+    iid = instance_id_of(meta)
+    if iid is not None:
+        os.makedirs(os.path.dirname(IID_FILE), exist_ok=True)
+        with open(IID_FILE + ".tmp", "w") as fh:
             fh.write(iid + "\n")
+        os.replace(IID_FILE + ".tmp", IID_FILE)
         say("instance-id " + iid)
     host = meta.get("local-hostname") or user.get("hostname")
     if isinstance(host, str) and len(host) <= 253 and _HOSTNAME.fullmatch(host):
@@ -251,18 +322,107 @@ def main() -> int:
         fh.write("".join(k + "\n" for k in keys))
     os.replace(tmp, "/root/.ssh/authorized_keys")
     say(f"{len(keys)} authorized key(s) for root")
+    return iid
+
+
+def canonical(doc: Any) -> str:
+    """A stable text of a parsed document (dict keys sorted), to compare two network configs."""
+    if isinstance(doc, dict):
+        return "{" + ",".join(repr(k) + ":" + canonical(doc[k]) for k in sorted(doc)) + "}"
+    if isinstance(doc, list):
+        return "[" + ",".join(canonical(v) for v in doc) + "]"
+    return repr(doc)
+
+
+def remember_network(net: dict[str, Any]) -> None:
+    with open(NET_FILE, "w") as fh:
+        fh.write(canonical(net))
+
+
+def network_changed(net: dict[str, Any]) -> bool:
+    try:
+        with open(NET_FILE) as fh:
+            return fh.read() != canonical(net)
+    except OSError:
+        return True
+
+
+def reapply_network(net: dict[str, Any]) -> None:
+    """A running guest's network, re-done only when the drive asks for another one (a clone on the same
+    user-mode or /30 network keeps its addresses, and the SSH sessions on them, untouched)."""
+    if not network_changed(net):
+        return
+    found = net.get("ethernets")
+    for name in sorted(found) if isinstance(found, dict) else []:
+        if re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", name) and os.path.exists("/sys/class/net/" + name):
+            run("ip", "route", "flush", "dev", name)
+            run("ip", "addr", "flush", "dev", name)
     apply_network(net)
+    remember_network(net)
+    say("network re-applied")
+
+
+def reidentify(dev: str, fstype: str) -> str | None:
+    """Re-read the drive; if it names another instance-id than the one applied, apply it (hostname, root's
+    keys, network where it changed) and say so on the console. Returns the new instance-id, else None;
+    OSError if the drive cannot be read (the caller tries again)."""
+    found = read_drive(dev, fstype)
+    if found is None:
+        raise OSError(f"cannot mount {dev}")
+    meta, user, net = found
+    iid = instance_id_of(meta)
+    if iid is None or iid == applied_instance_id():
+        return None
+    apply_identity(meta, user)
+    reapply_network(net)
+    print(f"{REIDENT_PREFIX}{iid}", flush=True)
+    return iid
+
+
+def watch(every: float = WATCH_EVERY) -> int:
+    """Runs for the guest's life (started by ``/sbin/init`` after boot): every ``every`` seconds a
+    fingerprint of the drive read past the page cache; when it changes (a VM restored from a snapshot of
+    a running guest gets a config drive of its own), :func:`reidentify`. Never gives up on an error."""
+    dev, fstype = find_drive()
+    if dev is None or fstype is None:
+        return 0
+    last, trouble = b"", ""
+    while True:
+        try:
+            seen = fingerprint(dev)
+            if seen != last:
+                # the first look compares too: a snapshot may have been taken before this watcher started
+                reidentify(dev, fstype)
+                last, trouble = seen, ""
+        except Exception as exc:  # keep watching; the console says what went wrong (once, not every round)
+            if f"{type(exc).__name__}: {exc}" != trouble:
+                trouble = f"{type(exc).__name__}: {exc}"
+                say("config drive not re-read: " + trouble)
+        time.sleep(every)
+
+
+def main() -> int:
+    dev, fstype = find_drive()
+    if dev is None or fstype is None:
+        say("no config drive (label cidata)")
+        return 0
+    found = read_drive(dev, fstype)
+    if found is None:
+        return 1
+    meta, user, net = found
+    apply_identity(meta, user)
+    apply_network(net)
+    remember_network(net)
     if user.get("resize_rootfs", True) not in (False, "false", "False"):
         root = root_device()
         if root:
             run("resize2fs", root)
-    run("umount", MOUNT)
     return 0
 
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        sys.exit(watch() if sys.argv[1:] == ["--watch"] else main())
     except Exception as exc:  # never stop the boot: the console says what went wrong
         say(f"config drive not applied: {type(exc).__name__}: {exc}")
         sys.exit(1)

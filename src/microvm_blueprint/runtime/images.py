@@ -17,11 +17,13 @@ and the FAT/ISO modules to the initramfs (whose ``/init`` takes whichever virtio
 root), and makes the root with ``mmdebstrap --variant=minbase`` from the host's own apt mirror (bookworm
 + dropbear-bin, iproute2, python3-minimal; downloaded ``.deb`` files are kept in ``.apt-archives`` for
 the next build). Its ``/sbin/init`` runs :mod:`.guestinit` (config drive: instance-id, hostname, root's
-authorized_keys, network, ``resize2fs``), starts dropbear and only then prints :data:`READY_LINE`.
+authorized_keys, network, ``resize2fs``), starts dropbear and the drive's watcher (``guestinit.py --watch``:
+a clone restored from a running guest re-identifies itself) and only then prints :data:`READY_LINE`.
+The ``default`` image reads no config drive (its hostname is always ``microvm``).
 :func:`import_image` registers a user's own kernel + ext4 root (+ initrd) after checking them.
 
 Images are cached under a folder named by a hash of their inputs (package versions, build recipe,
-size) with a ``manifest.json``; a build happens in a temporary folder renamed into place.
+size; for ``debian`` also :func:`debian_guest_init`, the guest's own init files) with a ``manifest.json``; a build happens in a temporary folder renamed into place.
 """
 
 from __future__ import annotations
@@ -132,10 +134,12 @@ hostname microvm
 python3 -S /usr/lib/microvm/guestinit.py
 mkdir -p /etc/dropbear
 dropbear -R -s -p 22 -P /run/dropbear.pid
+python3 -S /usr/lib/microvm/guestinit.py --watch &
 echo {ready}
 exec python3 -S /usr/lib/microvm/reaper.py
 """
-"""The ``debian`` root's ``/sbin/init``: config drive (hostname, root's keys, network, grow), sshd, ready."""
+"""The ``debian`` root's ``/sbin/init``: config drive (hostname, root's keys, network, grow), sshd, the
+drive's watcher (a restored clone re-identifies itself while running), ready."""
 
 REAPER = """import os
 import time
@@ -169,6 +173,8 @@ class ImageManifest:
     modules: list[str] = field(default_factory=list)
     recipe: str = "default"
     """``default`` (busybox), ``debian`` (mmdebstrap root with SSH) or ``imported`` (a user's own)."""
+    guest_init: str = ""
+    """For ``debian``: :func:`debian_guest_init` of the files the root got (an older image has none)."""
 
     @classmethod
     def load(cls, folder: Path) -> ImageManifest:
@@ -269,6 +275,16 @@ def resolve_inputs() -> dict[str, str]:
         "kernel_version": _package_field(kernel_pkg, "Version"),
         "busybox_version": _package_field(BUSYBOX, "Version"),
     }
+
+
+def debian_guest_init() -> str:
+    """A hash of what the ``debian`` recipe writes into the guest from this source tree (its init scripts
+    and :mod:`.guestinit`): part of the image key, so an image built by older code is rebuilt."""
+    h = hashlib.sha256()
+    for part in (DEBIAN_INITRAMFS_INIT, DEBIAN_INIT, REAPER):
+        h.update(part.encode() + b"\0")
+    h.update(Path(__file__).with_name("guestinit.py").read_bytes())
+    return h.hexdigest()[:16]
 
 
 def image_key(inputs: dict[str, str], rootfs_size_mib: int) -> str:
@@ -418,6 +434,7 @@ def build_image(
     if recipe == "debian":
         sources = host_debian_sources()
         inputs = {**inputs, "recipe_name": "debian", "sources": "|".join(sources),
+                  "guest_init": debian_guest_init(),
                   **{f"pkg:{p}": v for p, v in _versions(DEBIAN_PACKAGES).items()}}
     key = image_key(inputs, size)
     final = cache / f"{name}-{key}"
@@ -470,6 +487,7 @@ def build_image(
                       **packages},
             modules=kernel.modules,
             recipe=recipe,
+            guest_init=inputs.get("guest_init", ""),
         )
         (out / "manifest.json").write_text(json.dumps(asdict(manifest), indent=1, sort_keys=True))
         if final.exists():
