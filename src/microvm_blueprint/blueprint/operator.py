@@ -68,6 +68,7 @@ def make_driver(settings: OperatorSettings) -> VmmDriver:
                 boot_timeout=settings.boot_timeout_s,
                 egress=settings.network.egress,
                 confine=Confinement(settings.vmm_user, mem_overhead_mib=settings.vmm_mem_overhead_mib),
+                disk_limits=settings.disk_limits,
             )
         )
     try:
