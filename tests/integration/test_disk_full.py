@@ -38,10 +38,25 @@ WRITE_DEADLINE = 600.0  # dd of 400 MiB from /dev/urandom under TCG on a loaded 
 ERROR_DEADLINE = 300.0
 # a raw write far past anything the guest's file system has touched: its clusters are new to the overlay,
 # so it needs room on the host (the root file system itself goes read-only once ext4's journal write fails)
-RAW_WRITE = ("dd if=/dev/urandom of=/dev/shm/chunk bs=1M count=8 2>/dev/null && "
-             "dd if=/dev/shm/chunk of=/dev/vda bs=1M seek=1900 oflag=direct conv=fsync 2>&1 && "
-             "dd if=/dev/vda of=/dev/shm/back bs=1M skip=1900 count=8 iflag=direct 2>/dev/null && "
-             "cmp /dev/shm/chunk /dev/shm/back && echo raw-write-ok")
+def raw_write(at_mib: int) -> str:
+    return ("dd if=/dev/urandom of=/dev/shm/chunk bs=1M count=8 2>/dev/null && "
+            f"dd if=/dev/shm/chunk of=/dev/vda bs=1M seek={at_mib} oflag=direct conv=fsync 2>&1 && "
+            f"dd if=/dev/vda of=/dev/shm/back bs=1M skip={at_mib} count=8 iflag=direct 2>/dev/null && "
+            "cmp /dev/shm/chunk /dev/shm/back && echo raw-write-ok")
+
+
+RAW_WRITE = raw_write(1900)
+
+
+def _fill(path: Path) -> None:
+    """Take every free byte of the file system of ``path`` (a file there, grown until the file system says no)."""
+    with path.open("wb", buffering=0) as f:
+        chunk = b"\0" * (1 << 20)
+        for size in (1 << 20, 1 << 12):
+            chunk = chunk[:size]
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(chunk)
 
 
 def _mount_tmpfs(path: Path, size: str, *, remount: bool = False) -> None:
@@ -150,3 +165,59 @@ async def test_a_full_host_disk_reaches_the_guest_and_the_view_and_the_guest_run
     assert "raw-write-ok" in out, out  # written to the disk, and read back from it the same
     assert await operator.qemu_status("full-1") == "running"
     assert (await life.get_vm("full-1")).status is VmStatus.RUNNING
+
+
+async def test_a_disk_error_stays_through_stop_and_start_and_a_second_one_is_seen(
+        operator: Operator, small_data_dir: Path, tmp_path: Path) -> None:
+    """The error stays in the view through a stop and a start while the host is still full, is cleared by
+    a start once the host has room, and a second disk error after that is seen again (QEMU's
+    ``BLOCK_IO_ERROR`` watch used to report only the first of a QEMU process, and a stop cleared the view)."""
+    key = await asyncio.to_thread(_keygen, tmp_path / "id_ed25519")
+    life = operator.life
+    await submit_job8(life, "full-2", 1, 512, DISK_MIB, "debian", [key.with_suffix(".pub").read_text().strip()], [22])
+    port = host_port(life, "full-2", 22)
+    await life.start_vm("full-2", Origin())
+    await wait_ssh(key, port)
+
+    async def disk_error_shown() -> bool:
+        return (await life.get_vm("full-2")).error is not None
+
+    filler = small_data_dir / "filler"
+    # ---- the host is full (filled from the host side: quicker than the guest filling it) ---------------
+    await asyncio.to_thread(_fill, filler)
+    full = await ssh(key, port, raw_write(1900), timeout=120)
+    assert full.returncode != 0 and "raw-write-ok" not in full.stdout, full
+    await until(disk_error_shown, ERROR_DEADLINE, "the first disk error in the VM view", every=0.5)
+    first = (await life.get_vm("full-2")).error
+    assert first is not None and "No space left on device" in first, first
+    # room for the store's own few pages, not for the guest's 8 MiB of fresh clusters (nor the 1 MiB a start
+    # needs to count the host as having room again, with MICROVM_MIN_FREE_MIB=0)
+    os.truncate(filler, max(0, filler.stat().st_size - (256 << 10)))
+
+    # a stop and a start while the host is still full: the error stays
+    view = await life.stop_vm("full-2", Origin())
+    assert view.status is VmStatus.STOPPED and view.error == first, view
+    view = await life.start_vm("full-2", Origin())
+    assert view.status is VmStatus.RUNNING and view.error == first, view
+
+    # ---- the host has room again: a stop and a start clear it ----------------------------------------------
+    filler.unlink()
+    assert (await ssh_ok(key, port, raw_write(1800), timeout=120)).strip().endswith("raw-write-ok")
+    assert (await life.get_vm("full-2")).error == first  # no start yet: nothing cleared it
+    await life.stop_vm("full-2", Origin())
+    view = await life.start_vm("full-2", Origin())
+    assert view.status is VmStatus.RUNNING and view.error is None, view
+
+    # ---- full again: the second error is seen too ------------------------------------------------------------
+    try:
+        await asyncio.to_thread(_fill, filler)
+        again = await ssh(key, port, raw_write(1700), timeout=120)
+        assert again.returncode != 0 and "raw-write-ok" not in again.stdout, again
+        await until(disk_error_shown, ERROR_DEADLINE, "the second disk error in the VM view", every=0.5)
+        second = (await life.get_vm("full-2")).error
+        assert second is not None and "No space left on device" in second, second
+        assert await operator.qemu_status("full-2") == "running"
+    finally:
+        filler.unlink(missing_ok=True)
+    assert (await life.get_vm("full-2")).error == second  # kept (and now written) once the store has room
+    assert (await ssh_ok(key, port, "echo alive")).strip() == "alive"

@@ -67,6 +67,7 @@ def make_driver(settings: OperatorSettings) -> VmmDriver:
                 accel=settings.qemu_accel,
                 boot_timeout=settings.boot_timeout_s,
                 confine=Confinement(settings.vmm_user, mem_overhead_mib=settings.vmm_mem_overhead_mib),
+                disk_limits=settings.disk_limits,
             )
         )
     try:

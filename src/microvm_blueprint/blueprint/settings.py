@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING
 from ..envparse import Env, parse_choice
 from ..errors import ConfigError
 from ..runtime import netns
-from ..runtime.model import HostLimits, NetworkMode, NetworkSettings
+from ..runtime.model import (
+    DEFAULT_DISK_BPS,
+    DEFAULT_DISK_IOPS,
+    MAX_DISK_RATE,
+    DiskLimits,
+    HostLimits,
+    NetworkMode,
+    NetworkSettings,
+)
 
 if TYPE_CHECKING:
     from ..runtime.adapters.firecracker.settings import FirecrackerSettings
@@ -65,6 +73,9 @@ class OperatorSettings:
     vmm_user: str = "microvm"
     vmm_mem_overhead_mib: int = 256
     min_free_mib: int = 512
+    #: ``MICROVM_DISK_BPS``/``_IOPS``: each VM's customer disk I/O cap (QEMU applies it; the Firecracker
+    #: driver can read it here, as its drive's rate limiter, once it is wired in)
+    disk_limits: DiskLimits = field(default_factory=DiskLimits)
     #: ``MICROVM_FIRECRACKER_*``, parsed here once when the provider is Firecracker (else ``None``)
     firecracker: FirecrackerSettings | None = None
 
@@ -104,6 +115,8 @@ class OperatorSettings:
             "vmm_user": e.text("MICROVM_VMM_USER", "microvm"),
             "vmm_mem_overhead_mib": e.integer("MICROVM_VMM_MEM_OVERHEAD_MIB", 256, 0),
             "min_free_mib": e.integer("MICROVM_MIN_FREE_MIB", 512, 0),
+            "disk_limits": DiskLimits(bps=e.integer("MICROVM_DISK_BPS", DEFAULT_DISK_BPS, 0, MAX_DISK_RATE),
+                                      iops=e.integer("MICROVM_DISK_IOPS", DEFAULT_DISK_IOPS, 0, MAX_DISK_RATE)),
         }
         values["network"] = parse_network(e, ProviderKind(values["provider"]))
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -117,6 +117,7 @@ class Lifecycle:
         self._snaps_taken: dict[object, int] = {}  # snapshots being taken: bytes reserved
         self.min_free_mib = min_free_mib
         self._unrecorded_errors: dict[str, str] = {}  # disk errors the (full) store could not take yet
+        self._disk_errors_seen: dict[str, int] = {}  # disk errors reported per VM (a start clears only older ones)
         driver.set_exit_listener(self._on_vmm_exit)
         set_error_listener = getattr(driver, "set_error_listener", None)  # drivers that see guest disk errors
         if set_error_listener is not None:
@@ -298,6 +299,7 @@ class Lifecycle:
         if vm is None or vm.status not in LIVE:
             return
         log.warning("vm %r: %s", vm_id, text, extra={"vm_id": vm_id})
+        self._disk_errors_seen[vm_id] = self._disk_errors_seen.get(vm_id, 0) + 1
         self._unrecorded_errors[vm_id] = text[:2000]
         self._record_vmm_error(vm_id, vm.status, text[:2000])
 
@@ -312,6 +314,24 @@ class Lifecycle:
             return False
         self._unrecorded_errors.pop(vm_id, None)
         return True
+
+    def _error_after_start(self, vm_id: str, workdir: str, seen: int) -> str | None:
+        """The ``error`` a VM keeps once a start succeeded (README, Security model: Disks). A disk error
+        stays through stops and starts until a start finds the host with room again: at least
+        ``min_free_mib`` (and 1 MiB) free where the VM's disk lives. An error reported during the start
+        itself (``seen`` is the count before it) is news and always stays."""
+        stored = self.store.get_vm(vm_id)
+        current = self._unrecorded_errors.get(vm_id) or (stored.error if stored is not None else None)
+        if current is None or self._disk_errors_seen.get(vm_id, 0) != seen:
+            return current
+        try:
+            st = os.statvfs(workdir)
+        except OSError:
+            return current  # cannot tell: keep what the VMM said
+        if st.f_bavail * st.f_frsize >> 20 < max(self.min_free_mib, 1):
+            return current
+        self._unrecorded_errors.pop(vm_id, None)
+        return None
 
     def _check_free(self, job: str) -> None:
         """Refuse ``job`` (before any VMM work) while the state folder has less than ``min_free_mib`` free."""
@@ -431,14 +451,17 @@ class Lifecycle:
         if self._replayed(origin):
             return await self.get_vm(vm_id)
         async with self._transition(origin, "start_vm", vm_id, Action.START) as vm:
+            seen = self._disk_errors_seen.get(vm_id, 0)
             try:
                 if vm.status is VmStatus.CREATED:
                     handle = await self.driver.boot(self._record(vm))
                     crash_point("start.after_boot")
-                    self.store.update_vm(vm_id, VmStatus.RUNNING, origin, "start", handle=handle)
+                    error = self._error_after_start(vm_id, vm.workdir, seen)
+                    self.store.update_vm(vm_id, VmStatus.RUNNING, origin, "start", handle=handle, error=error)
                 else:
                     await self.driver.resume(self._record(vm))
-                    self.store.update_vm(vm_id, VmStatus.RUNNING, origin, "start")
+                    error = self._error_after_start(vm_id, vm.workdir, seen)
+                    self.store.update_vm(vm_id, VmStatus.RUNNING, origin, "start", error=error)
             except VmmTimeout as exc:
                 if vm.status is VmStatus.CREATED:  # a boot that misses its deadline is a failed start
                     self.store.update_vm(
@@ -461,7 +484,8 @@ class Lifecycle:
             except VmmError as exc:
                 await self._after_driver_error(vm, exc)
                 raise
-            self.store.update_vm(vm_id, VmStatus.STOPPED, origin, "stop")
+            stored = self.store.get_vm(vm_id)  # a disk error stays through a stop (see _error_after_start)
+            self.store.update_vm(vm_id, VmStatus.STOPPED, origin, "stop", error=stored.error if stored else None)
             return self._view(vm_id)
 
     async def snapshot_vm(self, vm_id: str, snapshot_id: str, origin: Origin) -> SnapshotView:
@@ -523,6 +547,7 @@ class Lifecycle:
             await asyncio.shield(self._unplumb(vm_id))
             shutil.rmtree(vm.workdir, ignore_errors=True)
             self.store.update_vm(vm_id, VmStatus.DESTROYED, origin, "destroy", handle=None, error=vm.error)
+            self._disk_errors_seen.pop(vm_id, None)
             return self._view(vm_id)
 
     async def restore_vm(self, source_vm_id: str, snapshot_id: str, new_vm_id: str, origin: Origin) -> VmView:

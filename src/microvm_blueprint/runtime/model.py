@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from ..envparse import check_int
+from ..errors import ConfigError
 from .access import utf8_text, validate_disk_mib, validate_ports, validate_ssh_keys
 from .errors import InvalidInput, InvalidTransition
 
@@ -189,6 +191,37 @@ class NetworkSettings:
     tap_owner: tuple[int, int] | None = None
     """(uid, gid) each ``bridge`` TAP is made for: the unprivileged VMM user, so QEMU opens it without
     ``CAP_NET_ADMIN`` (``None``: root's, for a VMM that runs as root)."""
+
+
+DEFAULT_DISK_BPS = 125 * 1024 * 1024
+"""``MICROVM_DISK_BPS``'s default: 125 MiB/s, a cloud disk's baseline (AWS gp3: 125 MiB/s, 3,000 IOPS)."""
+DEFAULT_DISK_IOPS = 3000
+"""``MICROVM_DISK_IOPS``'s default (see :data:`DEFAULT_DISK_BPS`)."""
+MAX_DISK_RATE = 10**15
+"""The largest rate QEMU's throttling takes (``THROTTLE_VALUE_MAX``); more is a typo, not a limit."""
+
+
+@dataclass(frozen=True)
+class DiskLimits:
+    """What each VM's customer disk may do per second (DESIGN.md §9), all operations together; 0 = no limit.
+
+    ``bps`` is bytes/s (``MICROVM_DISK_BPS``), ``iops`` operations/s (``MICROVM_DISK_IOPS``). QEMU puts them on
+    the root drive (``throttling.bps-total``/``iops-total``); the config drive (read once at boot) has none.
+    Firecracker can apply them as its drive's ``rate_limiter`` (``bandwidth``/``ops`` token buckets)."""
+
+    bps: int = DEFAULT_DISK_BPS
+    iops: int = DEFAULT_DISK_IOPS
+
+    def __post_init__(self) -> None:
+        for var, value in (("MICROVM_DISK_BPS", self.bps), ("MICROVM_DISK_IOPS", self.iops)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{var}={value!r} is not an integer")
+            check_int(var, value, 0, MAX_DISK_RATE)
+
+    @property
+    def limited(self) -> bool:
+        """Whether either limit is set."""
+        return bool(self.bps or self.iops)
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,12 @@ from __future__ import annotations
 import functools
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ... import images
 from ...confine import Confinement
-from ...model import USER_GATEWAY, USER_GUEST_IP, NetworkMode, VmNetwork
+from ...model import USER_GATEWAY, USER_GUEST_IP, DiskLimits, NetworkMode, VmNetwork
 from ...netns import TAP
 
 QMP_SOCK = "qmp.sock"
@@ -63,6 +63,8 @@ class QemuSettings:
     extra_cmdline: str = ""
     confine: Confinement | None = None
     """Who QEMU runs as and its cgroup (``runtime/confine.py``); ``None``: as the operator, no cgroup."""
+    disk_limits: DiskLimits = field(default_factory=DiskLimits)
+    """``MICROVM_DISK_BPS``/``_IOPS``: the customer disk's throttling (:func:`throttling`)."""
 
 
 _TSC_LINES = (
@@ -168,7 +170,8 @@ def qemu_argv(
         "-chardev", f"ringbuf,id={CONSOLE_DEV},size={settings.console_ring_bytes},"
                     f"logfile={CONSOLE_LOG},logappend=on",
         "-serial", f"chardev:{CONSOLE_DEV}",
-        "-drive", f"id=root,file={DISK},format=qcow2,if=none,cache=writeback,{DISK_ERRORS}",
+        "-drive", f"id=root,file={DISK},format=qcow2,if=none,cache=writeback,{DISK_ERRORS}"
+                  f"{throttling(settings.disk_limits)}",
         "-device", "virtio-blk-device,drive=root",
     ]
     if config_drive:
@@ -182,6 +185,17 @@ def qemu_argv(
     if incoming:
         argv += ["-incoming", "defer"]
     return argv
+
+
+def throttling(limits: DiskLimits) -> str:
+    """The ``-drive`` options that cap a disk at ``limits`` (QEMU's throttle group of one drive: reads and
+    writes together, short bursts of up to a tenth of a second's worth allowed); ``""`` without limits."""
+    opts = ""
+    if limits.bps:
+        opts += f",throttling.bps-total={limits.bps}"
+    if limits.iops:
+        opts += f",throttling.iops-total={limits.iops}"
+    return opts
 
 
 def network_args(network: VmNetwork | None) -> list[str]:

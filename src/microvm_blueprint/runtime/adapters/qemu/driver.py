@@ -37,7 +37,7 @@ from typing import Any
 from ... import images, netns
 from ...configdrive import build_config_drive_async, guest_config
 from ...driver import ExitListener
-from ...errors import ImageError, InvalidInput, VmError, VmmError, VmmTimeout
+from ...errors import ImageError, InvalidInput, VmError, VmmApiError, VmmError, VmmTimeout
 from ...model import NetworkMode, SnapshotRecord, VmHandle, VmRecord, VmSpec, VmStatus
 from . import console
 from .argv import (
@@ -245,6 +245,7 @@ class QemuDriver:
         # a start replayed after an operator crash finds the guest already running (and maybe ready:
         # its ready line is in the console file whether or not an operator was there to see it)
         if await q.status() != "running":
+            q.rearm_disk_watch()
             await q.execute("cont")
         await q.wait_ready(self.settings.boot_timeout)
         return self._handle(q)
@@ -256,6 +257,7 @@ class QemuDriver:
 
     async def resume(self, vm: VmRecord) -> None:
         q = self._vm(vm)
+        q.rearm_disk_watch()
         await q.execute("cont")
         await q.wait_status({"running"}, self.settings.qmp_timeout)
         with contextlib.suppress(FileNotFoundError):
@@ -348,6 +350,13 @@ class QemuDriver:
     async def vmm_status(self, vm: VmRecord) -> str:
         """QEMU's own run state of ``vm`` (QMP ``query-status``: ``running``, ``paused``, ``io-error``, ...)."""
         return await self._vm(vm).status()
+
+    async def query_block(self, vm: VmRecord) -> list[dict[str, Any]]:
+        """QEMU's own view of ``vm``'s drives (QMP ``query-block``: each drive's file, throttling, io-status)."""
+        answer = await self._vm(vm).execute("query-block")
+        if not isinstance(answer, list):
+            raise VmmApiError(f"qemu answered query-block with {answer!r}"[:300])
+        return [d for d in answer if isinstance(d, dict)]
 
     async def adopt(self, vm: VmRecord) -> bool:
         self._sweep_once()

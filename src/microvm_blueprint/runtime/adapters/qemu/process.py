@@ -82,6 +82,8 @@ class QemuProcess:
         self.qmp = QMPClient(f"vm-{vm_id[:32]}")
         self.stopping = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._disk_armed = True
+        self._disk_listener: EventListener | None = None
 
     # ---- birth ---------------------------------------------------------------------------------
 
@@ -148,7 +150,7 @@ class QemuProcess:
 
     def watch(self, on_exit: ExitCallback, on_error: ErrorCallback | None = None) -> None:
         """Start watching the process (``on_exit`` when it dies unasked, ``on_error`` at its guest's first
-        disk error) and keeping its console capped."""
+        disk error since the watch was armed: :meth:`rearm_disk_watch`) and keeping its console capped."""
         self._tasks.append(asyncio.create_task(self._watch_exit(on_exit), name=f"qemu-watch:{self.vm_id[:32]}"))
         if on_error is not None:
             self._tasks.append(asyncio.create_task(self._watch_disk(on_error), name=f"qemu-disk:{self.vm_id[:32]}"))
@@ -266,23 +268,32 @@ class QemuProcess:
                     warned = True
             await asyncio.sleep(CONSOLE_CHECK_EVERY)
 
+    def rearm_disk_watch(self) -> None:
+        """Report the next ``BLOCK_IO_ERROR`` again, dropping those already queued. Called before every
+        ``cont`` of a start: an error after it is news (the lifecycle may have cleared the last one), one
+        queued from before the pause is not."""
+        self._disk_armed = True
+        if self._disk_listener is not None:
+            self._disk_listener.clear()
+
     async def _watch_disk(self, on_error: ErrorCallback) -> None:
-        """Report the first ``BLOCK_IO_ERROR`` (a full disk repeats it for every write: the rest are
-        drained and dropped)."""
+        """Report the first ``BLOCK_IO_ERROR`` since the watch was (re-)armed (a full disk repeats it for every
+        write: the rest are drained and dropped until :meth:`rearm_disk_watch`)."""
         listener = EventListener(("BLOCK_IO_ERROR",))
+        self._disk_listener = listener
         self.qmp.register_listener(listener)
         try:
-            reported = False
             async for event in listener:
-                if reported:
+                if not self._disk_armed:
                     continue
-                reported = True
+                self._disk_armed = False
                 raw = event.get("data")
                 data: dict[str, Any] = raw if isinstance(raw, dict) else {}
                 what = "disk full" if data.get("nospace") else str(data.get("reason") or "i/o error")
                 on_error(f"guest disk error: {data.get('operation', 'i/o')} on {data.get('device') or 'disk'} "
                          f"failed ({what}); the guest saw an I/O error")
         finally:
+            self._disk_listener = None
             self.qmp.remove_listener(listener)
 
     # ---- death ---------------------------------------------------------------------------------
