@@ -29,6 +29,7 @@ from microvm_blueprint.runtime.adapters.firecracker import (
     api_refusal,
     map_api_error,
 )
+from microvm_blueprint.runtime.adapters.firecracker.driver import rate_limiter
 from microvm_blueprint.runtime.configdrive import hostname_for
 from microvm_blueprint.runtime.errors import (
     ImageError,
@@ -40,6 +41,7 @@ from microvm_blueprint.runtime.errors import (
 )
 from microvm_blueprint.runtime.lifecycle import Lifecycle
 from microvm_blueprint.runtime.model import (
+    DiskLimits,
     NetworkMode,
     Origin,
     SnapshotRecord,
@@ -265,6 +267,27 @@ async def test_every_vm_gets_a_config_drive_and_every_clone_a_new_instance_id(
     await life.close(stop_vms=True)
 
 
+async def test_the_root_drive_has_the_disk_limits_as_its_rate_limiter(make: Callable[..., FirecrackerDriver],
+                                                                       tmp_path: Path) -> None:
+    """MICROVM_DISK_BPS/_IOPS reach Firecracker as the root drive's ``rate_limiter`` (token buckets of one
+    second's worth, checked by the stand-in against the spec's ``RateLimiter``); the config drive has none,
+    and with both limits 0 neither has one."""
+    for limits, expected in ((DiskLimits(bps=20 << 20, iops=700),
+                              {"bandwidth": {"size": 20 << 20, "refill_time": 1000},
+                               "ops": {"size": 700, "refill_time": 1000}}),
+                             (DiskLimits(bps=0, iops=0), None)):
+        sub = f"fc{limits.iops}"
+        driver = make(sub=sub, disk_limits=limits)
+        life = life_over(driver, tmp_path / sub)
+        await life.create_vm("a", None, ANON)
+        await life.start_vm("a", ANON)
+        drives = (await vm_api(driver, life, "a", "GET", "/vm/config"))["drives"]
+        assert drives[0]["drive_id"] == "rootfs" and drives[0].get("rate_limiter") == expected
+        assert "rate_limiter" not in drives[1]
+        await life.destroy_vm("a", ANON)
+        await life.close(stop_vms=True)
+
+
 async def test_firecracker_refuses_user_mode_networking(make: Callable[..., FirecrackerDriver], tmp_path: Path) -> None:
     driver = make()
     with pytest.raises(VmmError, match="network mode 'user' is not available with the firecracker provider"):
@@ -278,7 +301,8 @@ async def test_read_only_rootfs_is_shared_not_copied(make: Callable[..., Firecra
     await life.create_vm("a", None, ANON)
     cfg = await vm_api(driver, life, "a", "GET", "/vm/config")
     assert cfg["drives"][0] == {"drive_id": "rootfs", "path_on_host": str(Path(driver.settings.rootfs).resolve()),
-                                "is_root_device": True, "is_read_only": True}
+                                "is_root_device": True, "is_read_only": True,
+                                "rate_limiter": rate_limiter(driver.settings.disk_limits)}  # the default limits
     assert not (Path(life.store.get_vm("a").workdir) / "rootfs.ext4").exists()  # type: ignore[union-attr]
     await life.start_vm("a", ANON)
     await life.snapshot_vm("a", "s", ANON)

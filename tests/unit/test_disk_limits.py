@@ -79,6 +79,20 @@ def test_the_qemu_driver_gets_the_operators_disk_limits(tmp_path: Path) -> None:
     assert driver.settings.disk_limits == DiskLimits(bps=DEFAULT_DISK_BPS, iops=77)
 
 
+def test_the_firecracker_driver_gets_the_operators_disk_limits(tmp_path: Path) -> None:
+    from microvm_blueprint.runtime.adapters.firecracker import FirecrackerDriver
+    from microvm_blueprint.runtime.adapters.firecracker.driver import rate_limiter
+
+    s = OperatorSettings.from_env({"MICROVM_PROVIDER": "firecracker", "MICROVM_DISK_BPS": "1048576",
+                                   "MICROVM_DISK_IOPS": "0"}, tmp_path)
+    driver = make_driver(s)
+    assert isinstance(driver, FirecrackerDriver)
+    assert driver.settings.disk_limits == DiskLimits(bps=1 << 20, iops=0)
+    assert rate_limiter(DiskLimits(bps=5, iops=7)) == {"bandwidth": {"size": 5, "refill_time": 1000},
+                                                       "ops": {"size": 7, "refill_time": 1000}}
+    assert rate_limiter(DiskLimits(bps=0, iops=7)) == {"ops": {"size": 7, "refill_time": 1000}}
+
+
 # ---- QEMU's argv ----------------------------------------------------------------------------------------
 
 

@@ -79,7 +79,7 @@ def make_driver(settings: OperatorSettings) -> VmmDriver:
         # pointing VM folders at it would let reconciliation remove whatever else lives there
         log.warning("MICROVM_FIRECRACKER_STATE_DIR=%s is accepted for compatibility and not used: VM folders "
                     "and snapshots live under %s", fc.state_dir, settings.state_dir)
-    return FirecrackerDriver(fc)
+    return FirecrackerDriver(dataclasses.replace(fc, disk_limits=settings.disk_limits))
 
 
 def firecracker_settings(settings: OperatorSettings) -> FirecrackerSettings:

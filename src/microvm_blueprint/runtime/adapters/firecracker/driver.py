@@ -89,7 +89,7 @@ from ...configdrive import build_config_drive_async, guest_config
 from ...confine import Confinement
 from ...driver import ExitListener
 from ...errors import ImageError, InvalidInput, VmError, VmmApiError, VmmError, VmmTimeout
-from ...model import DEFAULT_IMAGE, NetworkMode, SnapshotRecord, VmHandle, VmRecord, VmSpec, VmStatus
+from ...model import DEFAULT_IMAGE, DiskLimits, NetworkMode, SnapshotRecord, VmHandle, VmRecord, VmSpec, VmStatus
 from ...netns import TAP, exec_prefix, ns_name
 from .api import FirecrackerApi
 from .settings import ENV_PREFIX, MAX_VCPUS, SOCKET_NAME_LEN, FirecrackerSettings
@@ -552,7 +552,11 @@ class FirecrackerDriver:
         boot: dict[str, Any] = {"kernel_image_path": kernel, "boot_args": boot_args}
         if initrd:
             boot["initrd_path"] = initrd
-        drives = [{"drive_id": DRIVE_ID, "path_on_host": str(disk), "is_root_device": True, "is_read_only": read_only}]
+        root: dict[str, Any] = {"drive_id": DRIVE_ID, "path_on_host": str(disk), "is_root_device": True,
+                                "is_read_only": read_only}
+        if self.settings.disk_limits.limited:
+            root["rate_limiter"] = rate_limiter(self.settings.disk_limits)
+        drives = [root]
         if cidata is not None:
             drives.append(_cidata_drive(cidata))
         config: dict[str, Any] = {
@@ -915,6 +919,17 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
+
+
+def rate_limiter(limits: DiskLimits) -> dict[str, Any]:
+    """Firecracker's ``RateLimiter`` for ``limits``: a token bucket per limit that holds one second's worth
+    and refills in one second (so bursts of up to a second's worth, then the rate), none for a 0."""
+    out: dict[str, Any] = {}
+    if limits.bps:
+        out["bandwidth"] = {"size": limits.bps, "refill_time": 1000}
+    if limits.iops:
+        out["ops"] = {"size": limits.iops, "refill_time": 1000}
+    return out
 
 
 def _cidata_drive(path: Path) -> dict[str, Any]:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ....envparse import Env, check_int
 from ....errors import ConfigError
 from ...errors import ImageError
-from ...model import DEFAULT_IMAGE, VmSpec
+from ...model import DEFAULT_IMAGE, DiskLimits, VmSpec
 
 ENV_PREFIX = "MICROVM_FIRECRACKER_"
 READY_LINE = "MICROVM-READY"
@@ -59,6 +59,8 @@ class FirecrackerSettings:
     chroot_base: str = "/srv/jailer"
     jailer_uid: int = 0
     jailer_gid: int = 0
+    #: ``MICROVM_DISK_BPS``/``_IOPS`` (parsed with the operator's settings): the root drive's ``rate_limiter``
+    disk_limits: DiskLimits = field(default_factory=DiskLimits)
 
     def __post_init__(self) -> None:
         def bounded(name: str, value: int, lo: int, hi: int | None = None) -> None:
