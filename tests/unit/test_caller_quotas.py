@@ -176,7 +176,7 @@ async def test_the_service_owner_and_the_service_are_held_by_the_host_quotas_onl
     await lc.snapshot_vm("o0", "t", by(OWNER))
     with pytest.raises(QuotaExceeded, match=r"^quota exceeded: at most 4 vms$"):
         await lc.create_vm("o9", MIB, by(OWNER))
-    with pytest.raises(QuotaExceeded, match="at most 4 vms$"):  # the host is full for customers too
+    with pytest.raises(QuotaExceeded, match=r"at most 4 vms$"):  # the host is full for customers too
         await lc.create_vm("a", None, by(A))
 
 
