@@ -95,6 +95,9 @@ class OperatorSettings:
             max_vms=e.optional_integer("MICROVM_MAX_VMS", 1),
             max_total_mem_mib=e.optional_integer("MICROVM_MAX_TOTAL_MEM_MIB", 128),
             max_snapshot_bytes=e.optional_integer("MICROVM_MAX_SNAPSHOT_BYTES", 1),
+            caller_max_vms=e.optional_integer("MICROVM_CALLER_MAX_VMS", 1),
+            caller_max_total_mem_mib=e.optional_integer("MICROVM_CALLER_MAX_TOTAL_MEM_MIB", 128),
+            caller_max_snapshot_bytes=e.optional_integer("MICROVM_CALLER_MAX_SNAPSHOT_BYTES", 1),
         )
         image_dir = e.raw("MICROVM_IMAGE_DIR")
         values: dict[str, object] = {

@@ -9,9 +9,10 @@ its snapshots; a change from any other caller fails with ``vm '<id>' belongs to 
 is put on the VM's audit trail as ``refused:<job>``. The service owner (injected: the runtime never
 asks the chain) and the service itself (an :class:`Origin` without a caller) may act on every VM.
 
-Quotas are reservations: a create, restore or snapshot checks the host quota and takes its share
-under one lock before any VMM work, and gives it back if it fails, so concurrent calls on different
-VMs cannot all pass a check that only one of them fits. Adapters are therefore thin and cannot drift apart on semantics;
+Quotas are reservations: a create, restore or snapshot checks the host quota, and the quota of the
+caller that will own the result (the service owner and the service itself are exempt from per-caller
+quotas), and takes its share under one lock before any VMM work, and gives it back if it fails, so
+concurrent calls on different VMs cannot all pass a check that only one of them fits. Adapters are therefore thin and cannot drift apart on semantics;
 the contract suite in ``tests/contract`` runs against every driver.
 """
 
@@ -113,8 +114,9 @@ class Lifecycle:
         self.snaps_dir.mkdir(parents=True, exist_ok=True)
         self._locks: dict[str, _VmLock] = {}  # only VMs a call holds or waits on (see _locked)
         self._quota_lock = asyncio.Lock()  # a quota is checked and taken under it (see _vm_quota)
-        self._vms_taken: dict[str, int] = {}  # creates/restores past their quota check, no row yet: MiB
-        self._snaps_taken: dict[object, int] = {}  # snapshots being taken: bytes reserved
+        # creates/restores past their quota check, no row yet: the new owner (lower case) and its MiB
+        self._vms_taken: dict[str, tuple[str | None, int]] = {}
+        self._snaps_taken: dict[object, tuple[str | None, int]] = {}  # snapshots being taken: owner, bytes reserved
         self.min_free_mib = min_free_mib
         self._unrecorded_errors: dict[str, str] = {}  # disk errors the (full) store could not take yet
         self._disk_errors_seen: dict[str, int] = {}  # disk errors reported per VM (a start clears only older ones)
@@ -239,49 +241,94 @@ class Lifecycle:
         self.store.record_refusal(vm.vm_id, vm.status, origin, job)
         raise OwnershipError(vm.vm_id)
 
+    def _held(self, caller: str | None, *limits: int | None) -> str | None:
+        """The caller (lower case) whose per-caller quotas ``limits`` hold this call, or ``None`` when none
+        of them is set or the caller is exempt: the service itself, or the service owner, who may act on
+        every VM (DESIGN.md §9) and is held by the host quotas only. The owner is asked only when it matters."""
+        if caller is None or all(lim is None for lim in limits):
+            return None
+        if _same(caller, self._service_owner()):
+            return None
+        return caller.lower()
+
     @asynccontextmanager
-    async def _vm_quota(self, vm_id: str, spec: VmSpec) -> AsyncIterator[None]:
-        """Check the VM count and memory quotas and take ``vm_id``'s share, under one lock, before any VMM
-        work; the share is held until the body ends (by then the VM's row counts, or it failed)."""
+    async def _vm_quota(self, vm_id: str, spec: VmSpec, origin: Origin) -> AsyncIterator[None]:
+        """Check the VM count and memory quotas, the host's and those of the caller that will own the VM
+        (its creator or restorer), and take ``vm_id``'s share, under one lock, before any VMM work; the
+        share is held until the body ends (by then the VM's row counts, or it failed)."""
         lim = self.limits
-        if lim.max_vms is None and lim.max_total_mem_mib is None:
-            yield  # no host quota: skip the usage scan on the hot path
+        held = self._held(origin.caller, lim.caller_max_vms, lim.caller_max_total_mem_mib)
+        if lim.max_vms is None and lim.max_total_mem_mib is None and held is None:
+            yield  # no quota holds this call: skip the usage scan on the hot path
             return
         async with self._quota_lock:
-            count, mem, _ = self.store.usage()
-            count += len(self._vms_taken)
-            mem += sum(self._vms_taken.values())
-            if lim.max_vms is not None and count + 1 > lim.max_vms:
-                raise QuotaExceeded(f"quota exceeded: at most {lim.max_vms} vms")
-            if lim.max_total_mem_mib is not None and mem + spec.mem_mib > lim.max_total_mem_mib:
-                raise QuotaExceeded(
-                    f"quota exceeded: total guest memory would be {mem + spec.mem_mib} MiB "
-                    f"(limit {lim.max_total_mem_mib} MiB)"
-                )
-            self._vms_taken[vm_id] = spec.mem_mib
+            if lim.max_vms is not None or lim.max_total_mem_mib is not None:
+                count, mem, _ = self.store.usage()
+                count += len(self._vms_taken)
+                mem += sum(mib for _, mib in self._vms_taken.values())
+                if lim.max_vms is not None and count + 1 > lim.max_vms:
+                    raise QuotaExceeded(f"quota exceeded: at most {lim.max_vms} vms")
+                if lim.max_total_mem_mib is not None and mem + spec.mem_mib > lim.max_total_mem_mib:
+                    raise QuotaExceeded(
+                        f"quota exceeded: total guest memory would be {mem + spec.mem_mib} MiB "
+                        f"(limit {lim.max_total_mem_mib} MiB)"
+                    )
+            if held is not None:
+                count, mem, _ = self.store.usage_of(held)
+                mine = [mib for owner, mib in self._vms_taken.values() if owner == held]
+                count += len(mine)
+                mem += sum(mine)
+                if lim.caller_max_vms is not None and count + 1 > lim.caller_max_vms:
+                    raise QuotaExceeded(f"quota exceeded: at most {lim.caller_max_vms} vms for caller {origin.caller}")
+                if lim.caller_max_total_mem_mib is not None and mem + spec.mem_mib > lim.caller_max_total_mem_mib:
+                    raise QuotaExceeded(
+                        f"quota exceeded: total guest memory for caller {origin.caller} would be "
+                        f"{mem + spec.mem_mib} MiB (limit {lim.caller_max_total_mem_mib} MiB)"
+                    )
+            # the share is the new owner's (insert_vm records origin.caller), exempt or not
+            self._vms_taken[vm_id] = (origin.caller.lower() if origin.caller is not None else None, spec.mem_mib)
         try:
             yield
         finally:
             del self._vms_taken[vm_id]
 
     @asynccontextmanager
-    async def _snapshot_quota(self, vm: StoredVm) -> AsyncIterator[int | None]:
-        """Check the snapshot disk quota and reserve what this snapshot may take (its guest memory when it
-        has a memory image, at most what is left), under one lock, before any VMM work. Yields the limit.
-        The snapshot's real size is checked against the stored ones before it is recorded."""
-        lim = self.limits.max_snapshot_bytes
-        if lim is None:
-            yield None
+    async def _snapshot_quota(self, vm: StoredVm, origin: Origin) -> AsyncIterator[Callable[[int], None]]:
+        """Check the snapshot disk quotas, the host's and the caller's (a snapshot is its VM owner's, and
+        only the owner or an exempt caller may take one), and reserve what this snapshot may take (its
+        guest memory when it has a memory image, at most what is left), under one lock, before any VMM
+        work. Yields a check of the snapshot's real size against the stored ones, made before it is recorded."""
+        host = self.limits.max_snapshot_bytes
+        mine = self.limits.caller_max_snapshot_bytes
+        held = self._held(origin.caller, mine)
+        if host is None and held is None:
+            yield _no_check
             return
         token = object()
         async with self._quota_lock:
-            used = self.store.usage()[2] + sum(self._snaps_taken.values())
-            if used >= lim:
-                raise QuotaExceeded(f"quota exceeded: snapshot disk limit of {lim} bytes reached")
-            estimate = vm.spec.mem_mib << 20 if vm.status in (VmStatus.RUNNING, VmStatus.STOPPED) else 0
-            self._snaps_taken[token] = min(estimate, lim - used)
+            share = vm.spec.mem_mib << 20 if vm.status in (VmStatus.RUNNING, VmStatus.STOPPED) else 0
+            if host is not None:
+                used = self.store.usage()[2] + sum(b for _, b in self._snaps_taken.values())
+                if used >= host:
+                    raise QuotaExceeded(f"quota exceeded: snapshot disk limit of {host} bytes reached")
+                share = min(share, host - used)
+            if held is not None and mine is not None:
+                used = self.store.usage_of(held)[2] + sum(b for o, b in self._snaps_taken.values() if o == held)
+                if used >= mine:
+                    raise QuotaExceeded(f"quota exceeded: snapshot disk limit of {mine} bytes for caller "
+                                        f"{origin.caller} reached")
+                share = min(share, mine - used)
+            self._snaps_taken[token] = (vm.owner.lower() if vm.owner is not None else None, share)
+
+        def check(size: int) -> None:
+            if host is not None and self.store.usage()[2] + size > host:
+                raise QuotaExceeded(f"quota exceeded: snapshot of {size} bytes would pass the limit of {host} bytes")
+            if held is not None and mine is not None and self.store.usage_of(held)[2] + size > mine:
+                raise QuotaExceeded(f"quota exceeded: snapshot of {size} bytes would pass the limit of {mine} "
+                                    f"bytes for caller {origin.caller}")
+
         try:
-            yield lim
+            yield check
         finally:
             del self._snaps_taken[token]
 
@@ -371,7 +418,7 @@ class Lifecycle:
             raise VmAlreadyExists(vm_id)
         self._check_network(spec)
         self._check_free("create_vm")
-        async with self._vm_quota(vm_id, spec):
+        async with self._vm_quota(vm_id, spec, origin):
             return await self._create_reserved(vm_id, spec, origin)
 
     async def _create_reserved(self, vm_id: str, spec: VmSpec, origin: Origin) -> VmView:
@@ -501,11 +548,11 @@ class Lifecycle:
             if self.store.get_snapshot(vm_id, snapshot_id) is not None:
                 raise SnapshotAlreadyExists(vm_id, snapshot_id)
             self._check_free("snapshot_vm")
-            async with self._snapshot_quota(vm) as lim:
-                return await self._snapshot_reserved(vm, snapshot_id, origin, lim)
+            async with self._snapshot_quota(vm, origin) as check_size:
+                return await self._snapshot_reserved(vm, snapshot_id, origin, check_size)
 
     async def _snapshot_reserved(
-        self, vm: StoredVm, snapshot_id: str, origin: Origin, lim: int | None
+        self, vm: StoredVm, snapshot_id: str, origin: Origin, check_size: Callable[[int], None]
     ) -> SnapshotView:
         vm_id = vm.vm_id
         snapdir = self.snaps_dir / fs_name(vm_id) / fs_name(snapshot_id)
@@ -516,10 +563,7 @@ class Lifecycle:
             crash_point("snapshot.after_intent")
             size = await self.driver.snapshot(self._record(vm), str(snapdir))
             crash_point("snapshot.after_save")
-            if lim is not None and self.store.usage()[2] + size > lim:
-                raise QuotaExceeded(
-                    f"quota exceeded: snapshot of {size} bytes would pass the limit of {lim} bytes"
-                )
+            check_size(size)
         except BaseException as exc:
             shutil.rmtree(snapdir, ignore_errors=True)
             self.store.drop_intent(intent)
@@ -569,7 +613,7 @@ class Lifecycle:
                 spec = self.limits.check_spec(snap.spec)
                 self._check_network(spec)
                 self._check_free("restore_vm")
-                async with self._vm_quota(new_vm_id, spec):
+                async with self._vm_quota(new_vm_id, spec, origin):
                     return await self._restore_reserved(new_vm_id, snap, spec, origin)
 
     async def _restore_reserved(self, new_vm_id: str, snap: SnapshotRecord, spec: VmSpec, origin: Origin) -> VmView:
@@ -716,6 +760,10 @@ def _snap_view(snap: SnapshotRecord) -> SnapshotView:
 def _same(caller: str, owner: str | None) -> bool:
     """One address, whatever the letter case (a checksummed and a lower-case spelling are the same)."""
     return owner is not None and caller.lower() == owner.lower()
+
+
+def _no_check(size: int) -> None:
+    """The snapshot size check when no snapshot quota holds the call."""
 
 
 def _safe(vm_id: object) -> str | None:

@@ -226,13 +226,20 @@ class DiskLimits:
 
 @dataclass(frozen=True)
 class HostLimits:
-    """Per-VM maxima and host-wide quotas. ``None`` = unlimited."""
+    """Per-VM maxima, host-wide quotas and per-caller quotas. ``None`` = unlimited.
+
+    The ``caller_*`` quotas bound what one caller owns (DESIGN.md §9: the VMs it created or restored, and
+    their snapshots), so one customer cannot take the whole host; the service owner and the service itself
+    are held only by the host quotas."""
 
     max_vcpus: int = 8
     max_mem_mib: int = 16384
     max_vms: int | None = None
     max_total_mem_mib: int | None = None
     max_snapshot_bytes: int | None = None
+    caller_max_vms: int | None = None
+    caller_max_total_mem_mib: int | None = None
+    caller_max_snapshot_bytes: int | None = None
 
     def check_spec(self, spec: VmSpec) -> VmSpec:
         """Validate a spec against §5 and these maxima; raise :class:`InvalidInput` naming the field."""

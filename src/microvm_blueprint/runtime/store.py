@@ -522,6 +522,20 @@ class Store:
         snap = self._read("SELECT coalesce(sum(size_bytes), 0) FROM snapshots")[0]
         return int(live[0]), int(live[1]), int(snap[0])  # type: ignore[call-overload]
 
+    def usage_of(self, owner: str) -> tuple[int, int, int]:
+        """:meth:`usage` of what ``owner`` owns, whatever the letter case: its live VMs, and the snapshots
+        of every VM it owns (a destroyed VM's too, as long as they are kept)."""
+        key = owner.lower()
+        live = self._read(
+            "SELECT count(*), coalesce(sum(json_extract(spec, '$.mem_mib')), 0) FROM vms "
+            "WHERE status NOT IN ('destroyed', 'failed') AND lower(owner)=?", (key,)
+        )[0]
+        snap = self._read(
+            "SELECT coalesce(sum(s.size_bytes), 0) FROM snapshots s JOIN vms v ON v.vm_id=s.vm_id "
+            "WHERE lower(v.owner)=?", (key,)
+        )[0]
+        return int(live[0]), int(live[1]), int(snap[0])  # type: ignore[call-overload]
+
     def insert_vm(
         self,
         vm_id: str,
