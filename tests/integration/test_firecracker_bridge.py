@@ -249,14 +249,17 @@ async def test_bridge_under_the_jailer_joins_the_namespace_with_netns(
     settings = stand_in_settings(tmp_path / "fc", jailer=str(fake_jailer(tmp_path / "bin")),
                                  chroot_base=str(chroot_base), jailer_uid=999, jailer_gid=995)
     driver = FirecrackerDriver(settings)
-    # as the operator builds it: the TAPs belong to the jailer's user, who opens them without privileges
+    # as the operator builds it: each TAP belongs to its VM's own jailer user (a uid of MICROVM_VMM_UID_RANGE),
+    # who opens it without privileges
     env = {"MICROVM_PROVIDER": "firecracker", "MICROVM_NETWORK": "bridge", "MICROVM_BRIDGE_POOL": POOL}
     life = build_provider(OperatorSettings.from_env(env, tmp_path / "data"), driver)
     vm_ids = ["fj-a", "fj-c"]
     try:
         await life.create_vm("fj-a", VmSpec(), ANON)
+        uid = life.store.vmm_uid("fj-a")
+        assert uid is not None and uid not in (999, 995)
         _, tap = await netns.run(["ip", "-n", netns.ns_name("fj-a"), "-d", "link", "show", "dev", "tap0"])
-        assert f"user {user_name(999)} group {group_name(995)}" in tap, tap
+        assert f"user {user_name(uid)} group {group_name(uid)}" in tap, tap
         await life.start_vm("fj-a", ANON)
         await life.snapshot_vm("fj-a", "s1", ANON)
         await life.restore_vm("fj-a", "s1", "fj-c", ANON)
@@ -268,6 +271,8 @@ async def test_bridge_under_the_jailer_joins_the_namespace_with_netns(
             assert argv[argv.index("--netns") + 1] == f"/var/run/netns/{netns.ns_name(v)}"
             assert argv.index("--netns") < argv.index("--")  # the jailer's flag, not Firecracker's
             assert record["netns"] == ns_inode(v)
+            own = str(life.store.vmm_uid(v))  # the jailer runs each VM's Firecracker as that VM's own uid/gid
+            assert (argv[argv.index("--uid") + 1], argv[argv.index("--gid") + 1]) == (own, own)
             [lines] = seen[instance(life, v)]
             assert {e["netns"] for e in lines} == {ns_inode(v)}
         [a] = seen[instance(life, "fj-a")]

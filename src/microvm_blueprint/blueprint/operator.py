@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..runtime.confine import Confinement
+from ..runtime.confine import Confinement, check_uid_range
 from ..runtime.driver import VmmDriver
 from ..runtime.errors import ImageError
 from ..runtime.lifecycle import Lifecycle
@@ -106,11 +106,14 @@ def build_provider(
     settings.data_dir.chmod(0o700)  # disks, snapshots, consoles, keys: the operator's alone (DESIGN.md §9)
     store = Store(":memory:" if settings.ephemeral else settings.data_dir / "runtime.sqlite3")
     driver = driver or make_driver(settings)
-    # bridge TAPs belong to the VMM's user (confined QEMU, jailed Firecracker), who opens them unprivileged
-    network = dataclasses.replace(settings.network, tap_owner=driver.tap_owner())
+    # a uid of its own per VMM where the driver switches users (confined QEMU, jailed Firecracker): a
+    # range that is the VMMs' alone, checked here at start (DESIGN.md §9)
+    uids = settings.vmm_uid_range if driver.isolates_users() else None
+    if uids is not None:
+        check_uid_range(uids)  # the VMM user and its groups are in /etc/passwd and /etc/group: checked too
     return Lifecycle(driver, store, state_dir=settings.state_dir, limits=settings.limits,
-                     default_spec=default_spec(settings), network=network, service_owner=service_owner,
-                     min_free_mib=settings.min_free_mib)
+                     default_spec=default_spec(settings), network=settings.network, service_owner=service_owner,
+                     min_free_mib=settings.min_free_mib, vmm_uids=uids)
 
 
 class JournalObserver:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from ..envparse import Env, parse_choice
 from ..errors import ConfigError
 from ..runtime import netns
+from ..runtime.confine import DEFAULT_UID_RANGE, parse_uid_range
 from ..runtime.model import (
     DEFAULT_DISK_BPS,
     DEFAULT_DISK_IOPS,
@@ -71,6 +72,8 @@ class OperatorSettings:
     network: NetworkSettings = field(default_factory=NetworkSettings)
     #: DESIGN.md §9: the VMM's user, what its cgroup allows beyond guest memory, the free disk creates need
     vmm_user: str = "microvm"
+    #: ``MICROVM_VMM_UID_RANGE``: the uids (and gids) VMMs get one each of, when they switch users (``None``: off)
+    vmm_uid_range: tuple[int, int] | None = DEFAULT_UID_RANGE
     vmm_mem_overhead_mib: int = 256
     min_free_mib: int = 512
     #: ``MICROVM_DISK_BPS``/``_IOPS``: each VM's customer disk I/O cap (QEMU applies it; the Firecracker
@@ -116,6 +119,7 @@ class OperatorSettings:
             "qemu_accel": e.choice("MICROVM_QEMU_ACCEL", "auto", ["auto", "kvm", "tcg"]),
             "boot_timeout_s": e.duration("MICROVM_BOOT_TIMEOUT_S", 90.0, 1.0),
             "vmm_user": e.text("MICROVM_VMM_USER", "microvm"),
+            "vmm_uid_range": parse_uid_range(e.text("MICROVM_VMM_UID_RANGE", "{}-{}".format(*DEFAULT_UID_RANGE))),
             "vmm_mem_overhead_mib": e.integer("MICROVM_VMM_MEM_OVERHEAD_MIB", 256, 0),
             "min_free_mib": e.integer("MICROVM_MIN_FREE_MIB", 512, 0),
             "disk_limits": DiskLimits(bps=e.integer("MICROVM_DISK_BPS", DEFAULT_DISK_BPS, 0, MAX_DISK_RATE),

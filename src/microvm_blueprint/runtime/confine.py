@@ -5,7 +5,13 @@
   ``user=``/``group=``/``extra_groups=`` (the ``kvm`` and ``tun`` groups when they exist), never QEMU's
   ``-runas`` (which dies under ``-sandbox ...,elevateprivileges=deny``). When the operator is not root, the
   VMM simply runs as the operator's user. Every VMM gets umask 077.
-* **Files.** The VM folder is the VMM user's and 0700, its files 0600 (:meth:`Confinement.own`); the
+* **A uid per VM.** With ``MICROVM_VMM_UID_RANGE`` (default 200000-265535), each VM's VMM runs as a uid
+  (and gid) of its own from that range, recorded with the VM by the lifecycle core, with the ``kvm``/``tun``
+  groups as supplementary groups and no ``/etc/passwd`` entry: one VMM cannot open another VM's disk,
+  console, sockets or memory. Every method below takes that ``uid``; ``None`` means the shared
+  ``MICROVM_VMM_USER`` (VMs from before per-VM uids keep it). :func:`check_uid_range` refuses a range
+  that holds a user, a group or a subordinate id of the host.
+* **Files.** The VM folder is its VMM's user's and 0700, its files 0600 (:meth:`Confinement.own`); the
   operator (root) still reads them.
 * **Cgroup.** Each VMM in a cgroup of its own with a memory limit (guest memory + overhead), a pids limit
   and a CPU quota (its vCPUs): cgroup v2 where it is mounted with those controllers, else the v1
@@ -34,6 +40,11 @@ log = logging.getLogger(__name__)
 DEFAULT_USER = "microvm"
 DEVICE_GROUPS = ("kvm", "tun")
 """Groups a VMM user joins when they exist (``/dev/kvm``, ``/dev/net/tun`` are usually theirs)."""
+DEFAULT_UID_RANGE = (200000, 265535)
+"""``MICROVM_VMM_UID_RANGE``'s default: 65,536 uids above every conventional account (system users,
+regular users, ``nobody`` 65534, systemd's dynamic users 61184-65519)."""
+UID_RANGE_BOUNDS = (65536, 2**31 - 2)
+"""Where a range may lie: above the 16-bit ids accounts use, below the ids tools read as negative."""
 CPU_PERIOD_US = 100_000
 V1_CONTROLLERS = ("memory", "pids", "cpu")
 
@@ -78,6 +89,55 @@ def resolve_user(name: str | None) -> VmmUser | None:
     return VmmUser(name, pw.pw_uid, pw.pw_gid, tuple(groups))
 
 
+def parse_uid_range(raw: str) -> tuple[int, int] | None:
+    """``MICROVM_VMM_UID_RANGE``: ``LO-HI`` inclusive within :data:`UID_RANGE_BOUNDS`, or empty / ``off``
+    (``None``: every VMM runs as the shared ``MICROVM_VMM_USER``). Raises :class:`ConfigError`."""
+    text = raw.strip()
+    if text in ("", "off"):
+        return None
+    lo, sep, hi = text.partition("-")
+    low, high = UID_RANGE_BOUNDS
+    if not sep or not lo.strip().isdigit() or not hi.strip().isdigit() or not low <= int(lo) <= int(hi) <= high:
+        raise ConfigError(f"MICROVM_VMM_UID_RANGE={raw!r} must be LO-HI with {low} <= LO <= HI <= {high} "
+                          "(or `off`: every VMM runs as MICROVM_VMM_USER)")
+    return int(lo), int(hi)
+
+
+def _subid_ranges(path: str) -> list[tuple[str, int, int]]:
+    """``name:start:count`` lines of ``/etc/subuid`` or ``/etc/subgid`` as (name, first, last)."""
+    found: list[tuple[str, int, int]] = []
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return found
+    for line in text.splitlines():
+        parts = line.strip().split(":")
+        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit() and int(parts[2]) > 0:
+            found.append((parts[0], int(parts[1]), int(parts[1]) + int(parts[2]) - 1))
+    return found
+
+
+def check_uid_range(uid_range: tuple[int, int], *, subuid: str = "/etc/subuid",
+                    subgid: str = "/etc/subgid") -> None:
+    """Refuse (:class:`ConfigError`) a ``MICROVM_VMM_UID_RANGE`` that is not the VMMs' alone: one holding a
+    user or a group of the host (``/etc/passwd``, ``/etc/group``: the VMM's gid is its uid; the shared
+    VMM user and the device groups are among them), the operator's own ids, or a subordinate id range
+    (a rootless container could run as it). Called at start."""
+    lo, hi = uid_range
+    var = f"MICROVM_VMM_UID_RANGE={lo}-{hi}"
+    taken: list[str] = []
+    taken += [f"user {p.pw_name} (uid {p.pw_uid})" for p in pwd.getpwall() if lo <= p.pw_uid <= hi]
+    taken += [f"group {g.gr_name} (gid {g.gr_gid})" for g in grp.getgrall() if lo <= g.gr_gid <= hi]
+    own = {os.getuid(), os.geteuid(), os.getgid(), os.getegid(), *os.getgroups()}
+    taken += [f"the operator's own id {i}" for i in sorted(own) if lo <= i <= hi]
+    for path in (subuid, subgid):
+        taken += [f"{name}'s subordinate ids {a}-{b} in {path}" for name, a, b in _subid_ranges(path)
+                  if a <= hi and lo <= b]
+    if taken:
+        raise ConfigError(f"{var} overlaps " + "; ".join(taken[:5]) + (" and more" if len(taken) > 5 else "")
+                          + ": give the VMMs a range of ids nothing else on this host uses")
+
+
 class Confinement:
     """Spawn credentials, file ownership and per-VMM cgroups, injected into a driver's settings."""
 
@@ -103,57 +163,66 @@ class Confinement:
 
     # ---- user and files ----------------------------------------------------------------------
 
-    def spawn_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``asyncio.create_subprocess_exec``: the VMM user (when switching) and umask 077."""
+    def vm_user(self, uid: int | None = None) -> VmmUser | None:
+        """Who a VMM runs as: ``uid`` (a VM's own, gid the same, with the device groups), else the shared
+        VMM user; ``None`` when the operator does not switch users (not root, or no VMM user)."""
+        if self.user is None:
+            return None
+        if uid is None:
+            return self.user
+        return VmmUser(f"uid {uid}", uid, uid, self.user.groups)
+
+    def isolates_users(self) -> bool:
+        """True if VMMs switch users here, so each VM may get a uid of its own (``MICROVM_VMM_UID_RANGE``)."""
+        return self.user is not None
+
+    def spawn_kwargs(self, uid: int | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``asyncio.create_subprocess_exec``: the VMM's user (:meth:`vm_user`, when
+        switching) and umask 077."""
         kw: dict[str, Any] = {"umask": 0o077}
-        if self.user is not None:
-            kw.update(user=self.user.uid, group=self.user.gid, extra_groups=list(self.user.groups))
+        user = self.vm_user(uid)
+        if user is not None:
+            kw.update(user=user.uid, group=user.gid, extra_groups=list(user.groups))
         return kw
 
-    def setpriv_prefix(self) -> list[str]:
-        """argv prefix that drops to the VMM user just before the VMM runs (util-linux ``setpriv``), for a
-        VMM that must be started as root first (inside a network namespace: ``ip netns exec``)."""
-        if self.user is None:
+    def setpriv_prefix(self, uid: int | None = None) -> list[str]:
+        """argv prefix that drops to the VMM's user (:meth:`vm_user`) just before the VMM runs (util-linux
+        ``setpriv``), for a VMM that must be started as root first (inside a network namespace: ``ip netns
+        exec``). Supplementary groups: exactly the device groups (none: ``--clear-groups``)."""
+        user = self.vm_user(uid)
+        if user is None:
             return []
-        groups = ",".join(str(g) for g in self.user.groups)
-        return ["setpriv", f"--reuid={self.user.uid}", f"--regid={self.user.gid}",
+        groups = ",".join(str(g) for g in user.groups)
+        return ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}",
                 f"--groups={groups}" if groups else "--clear-groups", "--inh-caps=-all", "--bounding-set=-all",
                 "--"]
 
-    def tap_owner(self) -> tuple[int, int] | None:
-        """(uid, gid) a TAP must belong to for the VMM user to open it without privileges."""
-        return (self.user.uid, self.user.gid) if self.user is not None else None
+    def tap_owner(self, uid: int | None = None) -> tuple[int, int] | None:
+        """(uid, gid) a TAP must belong to for the VMM's user (:meth:`vm_user`) to open it without privileges."""
+        user = self.vm_user(uid)
+        return (user.uid, user.gid) if user is not None else None
 
-    def own(self, path: str | Path, mode: int) -> None:
-        """Make ``path`` the VMM user's (when switching) with ``mode``. Raises OSError."""
-        if self.user is not None:
-            os.chown(path, self.user.uid, self.user.gid, follow_symlinks=False)
+    def own(self, path: str | Path, mode: int, uid: int | None = None) -> None:
+        """Make ``path`` the VMM's user's (:meth:`vm_user`, when switching) with ``mode``. Raises OSError."""
+        user = self.vm_user(uid)
+        if user is not None:
+            os.chown(path, user.uid, user.gid, follow_symlinks=False)
         os.chmod(path, mode)
 
-    def can_use(self, path: str | Path, write: bool = False) -> bool:
-        """True if the VMM user can read (and, with ``write``, write) ``path``: by its mode bits and
-        those of every folder above it (the operator, root, would pass ``os.access`` anyway)."""
-        if self.user is None:
+    def can_use(self, path: str | Path, write: bool = False, uid: int | None = None) -> bool:
+        """True if the VMM's user (:meth:`vm_user`) can read (and, with ``write``, write) ``path``: by its
+        mode bits and those of every folder above it (the operator, root, would pass ``os.access`` anyway)."""
+        user = self.vm_user(uid)
+        if user is None:
             return os.access(path, os.R_OK | (os.W_OK if write else 0))
         p = Path(os.path.realpath(path))
         try:
             for folder in reversed(p.parents):
-                if not self._allows(os.stat(folder), 1):
+                if not _allows(user, os.stat(folder), 1):
                     return False
-            return self._allows(os.stat(p), 4 | (2 if write else 0))
+            return _allows(user, os.stat(p), 4 | (2 if write else 0))
         except OSError:
             return False
-
-    def _allows(self, st: os.stat_result, bits: int) -> bool:
-        user = self.user
-        assert user is not None
-        if st.st_uid == user.uid:
-            shift = 6
-        elif st.st_gid == user.gid or st.st_gid in user.groups:
-            shift = 3
-        else:
-            shift = 0
-        return (stat.S_IMODE(st.st_mode) >> shift) & bits == bits
 
     # ---- cgroups -----------------------------------------------------------------------------
 
@@ -251,6 +320,17 @@ class Confinement:
                             entry.rmdir()
                             removed += 1
         return removed
+
+
+def _allows(user: VmmUser, st: os.stat_result, bits: int) -> bool:
+    """True if ``user`` has ``bits`` (4 read, 2 write, 1 search) on a file with ``st``, by its mode bits."""
+    if st.st_uid == user.uid:
+        shift = 6
+    elif st.st_gid == user.gid or st.st_gid in user.groups:
+        shift = 3
+    else:
+        shift = 0
+    return (stat.S_IMODE(st.st_mode) >> shift) & bits == bits
 
 
 def _limit_files(kind: str, lim: CgroupLimits) -> list[tuple[str, str]]:

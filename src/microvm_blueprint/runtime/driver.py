@@ -30,14 +30,19 @@ class VmmDriver(Protocol):
     def set_exit_listener(self, listener: ExitListener) -> None:
         """Register the lifecycle core's callback for VMMs that die unasked. Called once, before use."""
 
-    def tap_owner(self) -> tuple[int, int] | None:
-        """``(uid, gid)`` that must own a VM's TAP device for this driver's VMM to open it without
-        privileges (the VMM user of ``runtime/confine.py``, or the jailer's user), or ``None`` when the
-        VMM runs as the operator and a TAP needs no owner.
+    def isolates_users(self) -> bool:
+        """True if this driver spawns each VMM as the uid it is handed (:attr:`VmRecord.vmm_uid
+        <microvm_blueprint.runtime.model.VmRecord.vmm_uid>`): a confined QEMU, a jailed Firecracker. The
+        lifecycle core then gives every new VM a uid of its own from ``MICROVM_VMM_UID_RANGE``. Reads
+        settings only: no I/O, raises nothing."""
 
-        Called once by the operator's ``build_provider`` when it assembles the lifecycle core, to fill
-        :attr:`~microvm_blueprint.runtime.model.NetworkSettings.tap_owner` (which bridge networking
-        hands to ``ip tuntap add ... user U group G``). Reads settings only: no I/O, raises nothing."""
+    def tap_owner(self, vm: VmRecord) -> tuple[int, int] | None:
+        """``(uid, gid)`` that must own ``vm``'s TAP device for its VMM to open it without privileges
+        (``vm.vmm_uid`` where it has one, else the shared VMM user of ``runtime/confine.py`` or the
+        jailer's user), or ``None`` when the VMM runs as the operator and a TAP needs no owner.
+
+        Called by the lifecycle core each time it makes (or re-makes) ``vm``'s network, which hands it to
+        ``ip tuntap add ... user U group G``. Reads settings only: no I/O, raises nothing."""
 
     async def create(self, vm: VmRecord) -> VmHandle | None:
         """Make ``vm`` exist configured but not running, in ``vm.workdir`` (created by the core).

@@ -96,10 +96,15 @@ class Lifecycle:
         port_free: Callable[[str, int], bool] = tcp_port_free,
         service_owner: Callable[[], str | None] | str | None = None,
         min_free_mib: int = 0,
+        vmm_uids: tuple[int, int] | None = None,
     ) -> None:
         """``service_owner``: the address that may act on every VM (the service's owner on the chain), or a
         callable answering it when asked (it may raise a ``TransientError`` while it is not known yet:
-        the call is then retried, never refused for good). ``None``: only each VM's owner."""
+        the call is then retried, never refused for good). ``None``: only each VM's owner.
+
+        ``vmm_uids``: the uids (``MICROVM_VMM_UID_RANGE``, checked by the caller) each new VM takes one of
+        for its VMM, when the driver switches users (:meth:`VmmDriver.isolates_users`); ``None``: VMMs
+        share the driver's user."""
         self.driver = driver
         self._service_owner = service_owner if callable(service_owner) else (lambda: service_owner)
         self.network = network or NetworkSettings()
@@ -118,6 +123,7 @@ class Lifecycle:
         self._vms_taken: dict[str, tuple[str | None, int]] = {}
         self._snaps_taken: dict[object, tuple[str | None, int]] = {}  # snapshots being taken: owner, bytes reserved
         self.min_free_mib = min_free_mib
+        self.vmm_uids = vmm_uids if driver.isolates_users() else None
         self._unrecorded_errors: dict[str, str] = {}  # disk errors the (full) store could not take yet
         self._disk_errors_seen: dict[str, int] = {}  # disk errors reported per VM (a start clears only older ones)
         driver.set_exit_listener(self._on_vmm_exit)
@@ -205,9 +211,14 @@ class Lifecycle:
             raise VmNotFound(vm_id)
         return vm
 
-    @staticmethod
-    def _record(vm: StoredVm) -> VmRecord:
-        return VmRecord(vm_id=vm.vm_id, status=vm.status, spec=vm.spec, workdir=vm.workdir, handle=vm.handle)
+    def _record(self, vm: StoredVm) -> VmRecord:
+        return VmRecord(vm_id=vm.vm_id, status=vm.status, spec=vm.spec, workdir=vm.workdir, handle=vm.handle,
+                        vmm_uid=self.store.vmm_uid(vm.vm_id))
+
+    def _take_vmm_uid(self, vm_id: str) -> int | None:
+        """A uid of its own for a new VM's VMM (recorded before it exists), or ``None`` (the shared user).
+        Raises QuotaExceeded when the range is used up."""
+        return self.store.take_vmm_uid(vm_id, self.vmm_uids) if self.vmm_uids is not None else None
 
     def _view(self, vm_id: str) -> VmView:
         """The VM as the query API shows it (the store's read model, one way to build a view)."""
@@ -427,12 +438,14 @@ class Lifecycle:
         intent = self.store.add_intent(vm_id, "create", str(workdir), origin.call_id)
         workdir.mkdir(parents=True)
         try:
+            uid = self._take_vmm_uid(vm_id)
             network = self._reserve_network(vm_id, spec)
-            await self._plumb(vm_id, network)
+            await self._plumb(vm_id, network, uid=uid)
         except BaseException:
             await asyncio.shield(self._undo_workdir(VmRecord(vm_id, VmStatus.CREATED, spec, str(workdir)), intent))
             raise
-        record = VmRecord(vm_id=vm_id, status=VmStatus.CREATED, spec=spec, workdir=str(workdir), network=network)
+        record = VmRecord(vm_id=vm_id, status=VmStatus.CREATED, spec=spec, workdir=str(workdir), network=network,
+                          vmm_uid=uid)
         crash_point("create.after_intent")
         try:
             handle = await self.driver.create(record)
@@ -451,6 +464,7 @@ class Lifecycle:
         shutil.rmtree(record.workdir, ignore_errors=True)
         await self._unplumb(record.vm_id)
         self.store.release_network(record.vm_id, forget=True)
+        self.store.release_vmm_uid(record.vm_id)  # after the VMM and its folder are gone
         self.store.drop_intent(intent)
 
     def _check_network(self, spec: VmSpec) -> None:
@@ -476,17 +490,20 @@ class Lifecycle:
             egress=self.network.egress,
         )
 
-    async def _plumb(self, vm_id: str, network: VmNetwork, inside_pid: int | None = None) -> None:
+    async def _plumb(self, vm_id: str, network: VmNetwork, inside_pid: int | None = None, *,
+                     uid: int | None = None) -> None:
         """``bridge``: take the VM's /30 (recorded first) and make its namespace, veth, TAP and rules
         (DESIGN.md §10), before the VMM, which runs inside. Idempotent: reconciliation re-runs it, with
         ``inside_pid`` the re-adopted VMM's (whose namespace its name is re-attached to if need be). The
-        rules get the egress policy recorded with the VM (``network.egress``), never this operator's."""
+        rules get the egress policy recorded with the VM (``network.egress``), never this operator's; the
+        TAP belongs to the user the VM's VMM runs as (``uid``: its own, :meth:`VmmDriver.tap_owner`)."""
         if network.mode is not NetworkMode.BRIDGE:
             return
         pool = self.network.bridge_pool
         slot = self.store.take_bridge_slot(vm_id, pool, netns.slot_count(netns.parse_pool(pool)))
-        await netns.ensure(netns.Plumbing(vm_id, pool, slot, network.ports, network.egress,
-                                          tap_owner=self.network.tap_owner), inside_pid=inside_pid)
+        owner = self.driver.tap_owner(VmRecord(vm_id, VmStatus.CREATED, VmSpec(), "", vmm_uid=uid))
+        await netns.ensure(netns.Plumbing(vm_id, pool, slot, network.ports, network.egress, tap_owner=owner),
+                           inside_pid=inside_pid)
 
     async def _unplumb(self, vm_id: str) -> None:
         """Remove what :meth:`_plumb` made (once the VMM is gone), then give the /30 back."""
@@ -591,6 +608,7 @@ class Lifecycle:
             await asyncio.shield(self._unplumb(vm_id))
             shutil.rmtree(vm.workdir, ignore_errors=True)
             self.store.update_vm(vm_id, VmStatus.DESTROYED, origin, "destroy", handle=None, error=vm.error)
+            self.store.release_vmm_uid(vm_id)  # its VMM and files are gone: the next VM may have the uid
             self._disk_errors_seen.pop(vm_id, None)
             return self._view(vm_id)
 
@@ -623,9 +641,11 @@ class Lifecycle:
         workdir.mkdir(parents=True)
         record = VmRecord(vm_id=new_vm_id, status=snap.vm_status, spec=spec, workdir=str(workdir))
         try:
-            # the clone publishes the same guest ports on host ports of its own
+            # the clone runs as a uid of its own and publishes the same guest ports on host ports of its own
+            record = dataclasses.replace(record, vmm_uid=self._take_vmm_uid(new_vm_id))
             record = dataclasses.replace(record, network=self._reserve_network(new_vm_id, spec))
-            await self._plumb(new_vm_id, record.network)  # a namespace of its own, same inside addresses
+            # a namespace of its own, same inside addresses
+            await self._plumb(new_vm_id, record.network, uid=record.vmm_uid)
             handle = await self.driver.restore(record, snap)
         except BaseException:
             await asyncio.shield(self._undo_workdir(record, intent))
@@ -667,6 +687,7 @@ class Lifecycle:
                 await self._unplumb(vm_id)
                 orphans += 1
         self.store.drop_orphan_networks()  # ports a create took before the operator died
+        self.store.drop_orphan_vmm_uids()  # uids of VMs destroyed or never recorded
         await self._record_unrecorded_egress()
         owned: set[str] = set()
         for vm in self.store.list_vms():
@@ -679,7 +700,7 @@ class Lifecycle:
                     adopted_vm = self.store.get_vm(vm.vm_id)
                     handle = adopted_vm.handle if adopted_vm is not None else None
                     await self._plumb(vm.vm_id, self.store.network(vm.vm_id),
-                                      handle.pid if handle is not None else None)
+                                      handle.pid if handle is not None else None, uid=self.store.vmm_uid(vm.vm_id))
             else:
                 failed += 1
                 self.store.update_vm(

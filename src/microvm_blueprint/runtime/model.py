@@ -188,9 +188,6 @@ class NetworkSettings:
     port_range: tuple[int, int] = (40000, 49999)
     egress: bool = False
     bridge_pool: str = "10.201.0.0/16"
-    tap_owner: tuple[int, int] | None = None
-    """(uid, gid) each ``bridge`` TAP is made for: the unprivileged VMM user, so QEMU opens it without
-    ``CAP_NET_ADMIN`` (``None``: root's, for a VMM that runs as root)."""
 
 
 DEFAULT_DISK_BPS = 125 * 1024 * 1024
@@ -322,6 +319,9 @@ class VmRecord:
     workdir: str
     handle: VmHandle | None = None
     network: VmNetwork = VmNetwork()
+    vmm_uid: int | None = None
+    """The uid (and gid) of its own its VMM runs as (``MICROVM_VMM_UID_RANGE``, DESIGN.md §9); ``None``:
+    the shared VMM user (or the operator's, where VMMs do not switch users)."""
 
 
 @dataclass(frozen=True)

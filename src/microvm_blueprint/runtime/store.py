@@ -109,6 +109,10 @@ CREATE TABLE IF NOT EXISTS bridge_slots (
     slot   INTEGER NOT NULL,
     UNIQUE (pool, slot)
 );
+CREATE TABLE IF NOT EXISTS vmm_uids (
+    vm_id  TEXT PRIMARY KEY,
+    uid    INTEGER NOT NULL UNIQUE
+);
 CREATE TABLE IF NOT EXISTS intents (
     seq      INTEGER PRIMARY KEY AUTOINCREMENT,
     vm_id    TEXT NOT NULL,
@@ -493,6 +497,56 @@ class Store:
         """Give the slot back (after its network objects are gone)."""
         with self._tx(()) as db:
             db.execute("DELETE FROM bridge_slots WHERE vm_id=?", (vm_id,))
+
+    # ---- a uid (and gid) of its own per VMM (DESIGN.md §9) ---------------------------------------
+
+    def take_vmm_uid(self, vm_id: str, uid_range: tuple[int, int]) -> int:
+        """``vm_id``'s VMM uid in ``uid_range`` (inclusive): the one it holds, else the lowest no VM holds.
+        Recorded before the VMM exists, so destroy, an undone create or reconciliation gives it back
+        (:meth:`release_vmm_uid`, :meth:`drop_orphan_vmm_uids`); while recorded, no other VM gets it.
+        Raises :class:`QuotaExceeded` when every uid of the range is held (nothing recorded then)."""
+        lo, hi = uid_range
+        with self._tx(()) as db:
+            row = db.execute("SELECT uid FROM vmm_uids WHERE vm_id=?", (vm_id,)).fetchone()
+            if row is not None and lo <= int(row[0]) <= hi:
+                return int(row[0])
+            db.execute("DELETE FROM vmm_uids WHERE vm_id=?", (vm_id,))
+            free = db.execute(
+                "SELECT ? WHERE NOT EXISTS (SELECT 1 FROM vmm_uids WHERE uid=?) UNION ALL "
+                "SELECT uid + 1 FROM vmm_uids u WHERE uid + 1 BETWEEN ? AND ? AND NOT EXISTS "
+                "(SELECT 1 FROM vmm_uids v WHERE v.uid=u.uid + 1) ORDER BY 1 LIMIT 1",
+                (lo, lo, lo, hi),
+            ).fetchone()
+            if free is None:
+                raise QuotaExceeded(f"quota exceeded: MICROVM_VMM_UID_RANGE {lo}-{hi} has no free uid left "
+                                    f"({hi - lo + 1} VMs hold one each)")
+            db.execute("INSERT INTO vmm_uids (vm_id, uid) VALUES (?, ?)", (vm_id, int(free[0])))
+            return int(free[0])
+
+    def vmm_uid(self, vm_id: str) -> int | None:
+        """The uid ``vm_id``'s VMM runs as; ``None``: none of its own (a VM from before per-VM uids, or
+        an operator that does not switch users): the shared VMM user."""
+        rows = self._read("SELECT uid FROM vmm_uids WHERE vm_id=?", (vm_id,))
+        return int(rows[0][0]) if rows else None  # type: ignore[call-overload]
+
+    def vmm_uids(self) -> dict[str, int]:
+        """Every VM holding a uid: ``vm_id -> uid``."""
+        return {str(v): int(u) for v, u in self._read("SELECT vm_id, uid FROM vmm_uids")}  # type: ignore[call-overload]
+
+    def release_vmm_uid(self, vm_id: str) -> None:
+        """Give the uid back (its VMM gone and its folder removed): the next VM may get it."""
+        with self._tx(()) as db:
+            db.execute("DELETE FROM vmm_uids WHERE vm_id=?", (vm_id,))
+
+    def drop_orphan_vmm_uids(self) -> int:
+        """At start: release the uids of VMs destroyed, or never recorded (the operator died between taking
+        the uid and recording the VM)."""
+        with self._tx(()) as db:
+            gone = db.execute(
+                "DELETE FROM vmm_uids WHERE vm_id NOT IN (SELECT vm_id FROM vms WHERE status != ?)",
+                (VmStatus.DESTROYED.value,),
+            ).rowcount
+        return int(gone)
 
     @staticmethod
     def _view(row: tuple[object, ...], snapshots: tuple[str, ...], history: tuple[HistoryEntry, ...]) -> VmView:

@@ -32,7 +32,11 @@ class InMemoryDriver:
     def set_exit_listener(self, listener: ExitListener) -> None:
         self._listener = listener
 
-    def tap_owner(self) -> tuple[int, int] | None:
+    def isolates_users(self) -> bool:
+        """No VMM process, so no user to run it as."""
+        return False
+
+    def tap_owner(self, vm: VmRecord) -> tuple[int, int] | None:
         """No VMM process, so no TAP to own."""
         return None
 

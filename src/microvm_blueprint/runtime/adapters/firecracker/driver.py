@@ -167,9 +167,21 @@ class FirecrackerDriver:
     def set_exit_listener(self, listener: ExitListener) -> None:
         self._listener = listener
 
-    def tap_owner(self) -> tuple[int, int] | None:
-        """The jailer's user (see :meth:`FirecrackerSettings.tap_owner`); ``None`` without the jailer."""
-        return self.settings.tap_owner()
+    def isolates_users(self) -> bool:
+        """True under the jailer with an unprivileged user: then each VM's jailer gets its own uid/gid."""
+        return bool(self.settings.jailer) and self.settings.jailer_uid != 0
+
+    def tap_owner(self, vm: VmRecord) -> tuple[int, int] | None:
+        """The user ``vm``'s jailed Firecracker runs as (:meth:`_ids`), who opens the TAP; ``None`` without
+        the jailer (see :meth:`FirecrackerSettings.tap_owner`)."""
+        return self._ids(vm) if self.settings.tap_owner() is not None else None
+
+    def _ids(self, vm: VmRecord) -> tuple[int, int]:
+        """(uid, gid) the jailer gives ``vm``'s Firecracker: its own uid (as gid too) where it has one, else
+        the jailer's user of the settings (``MICROVM_VMM_USER``)."""
+        if vm.vmm_uid is not None:
+            return vm.vmm_uid, vm.vmm_uid
+        return self.settings.jailer_uid, self.settings.jailer_gid
 
     # ---- plumbing ----------------------------------------------------------------------------------
 
@@ -194,21 +206,24 @@ class FirecrackerDriver:
         """``<chroot base>/<exec file name>/<id>``: the chroot's parent, removed whole when the VMM is gone."""
         return self.chroot(workdir).parent
 
-    async def _new_jail(self, workdir: Path) -> None:
-        """An empty chroot for the VM in ``workdir`` (leftovers of an earlier VMM removed): ``root`` and
-        ``root/run`` (where Firecracker binds its API socket) belong to the jailer's user, as the jailer
-        makes them; beside ``root``, a note naming ``workdir`` (for :meth:`remove_orphans`)."""
+    async def _new_jail(self, vm: VmRecord) -> None:
+        """An empty chroot for ``vm`` (leftovers of an earlier VMM removed): ``root`` and ``root/run`` (where
+        Firecracker binds its API socket) belong to the VM's jailer user (:meth:`_ids`), as the jailer makes
+        them (and :meth:`_into_jail` reads that owner back); beside ``root``, a note naming ``vm.workdir``
+        (for :meth:`remove_orphans`)."""
         if not self.settings.jailer:
             return
         s = self.settings
+        workdir = Path(vm.workdir)
+        uid, gid = self._ids(vm)
 
         def run() -> None:
             jail = self.jail_dir(workdir)
             shutil.rmtree(jail, ignore_errors=True)
             (jail / "root").mkdir(parents=True, mode=0o700)
             (jail / JAIL_WORKDIR).write_text(str(Path(workdir).resolve()))
-            _jail_dirs(jail / "root", jail / "root" / "run", s.jailer_uid, s.jailer_gid)
-            _chown(jail / "root", s.jailer_uid, s.jailer_gid)
+            _jail_dirs(jail / "root", jail / "root" / "run", uid, gid)
+            _chown(jail / "root", uid, gid)
 
         try:
             await asyncio.to_thread(run)
@@ -224,7 +239,8 @@ class FirecrackerDriver:
         (another file system). A *writable* file that cannot be linked is moved instead, so the VMM writes
         the VM's real disk and no stale copy is left behind: the VM's disk is then the chroot's file, and
         that is the path returned (else ``host``). ``own``: the file is the VM's (its disk, its config
-        drive, a snapshot's files), chowned to the jailer's user; a shared file (the kernel, a read-only
+        drive, a snapshot's files), chowned to the VM's jailer user (the owner of the chroot's root, made by
+        :meth:`_new_jail`); a shared file (the kernel, a read-only
         image) keeps its owner and is only linked if that user can read it, else a private copy is made."""
         s = self.settings
         if not s.jailer:
@@ -233,7 +249,9 @@ class FirecrackerDriver:
         dst = root / rel
 
         def run() -> Path:
-            _jail_dirs(root, dst.parent, s.jailer_uid, s.jailer_gid)
+            st = root.stat()
+            uid, gid = st.st_uid, st.st_gid
+            _jail_dirs(root, dst.parent, uid, gid)
             with contextlib.suppress(FileNotFoundError):
                 dst.unlink()
             real, mine = host, own
@@ -248,12 +266,12 @@ class FirecrackerDriver:
                 else:
                     shutil.copyfile(host, dst)
                     mine = True  # a private copy: the VMM user's
-            if not mine and not _may_read(dst, s.jailer_uid, s.jailer_gid):
+            if not mine and not _may_read(dst, uid, gid):
                 dst.unlink()
                 shutil.copyfile(host, dst)
                 mine = True
             if mine:
-                _chown(dst, s.jailer_uid, s.jailer_gid)
+                _chown(dst, uid, gid)
                 os.chmod(dst, 0o600)
             return real
 
@@ -360,7 +378,8 @@ class FirecrackerDriver:
                    [f"memory.limit_in_bytes={mem}", f"cpu.cfs_quota_us={cpu}", "cpu.cfs_period_us=100000",
                     "pids.max=512"])
         argv = [s.jailer, "--id", _instance_id(workdir), "--exec-file", shutil.which(s.bin) or s.bin,
-                "--uid", str(s.jailer_uid), "--gid", str(s.jailer_gid), "--cgroup-version", str(version),
+                "--uid", str(self._ids(record)[0]), "--gid", str(self._ids(record)[1]),
+                "--cgroup-version", str(version),
                 "--chroot-base-dir", s.chroot_base]
         for c in cgroups:
             argv += ["--cgroup", c]
@@ -605,7 +624,7 @@ class FirecrackerDriver:
         jail: dict[str, str] = {}
         if s.jailer:  # everything Firecracker opens must be inside its chroot (the jailer doc)
             try:
-                await self._new_jail(workdir)
+                await self._new_jail(vm)
                 await self._jail_boot(workdir, jail, {"kernel_image_path": kernel, "initrd_path": initrd})
                 disk = await self._into_jail(workdir, jail, disk, DISK, own=not read_only, writable=not read_only)
                 await self._into_jail(workdir, jail, cidata, CIDATA, own=True)
@@ -793,7 +812,7 @@ class FirecrackerDriver:
         load = {"snapshot_path": str(src / SNAP_STATE), "backend_path": str(src / SNAP_MEM)}
         if jailed:  # everything Firecracker opens, inside its chroot, before it runs
             try:
-                await self._new_jail(workdir)
+                await self._new_jail(vm)
                 if status is VmStatus.CREATED:
                     await self._jail_boot(workdir, jail, boot)
                 else:  # the state and memory, and the drives the saved state names, where it names them

@@ -76,9 +76,14 @@ class QemuDriver:
     def set_exit_listener(self, listener: ExitListener) -> None:
         self._listener = listener
 
-    def tap_owner(self) -> tuple[int, int] | None:
-        """The VMM user of ``settings.confine`` (QEMU opens the TAP as that user); ``None`` unconfined."""
-        return self.settings.confine.tap_owner() if self.settings.confine is not None else None
+    def isolates_users(self) -> bool:
+        """True when ``settings.confine`` switches users (a root operator): then each QEMU runs as its VM's uid."""
+        return self.settings.confine is not None and self.settings.confine.isolates_users()
+
+    def tap_owner(self, vm: VmRecord) -> tuple[int, int] | None:
+        """The user ``vm``'s QEMU runs as (its own uid, else the VMM user of ``settings.confine``), who opens
+        the TAP; ``None`` unconfined."""
+        return self.settings.confine.tap_owner(vm.vmm_uid) if self.settings.confine is not None else None
 
     def set_error_listener(self, listener: ExitListener) -> None:
         """``listener(vm_id, text)`` when a guest's disk fails (the VM keeps running; the view shows it)."""
@@ -137,51 +142,54 @@ class QemuDriver:
                          accel=accel, incoming=incoming, network=record.network if devices else None,
                          config_drive=devices)
         confine = self.settings.confine
-        creds = confine.spawn_kwargs() if confine is not None else {"umask": 0o077}
+        uid = record.vmm_uid  # the VM's own uid (DESIGN.md §9), else the shared VMM user
+        creds = confine.spawn_kwargs(uid) if confine is not None else {"umask": 0o077}
         if devices and record.network.mode is NetworkMode.BRIDGE:
             # inside the VM's namespace, where its TAP is: `ip netns exec` needs root, so the switch to the
-            # VMM user comes after it (setpriv), not from the spawn itself
-            argv = netns.exec_prefix(record.vm_id) + self._drop_to_vmm_user() + argv
+            # VMM's user comes after it (setpriv), not from the spawn itself
+            argv = netns.exec_prefix(record.vm_id) + self._drop_to_vmm_user(uid) + argv
             creds = {"umask": 0o077}
         _write_json(workdir / CONFIG, {"argv": argv, "accel": accel, "image": manifest.root, "devices": devices})
-        self._confine_files(workdir, manifest)
+        self._confine_files(workdir, manifest, uid)
         limits = confine.limits(record.spec.mem_mib, record.spec.vcpus) if confine is not None else None
         q = await QemuProcess.spawn(record.vm_id, workdir, argv, self.settings, limits, creds=creds)
         self._adopted(q)
         return q
 
-    def _drop_to_vmm_user(self) -> list[str]:
+    def _drop_to_vmm_user(self, uid: int | None) -> list[str]:
         """The ``setpriv`` prefix that makes a bridge-mode QEMU the VMM user after ``ip netns exec`` (which
         needs root). Where that user cannot open ``/dev/net/tun`` (a root-only device: scripts/bootstrap.sh
         gives it to a ``tun`` group), QEMU stays root, still under ``-sandbox``: said once, loudly."""
         confine = self.settings.confine
         if confine is None or confine.user is None:
             return []
-        if not confine.can_use(TUN_DEVICE, write=True):
+        if not confine.can_use(TUN_DEVICE, write=True, uid=uid):
             if not self._warned_tun:
                 log.warning("the VMM user %s cannot open %s: bridge-mode QEMUs run as root (sandboxed); give "
                             "the device to a group of that user (scripts/bootstrap.sh makes a `tun` group)",
                             confine.user.name, TUN_DEVICE)
                 self._warned_tun = True
             return []
-        return confine.setpriv_prefix()
+        return confine.setpriv_prefix(uid)
 
-    def _confine_files(self, workdir: Path, manifest: images.ImageManifest) -> None:
-        """The VM folder becomes the VMM user's and 0700, its files 0600 (the read-only config drive
-        0400); the image must be readable by that user (a clear error before QEMU fails on it)."""
+    def _confine_files(self, workdir: Path, manifest: images.ImageManifest, uid: int | None) -> None:
+        """The VM folder becomes its VMM's user's (``uid``, else the shared VMM user) and 0700, its files
+        0600 (the read-only config drive 0400); the image must be readable by that user (a clear error
+        before QEMU fails on it)."""
         confine = self.settings.confine
         if confine is None:
             return
         for path in (manifest.bzimage, manifest.initramfs, manifest.rootfs):
-            if path and not confine.can_use(path):
-                who = confine.user.name if confine.user else "the operator"
+            if path and not confine.can_use(path, uid=uid):
+                user = confine.vm_user(uid)
+                who = user.name if user else "the operator"
                 raise ImageError(f"the VMM user {who} cannot read the image file {path}: image folders must be "
                                  "0755 and their files 0644 (or set MICROVM_IMAGE_DIR to such a folder)")
         try:
-            confine.own(workdir, 0o700)
+            confine.own(workdir, 0o700, uid)
             for entry in os.scandir(workdir):
                 if entry.is_file(follow_symlinks=False):
-                    confine.own(entry.path, 0o400 if entry.name == CONFIG_DRIVE else 0o600)
+                    confine.own(entry.path, 0o400 if entry.name == CONFIG_DRIVE else 0o600, uid)
         except OSError as exc:
             raise VmmError(f"cannot hand the vm folder to the VMM user: {exc.strerror or exc}") from exc
 
