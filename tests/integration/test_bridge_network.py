@@ -34,6 +34,7 @@ from microvm_blueprint.runtime.lifecycle import Lifecycle
 from microvm_blueprint.runtime.model import NetworkMode, NetworkSettings, Origin, VmStatus
 from microvm_blueprint.runtime.store import Store
 
+from ..waiting import until
 from .test_guest_access import BOOT_TIMEOUT, Operators, _debian_image, _keygen, host_port, ssh_ok, submit_job8, wait_ssh
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
@@ -108,6 +109,17 @@ def host_addresses() -> list[str]:
     """This machine's own IPv4 addresses in the root namespace (never anything outside it)."""
     out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, check=True).stdout
     return sorted({line.split()[3].split("/")[0] for line in out.splitlines()})
+
+
+def reidentified(life: Lifecycle, vm_id: str) -> bool:
+    """True once ``vm_id``'s console says it re-identified (its new host keys and SSH listener are in effect)."""
+    from microvm_blueprint.runtime.adapters.qemu.argv import CONSOLE_LOG
+    from microvm_blueprint.runtime.guestinit import REIDENT_PREFIX
+
+    stored = life.store.get_vm(vm_id)
+    assert stored is not None
+    log = Path(stored.workdir) / CONSOLE_LOG
+    return log.exists() and REIDENT_PREFIX in log.read_text(errors="replace")
 
 
 def leftovers(vm_ids: list[str]) -> list[str]:
@@ -185,6 +197,8 @@ async def test_bridge_ssh_isolation_clones_operator_restart_and_destroy(
     # 3. two clones of one snapshot of A, beside A: the same inside address, ports of their own, all answer
     await life.snapshot_vm("br-a", "s1", Origin())
     await asyncio.gather(*(life.restore_vm("br-a", "s1", c, Origin()) for c in ("br-c1", "br-c2")))
+    for c in ("br-c1", "br-c2"):  # a clone restarts its SSH listener (new host keys) before this line
+        await until(lambda c=c: reidentified(life, c), 60, f"{c}'s re-identified line", every=0.5)
     ports = [a_port, host_port(life, "br-c1", 22), host_port(life, "br-c2", 22)]
     assert len(set(ports)) == 3
     names = await asyncio.gather(*(ssh_ok(key, p, f"echo vm-at-{p} > /tmp/who; ip -4 -o addr show eth0")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -125,6 +126,30 @@ async def submit_job8(life: Lifecycle, vm_id: str, vcpus: int, mem_mib: int, dis
     routed = build_router(life).prepare(call)
     assert routed.route is not None and routed.refused is None, routed.refused
     assert await routed.route.handler(call, routed.args) == TRUE
+
+
+KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256")
+"""Host key types compared (RSA left out: making one under TCG costs seconds, and -R makes each type alike)."""
+
+
+def _keyscan(port: int) -> set[str]:
+    r = subprocess.run(["ssh-keyscan", "-T", "30", "-t", "ed25519,ecdsa", "-p", str(port), "127.0.0.1"],
+                       capture_output=True, text=True, timeout=120, check=False)
+    return {" ".join(line.split()[1:3]) for line in r.stdout.splitlines()
+            if line.strip() and not line.startswith("#") and len(line.split()) >= 3}
+
+
+async def host_keys(port: int, deadline: float = 120) -> set[str]:
+    """``type base64`` of the guest's host keys of :data:`KEY_TYPES` on ``port`` (``ssh-keyscan``), once it
+    answers with all of them (dropbear ``-R`` makes each on its first use)."""
+    seen: list[set[str]] = []
+
+    async def all_types() -> bool:
+        seen[:] = [await asyncio.to_thread(_keyscan, port)]
+        return {k.split()[0] for k in seen[0]} == set(KEY_TYPES)
+
+    await until(all_types, deadline, f"the host keys on 127.0.0.1:{port}", every=1.0)
+    return seen[0]
 
 
 def refused(port: int) -> bool:
@@ -400,16 +425,27 @@ async def test_a_clone_of_a_running_guest_re_identifies_itself_while_running(ope
                                                                            tmp_path: Path) -> None:
     """Issue #12 items 1 and 6: a VM restored from a snapshot of a running `debian` guest gets a config drive
     with a new instance-id and its own hostname; the running clone notices (no reboot), applies them, says
-    ``microvm: re-identified as <id>`` on its console, while the source keeps its own identity."""
+    ``microvm: re-identified as <id>`` on its console, while the source keeps its own identity. Host keys
+    too (README: each VM has host keys of its own): two VMs fresh from the image have different ones, and
+    once the clone's line is out it answers with new ones while the source keeps its own."""
     from microvm_blueprint.runtime.guestinit import REIDENT_PREFIX
 
+    if shutil.which("ssh-keyscan") is None:
+        pytest.skip("ssh-keyscan is not installed (scripts/bootstrap.sh installs ssh)")
     key = await asyncio.to_thread(_keygen, tmp_path / "id_ed25519")
     life = operators.make()
     o = Origin()
-    await submit_job8(life, "src-1", 1, 256, 0, "debian", [key.with_suffix(".pub").read_text().strip()], [22])
-    src_port = host_port(life, "src-1", 22)
-    await life.start_vm("src-1", o)
+    pub = key.with_suffix(".pub").read_text().strip()
+    await submit_job8(life, "src-1", 1, 256, 0, "debian", [pub], [22])
+    await submit_job8(life, "fresh-1", 1, 256, 0, "debian", [pub], [22])
+    src_port, fresh_port = host_port(life, "src-1", 22), host_port(life, "fresh-1", 22)
+    await asyncio.gather(life.start_vm("src-1", o), life.start_vm("fresh-1", o))
     await wait_ssh(key, src_port)
+    # two VMs fresh from one image: host keys of their own (made in each guest, none in the image)
+    source_keys = await host_keys(src_port)
+    fresh_keys = await host_keys(fresh_port)
+    assert source_keys.isdisjoint(fresh_keys), f"two fresh VMs share host keys: {source_keys & fresh_keys}"
+    await life.destroy_vm("fresh-1", o)  # two guests at a time under TCG are enough
     source_iid = drive_instance_id(life, "src-1")
     assert (await ssh_ok(key, src_port, IDENTITY)).split() == ["src-1", source_iid, "src-1"]
     cpu_before = [float(v) for v in (await ssh_ok(key, src_port, WATCHER_CPU)).split()]
@@ -448,6 +484,16 @@ async def test_a_clone_of_a_running_guest_re_identifies_itself_while_running(ope
         return f"{REIDENT_PREFIX}{clone_iid}" in await asyncio.to_thread(console, "src-2")
 
     await until(said, 30, "the clone's console line", every=0.5)
+    # the line is out: new connections meet the clone's own host keys, not the source's (kept on its
+    # disk and, in memory, by the dropbear listener the clone carried over)
+    clone_keys = await asyncio.to_thread(_keyscan, clone_port)
+    assert {k.split()[0] for k in clone_keys} >= {"ssh-ed25519"}, f"no host key from the clone: {clone_keys}"
+    assert clone_keys.isdisjoint(source_keys), f"the clone answers with the source's host keys: {clone_keys}"
+    clone_keys = await host_keys(clone_port)
+    assert clone_keys.isdisjoint(source_keys) and clone_keys.isdisjoint(fresh_keys)
+    assert "host keys renewed" in console("src-2") and "SSH server not back" not in console("src-2")
+    await wait_ssh(key, clone_port)  # root still gets in through the restarted listener
+    assert await host_keys(src_port) == source_keys  # the source's keys are its own still
     assert console("src-2").count(REIDENT_PREFIX) == 1
     # the source keeps its own identity, and never re-identified
     assert (await ssh_ok(key, src_port, IDENTITY)).split() == ["src-1", source_iid, "src-1"]

@@ -451,6 +451,11 @@ def test_debian_recipe_is_chosen_by_name_and_unknown_recipes_refused(tmp_path: P
     init = images.DEBIAN_INIT.format(ready=images.READY_LINE)
     assert init.index("dropbear") < init.index(images.READY_LINE) and "guestinit.py" in init
     assert init.index("guestinit.py") < init.index("dropbear")
+    # the listener the drive watcher restarts (with a clone's new host keys) is the one init started
+    from microvm_blueprint.runtime import guestinit
+
+    assert " ".join(guestinit.DROPBEAR_ARGV) in init.splitlines()
+    assert "-R" in guestinit.DROPBEAR_ARGV  # host keys made in the guest on first use, none in the image
     assert "vfat" in images.DEBIAN_MODULES and "virtio_net" in images.DEBIAN_MODULES
 
 

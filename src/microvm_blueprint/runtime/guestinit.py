@@ -14,14 +14,24 @@ Every value is checked again here before it reaches a file or a command (argv li
 its own. Every :data:`WATCH_EVERY` seconds the watcher reads the drive's first 64 KiB past the page cache
 (BLKFLSBUF, i.e. ``blockdev --flushbufs``, then ``pread``: one small virtio-blk read, no process started);
 when those bytes change and the drive names another instance-id, it re-applies the hostname, root's
-authorized_keys and (only if it differs) the network, and prints ``microvm: re-identified as <id>`` on the
-console. A poll rather than a host trigger: it needs nothing from the VMM (QEMU and Firecracker restores
-alike, and a clone restored by an older operator), and costs next to nothing between changes.
+authorized_keys and (only if it differs) the network, renews dropbear's host keys (see below), and only then
+prints ``microvm: re-identified as <id>`` on the console: once that line is out, a new SSH connection to the
+clone meets the clone's own host keys. A poll rather than a host trigger: it needs nothing from the VMM
+(QEMU and Firecracker restores alike, and a clone restored by an older operator), and costs next to nothing
+between changes.
+
+Host keys belong to an instance-id. The image ships none; dropbear runs with ``-R`` (it makes a key of the
+asked type on first use and keeps it in ``/etc/dropbear``), so every VM makes its own. Whenever the drive
+names another instance-id than the one the disk last applied, the keys on disk are someone else's (a clone
+of a running guest, or a disk copied from another VM) and are removed: at boot before dropbear starts, and
+in a running clone by :func:`renew_host_keys`, which also restarts the dropbear *listener* (it may hold the
+source's keys in memory), leaving the SSH sessions already open (its own child processes) alone.
 """
 
 import fcntl
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +45,14 @@ NET_FILE = "/run/microvm-network"
 REIDENT_PREFIX = "microvm: re-identified as "
 """The console line a running guest prints when its drive names another instance-id (+ the new one)."""
 WATCH_EVERY = 2.0
+DROPBEAR_DIR = "/etc/dropbear"
+DROPBEAR_PID = "/run/dropbear.pid"
+DROPBEAR_ARGV = ("dropbear", "-R", "-s", "-p", "22", "-P", DROPBEAR_PID)
+"""How ``/sbin/init`` starts the SSH server, and the watcher restarts it (``-R``: host keys made on first use)."""
+SSH_PORT = 22
+LISTENER_DEADLINE = 20.0
+"""How long a restart of the dropbear listener may take (the old one gone, the new one listening)."""
+_HOST_KEY = re.compile(r"dropbear_[a-z0-9]+_host_key(\.tmp[0-9]+)?")
 FINGERPRINT_BYTES = 64 * 1024
 BLKFLSBUF = 0x1261
 _IID = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -362,10 +380,120 @@ def reapply_network(net: dict[str, Any]) -> None:
     say("network re-applied")
 
 
+def host_keys_stale(applied: str | None, iid: str | None) -> bool:
+    """True if the host keys on disk belong to another instance than ``iid`` (the drive's): the disk last
+    applied another instance-id, or none (a first boot: keys, if any, came with the image). A drive without
+    an instance-id changes nothing."""
+    return iid is not None and applied != iid
+
+
+def remove_host_keys(folder: str = DROPBEAR_DIR) -> list[str]:
+    """Remove dropbear's host keys (and half-written ones) from ``folder``; returns the names removed."""
+    try:
+        names = sorted(n for n in os.listdir(folder) if _HOST_KEY.fullmatch(n))
+    except FileNotFoundError:
+        return []
+    for name in names:
+        try:
+            os.unlink(os.path.join(folder, name))
+        except FileNotFoundError:
+            continue
+    return names
+
+
+def listening(port: int, proc_net: list[str]) -> bool:
+    """True if one of ``proc_net`` (texts of ``/proc/net/tcp``, ``/proc/net/tcp6``) has a socket listening
+    on ``port`` (state ``0A``)."""
+    for text in proc_net:
+        for line in text.splitlines()[1:]:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == "0A" and fields[1].rsplit(":", 1)[-1].upper() == f"{port:04X}":
+                return True
+    return False
+
+
+def _proc_net() -> list[str]:
+    out = []
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name) as fh:
+                out.append(fh.read())
+        except OSError:
+            continue
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie has closed its sockets: gone for our purpose)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def listener_pid(pidfile: str = DROPBEAR_PID) -> int | None:
+    """The dropbear listener's pid from its pid file, if that process is a live dropbear."""
+    try:
+        with open(pidfile) as fh:
+            pid = int(fh.read().strip())
+        with open(f"/proc/{pid}/comm") as fh:
+            comm = fh.read().strip()
+    except (OSError, ValueError):
+        return None
+    return pid if comm == "dropbear" and _alive(pid) else None
+
+
+def _wait(cond: Any, deadline: float) -> bool:
+    while not cond():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def start_listener() -> bool:
+    """Start dropbear (:data:`DROPBEAR_ARGV`); it forks into the background once it listens. Its output goes
+    to a file, not a pipe: the listener it leaves behind would hold a pipe open (and a reader waiting)."""
+    try:
+        with open("/run/dropbear-start.log", "w+") as err:
+            proc = subprocess.run(list(DROPBEAR_ARGV), stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                  timeout=60, check=False)
+            err.seek(0)
+            text = err.read()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        say(f"dropbear: {exc}")
+        return False
+    if proc.returncode != 0:
+        say(f"dropbear failed ({proc.returncode}): {text.strip()[-300:]}")
+    return proc.returncode == 0
+
+
+def renew_host_keys() -> None:
+    """A running clone's own host keys: stop the dropbear listener (SIGTERM, SIGKILL after half the deadline;
+    the sessions it forked are processes of their own and stay), remove the source's keys, start a new
+    listener (``-R`` makes keys on first use) and wait until it listens. OSError if it does not."""
+    deadline = time.monotonic() + LISTENER_DEADLINE
+    old = listener_pid()
+    if old is not None:
+        os.kill(old, signal.SIGTERM)
+        if not _wait(lambda: not _alive(old), deadline - LISTENER_DEADLINE / 2):
+            os.kill(old, signal.SIGKILL)
+            _wait(lambda: not _alive(old), deadline)
+    removed = remove_host_keys()
+    while not start_listener():  # the old socket may linger a moment
+        if time.monotonic() >= deadline:
+            raise OSError("dropbear did not start again")
+        time.sleep(0.2)
+    if not _wait(lambda: listening(SSH_PORT, _proc_net()), deadline):
+        raise OSError(f"dropbear does not listen on port {SSH_PORT}")
+    say(f"host keys renewed ({len(removed)} removed), dropbear restarted")
+
+
 def reidentify(dev: str, fstype: str) -> str | None:
     """Re-read the drive; if it names another instance-id than the one applied, apply it (hostname, root's
-    keys, network where it changed) and say so on the console. Returns the new instance-id, else None;
-    OSError if the drive cannot be read (the caller tries again)."""
+    keys, network where it changed, new host keys) and then say so on the console. Returns the new
+    instance-id, else None; OSError if the drive cannot be read (the caller tries again)."""
     found = read_drive(dev, fstype)
     if found is None:
         raise OSError(f"cannot mount {dev}")
@@ -375,6 +503,10 @@ def reidentify(dev: str, fstype: str) -> str | None:
         return None
     apply_identity(meta, user)
     reapply_network(net)
+    try:
+        renew_host_keys()
+    except OSError as exc:  # the identity is applied (not retried); the console says what went wrong
+        say(f"SSH server not back with new host keys: {exc}")
     print(f"{REIDENT_PREFIX}{iid}", flush=True)
     return iid
 
@@ -410,6 +542,10 @@ def main() -> int:
     if found is None:
         return 1
     meta, user, net = found
+    if host_keys_stale(applied_instance_id(), instance_id_of(meta)):
+        removed = remove_host_keys()  # before dropbear starts: -R makes this VM's own on first use
+        if removed:
+            say(f"host keys of another instance removed: {' '.join(removed)}")
     apply_identity(meta, user)
     apply_network(net)
     remember_network(net)

@@ -18,7 +18,8 @@ root), and makes the root with ``mmdebstrap --variant=minbase`` from the host's 
 + dropbear-bin, iproute2, python3-minimal; downloaded ``.deb`` files are kept in ``.apt-archives`` for
 the next build). Its ``/sbin/init`` runs :mod:`.guestinit` (config drive: instance-id, hostname, root's
 authorized_keys, network, ``resize2fs``), starts dropbear and the drive's watcher (``guestinit.py --watch``:
-a clone restored from a running guest re-identifies itself) and only then prints :data:`READY_LINE`.
+a clone restored from a running guest re-identifies itself, host keys included) and only then prints
+:data:`READY_LINE`. The image holds no SSH host keys: dropbear (``-R``) makes each VM's own on first use.
 The ``default`` image reads no config drive (its hostname is always ``microvm``).
 :func:`import_image` registers a user's own kernel + ext4 root (+ initrd) after checking them.
 
@@ -675,6 +676,8 @@ def _debian_root(root: Path, apt_cache: Path, sources: list[str], say: Progress)
         p = root / gone
         if p.exists():
             p.write_text("")
+    for key in sorted((root / "etc" / "dropbear").glob("dropbear_*_host_key*")):
+        key.unlink()  # host keys are every VM's own (made in the guest on first use), never the image's
     return dpkg_versions(root)
 
 
