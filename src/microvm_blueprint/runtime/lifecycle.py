@@ -275,27 +275,14 @@ class Lifecycle:
         async with self._quota_lock:
             if lim.max_vms is not None or lim.max_total_mem_mib is not None:
                 count, mem, _ = self.store.usage()
-                count += len(self._vms_taken)
-                mem += sum(mib for _, mib in self._vms_taken.values())
-                if lim.max_vms is not None and count + 1 > lim.max_vms:
-                    raise QuotaExceeded(f"quota exceeded: at most {lim.max_vms} vms")
-                if lim.max_total_mem_mib is not None and mem + spec.mem_mib > lim.max_total_mem_mib:
-                    raise QuotaExceeded(
-                        f"quota exceeded: total guest memory would be {mem + spec.mem_mib} MiB "
-                        f"(limit {lim.max_total_mem_mib} MiB)"
-                    )
+                taken = [mib for _, mib in self._vms_taken.values()]
+                _check_vm_quota(count + len(taken), mem + sum(taken), spec.mem_mib, lim.max_vms,
+                                lim.max_total_mem_mib, "")
             if held is not None:
                 count, mem, _ = self.store.usage_of(held)
                 mine = [mib for owner, mib in self._vms_taken.values() if owner == held]
-                count += len(mine)
-                mem += sum(mine)
-                if lim.caller_max_vms is not None and count + 1 > lim.caller_max_vms:
-                    raise QuotaExceeded(f"quota exceeded: at most {lim.caller_max_vms} vms for caller {origin.caller}")
-                if lim.caller_max_total_mem_mib is not None and mem + spec.mem_mib > lim.caller_max_total_mem_mib:
-                    raise QuotaExceeded(
-                        f"quota exceeded: total guest memory for caller {origin.caller} would be "
-                        f"{mem + spec.mem_mib} MiB (limit {lim.caller_max_total_mem_mib} MiB)"
-                    )
+                _check_vm_quota(count + len(mine), mem + sum(mine), spec.mem_mib, lim.caller_max_vms,
+                                lim.caller_max_total_mem_mib, f" for caller {origin.caller}")
             # the share is the new owner's (insert_vm records origin.caller), exempt or not
             self._vms_taken[vm_id] = (origin.caller.lower() if origin.caller is not None else None, spec.mem_mib)
         try:
@@ -781,6 +768,18 @@ def _snap_view(snap: SnapshotRecord) -> SnapshotView:
 def _same(caller: str, owner: str | None) -> bool:
     """One address, whatever the letter case (a checksummed and a lower-case spelling are the same)."""
     return owner is not None and caller.lower() == owner.lower()
+
+
+def _check_vm_quota(count: int, mem: int, new_mem: int, max_vms: int | None, max_mem: int | None,
+                    whose: str) -> None:
+    """Raise :class:`QuotaExceeded` when one more VM of ``new_mem`` MiB would pass ``max_vms`` or
+    ``max_mem`` (``None``: no limit), given ``count`` VMs of ``mem`` MiB held (``whose``: "" for the
+    host's quotas, " for caller 0x..." for a caller's)."""
+    if max_vms is not None and count + 1 > max_vms:
+        raise QuotaExceeded(f"quota exceeded: at most {max_vms} vms{whose}")
+    if max_mem is not None and mem + new_mem > max_mem:
+        raise QuotaExceeded(f"quota exceeded: total guest memory{whose} would be {mem + new_mem} MiB "
+                            f"(limit {max_mem} MiB)")
 
 
 def _no_check(size: int) -> None:
