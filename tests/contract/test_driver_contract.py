@@ -61,7 +61,7 @@ async def test_build_provider_gives_per_vm_uids_where_the_driver_switches_users(
     driver = make()
     life = build_provider(OperatorSettings.from_env({}, tmp_path / "data"), driver)
     try:
-        assert life.vmm_uids == ((200000, 265535) if owner is not None else None)
+        assert life.vmm_uids == ((0x70000000, 0x7000FFFF) if owner is not None else None)
     finally:
         await life.close()
     off = build_provider(OperatorSettings.from_env({"MICROVM_VMM_UID_RANGE": "off"}, tmp_path / "off"), make())

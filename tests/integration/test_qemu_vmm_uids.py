@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from microvm_blueprint.runtime.adapters.qemu import QemuDriver, QemuSettings
-from microvm_blueprint.runtime.confine import Confinement, check_uid_range
+from microvm_blueprint.runtime.confine import DEFAULT_UID_RANGE, Confinement, check_uid_range
 from microvm_blueprint.runtime.lifecycle import Lifecycle
 from microvm_blueprint.runtime.model import Origin, VmSpec, VmStatus
 from microvm_blueprint.runtime.store import Store
@@ -27,7 +27,7 @@ from ..qemu_support import ensure_image
 pytestmark = pytest.mark.qemu
 
 USER = "microvm"
-UIDS = (200_000, 265_535)
+UIDS = DEFAULT_UID_RANGE  # the default an operator gets
 
 
 def _status(pid: int) -> dict[str, str]:

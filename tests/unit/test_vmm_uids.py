@@ -15,7 +15,7 @@ from microvm_blueprint.blueprint.operator import build_provider
 from microvm_blueprint.blueprint.settings import OperatorSettings
 from microvm_blueprint.errors import ConfigError
 from microvm_blueprint.runtime.adapters.in_memory import InMemoryDriver
-from microvm_blueprint.runtime.confine import check_uid_range, parse_uid_range
+from microvm_blueprint.runtime.confine import DEFAULT_UID_RANGE, check_uid_range, parse_uid_range
 from microvm_blueprint.runtime.errors import QuotaExceeded
 from microvm_blueprint.runtime.lifecycle import Lifecycle
 from microvm_blueprint.runtime.model import Origin, VmHandle, VmRecord, VmSpec, VmStatus
@@ -174,7 +174,7 @@ async def test_a_driver_that_does_not_switch_users_gets_no_uids(tmp_path: Path) 
 
 
 def test_the_range_setting_parses_and_refuses_what_is_not_a_range() -> None:
-    assert OperatorSettings.from_env({}, Path("/d")).vmm_uid_range == (200_000, 265_535)
+    assert OperatorSettings.from_env({}, Path("/d")).vmm_uid_range == (1_879_048_192, 1_879_113_727)
     assert OperatorSettings.from_env({"MICROVM_VMM_UID_RANGE": "70000-70009"}, Path("/d")).vmm_uid_range == (
         70_000, 70_009)
     assert OperatorSettings.from_env({"MICROVM_VMM_UID_RANGE": "off"}, Path("/d")).vmm_uid_range is None
@@ -199,3 +199,14 @@ async def test_build_provider_refuses_a_range_that_is_not_the_vmms_alone(tmp_pat
     settings = dataclasses.replace(OperatorSettings.from_env({}, tmp_path / "data"), vmm_uid_range=(0, 70_000))
     with pytest.raises(ConfigError, match="MICROVM_VMM_UID_RANGE=0-70000 overlaps"):
         build_provider(settings, UidDriver())
+
+
+def test_the_default_range_is_clear_of_what_useradd_hands_out(tmp_path: Path) -> None:
+    """``useradd`` gives each new user 65,536 subordinate ids from 100000 on (login.defs SUB_UID_MIN,
+    SUB_UID_COUNT); the earlier default 200000-265535 overlapped the second user's, so a root operator on
+    such a host refused to start. The default must pass beside many users' allocations."""
+    subuid = tmp_path / "subuid"
+    subuid.write_text("".join(f"user{i}:{100000 + i * 65536}:65536\n" for i in range(1000)))
+    check_uid_range(DEFAULT_UID_RANGE, subuid=str(subuid), subgid=str(subuid))
+    with pytest.raises(ConfigError, match="user1's subordinate ids 165536-231071"):
+        check_uid_range((200000, 265535), subuid=str(subuid), subgid=str(tmp_path / "none"))

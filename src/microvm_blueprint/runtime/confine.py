@@ -5,7 +5,7 @@
   ``user=``/``group=``/``extra_groups=`` (the ``kvm`` and ``tun`` groups when they exist), never QEMU's
   ``-runas`` (which dies under ``-sandbox ...,elevateprivileges=deny``). When the operator is not root, the
   VMM simply runs as the operator's user. Every VMM gets umask 077.
-* **A uid per VM.** With ``MICROVM_VMM_UID_RANGE`` (default 200000-265535), each VM's VMM runs as a uid
+* **A uid per VM.** With ``MICROVM_VMM_UID_RANGE`` (default 1879048192-1879113727), each VM's VMM runs as a uid
   (and gid) of its own from that range, recorded with the VM by the lifecycle core, with the ``kvm``/``tun``
   groups as supplementary groups and no ``/etc/passwd`` entry: one VMM cannot open another VM's disk,
   console, sockets or memory. Every method below takes that ``uid``; ``None`` means the shared
@@ -40,9 +40,13 @@ log = logging.getLogger(__name__)
 DEFAULT_USER = "microvm"
 DEVICE_GROUPS = ("kvm", "tun")
 """Groups a VMM user joins when they exist (``/dev/kvm``, ``/dev/net/tun`` are usually theirs)."""
-DEFAULT_UID_RANGE = (200000, 265535)
-"""``MICROVM_VMM_UID_RANGE``'s default: 65,536 uids above every conventional account (system users,
-regular users, ``nobody`` 65534, systemd's dynamic users 61184-65519)."""
+DEFAULT_UID_RANGE = (0x70000000, 0x7000FFFF)
+"""``MICROVM_VMM_UID_RANGE``'s default, 1879048192-1879113727: 65,536 uids that no conventional allocation
+reaches: above every account (system and regular users, ``nobody`` 65534, systemd's dynamic users
+61184-65519), above what ``useradd`` hands out as subordinate ids (``SUB_UID_MAX`` 600100000), and between
+systemd's container range (524288-1879048191) and its foreign range (from 2147352576). A lower default
+(200000-265535) fell into the subordinate ids ``useradd`` gives a host's second user, so a root operator
+on such a host refused to start."""
 UID_RANGE_BOUNDS = (65536, 2**31 - 2)
 """Where a range may lie: above the 16-bit ids accounts use, below the ids tools read as negative."""
 CPU_PERIOD_US = 100_000
