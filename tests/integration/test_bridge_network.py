@@ -28,8 +28,8 @@ import pytest
 from microvm_blueprint.errors import ConfigError
 from microvm_blueprint.runtime import netns
 from microvm_blueprint.runtime.adapters.qemu import QemuDriver, QemuSettings
+from microvm_blueprint.runtime.confine import DEFAULT_UID_RANGE, Confinement
 from microvm_blueprint.runtime.confine import DEFAULT_USER as VMM_USER
-from microvm_blueprint.runtime.confine import Confinement
 from microvm_blueprint.runtime.lifecycle import Lifecycle
 from microvm_blueprint.runtime.model import NetworkMode, NetworkSettings, Origin, VmStatus
 from microvm_blueprint.runtime.store import Store
@@ -132,13 +132,14 @@ def leftovers(vm_ids: list[str]) -> list[str]:
 
 class BridgeOperators(Operators):
     def make(self, *, egress: bool = False, confine: Confinement | None = None) -> Lifecycle:
-        """An operator's Lifecycle in bridge mode; with ``confine``, QEMU runs as the VMM user as in
-        production (the TAP is made for that user, and QEMU drops to it after entering the namespace)."""
+        """An operator's Lifecycle in bridge mode; with ``confine``, each VM's QEMU runs as a uid of its own
+        (the default ``MICROVM_VMM_UID_RANGE``) as in production: the TAP is made for that uid, and QEMU
+        drops to it after entering the namespace."""
         driver = QemuDriver(QemuSettings(image_dir=self.image_dir, accel="tcg", boot_timeout=BOOT_TIMEOUT,
                                          confine=confine))
-        network = NetworkSettings(mode=NetworkMode.BRIDGE, egress=egress, bridge_pool=POOL,
-                                  tap_owner=confine.tap_owner() if confine is not None else None)
-        life = Lifecycle(driver, Store(self.tmp / "s.sqlite3"), state_dir=self.tmp / "state", network=network)
+        network = NetworkSettings(mode=NetworkMode.BRIDGE, egress=egress, bridge_pool=POOL)
+        life = Lifecycle(driver, Store(self.tmp / "s.sqlite3"), state_dir=self.tmp / "state", network=network,
+                         vmm_uids=DEFAULT_UID_RANGE if confine is not None else None)
         self.all.append(life)
         return life
 
@@ -249,7 +250,9 @@ async def test_with_egress_allowed_a_guest_still_reaches_neither_the_host_nor_it
         handle = life.store.get_vm("br-e").handle  # type: ignore[union-attr]
         status = Path(f"/proc/{handle.pid}/status").read_text()  # type: ignore[union-attr]
         uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
-        assert uid_line.split()[1:] == [str(confine.user.uid)] * 4, uid_line
+        own = life.store.vmm_uid("br-e")  # the VM's own uid, which its TAP belongs to
+        assert own is not None and DEFAULT_UID_RANGE[0] <= own <= DEFAULT_UID_RANGE[1], own
+        assert uid_line.split()[1:] == [str(own)] * 4, uid_line
         assert "CapEff:\t0000000000000000" in status, status
     port = host_port(life, "br-e", 22)
     await wait_ssh(key, port)
