@@ -26,7 +26,7 @@ class BridgeRecord:
     pinged: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class FakeManagerBridge(bridge_pb2_grpc.BlueprintManagerBridgeServicer):  # type: ignore[misc]
+class FakeManagerBridge(bridge_pb2_grpc.BlueprintManagerBridgeServicer):
     def __init__(self, *, grant: int | None, refuse: bool = False,
                  on_ping: Callable[[], Awaitable[None]] | None = None) -> None:
         self.grant = grant
@@ -53,7 +53,8 @@ class FakeManagerBridge(bridge_pb2_grpc.BlueprintManagerBridgeServicer):  # type
 async def serving(socket_path: Path, bridge: FakeManagerBridge) -> AsyncIterator[FakeManagerBridge]:
     """Serve ``bridge`` on ``socket_path`` until the block ends (stopped with a grace period)."""
     server = grpc.aio.server()
-    bridge_pb2_grpc.add_BlueprintManagerBridgeServicer_to_server(bridge, server)
+    generated: Any = bridge_pb2_grpc  # untyped generated code (tangle/bridge/build.py), as in client.py
+    generated.add_BlueprintManagerBridgeServicer_to_server(bridge, server)
     server.add_insecure_port(f"unix:{socket_path}")
     await server.start()
     try:

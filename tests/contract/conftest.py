@@ -17,7 +17,7 @@ from microvm_blueprint.runtime.adapters.firecracker import FirecrackerDriver
 from microvm_blueprint.runtime.adapters.in_memory import InMemoryDriver
 from microvm_blueprint.runtime.driver import VmmDriver
 from microvm_blueprint.runtime.lifecycle import Lifecycle
-from microvm_blueprint.runtime.model import HostLimits, NetworkMode, NetworkSettings
+from microvm_blueprint.runtime.model import HostLimits, NetworkMode, NetworkSettings, Origin
 from microvm_blueprint.runtime.store import Store
 
 DriverFactory = Callable[[Path], VmmDriver]
@@ -94,7 +94,5 @@ async def provider(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
             shutil.rmtree(driver.settings.chroot_base, ignore_errors=True)
 
 
-def _anon():  # type: ignore[no-untyped-def]
-    from microvm_blueprint.runtime.model import Origin
-
+def _anon() -> Origin:
     return Origin()

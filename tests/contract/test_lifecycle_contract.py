@@ -46,7 +46,7 @@ ACTIONS = {
 }
 
 # (status, action) -> None when allowed, else the target word in the error text.
-TABLE = {
+TABLE: dict[tuple[VmStatus, str], str | None] = {
     (VmStatus.CREATED, "start"): None,
     (VmStatus.CREATED, "stop"): "stopped",
     (VmStatus.CREATED, "snapshot"): None,
@@ -65,10 +65,14 @@ TABLE = {
     (VmStatus.DESTROYED, "destroy"): "destroyed",
 }
 
+#: the table's cells in a stable order (sorted here, not inside parametrize, whose argument type would make
+#: mypy infer the cells as ``object``)
+CELLS = sorted(TABLE, key=lambda k: (k[0].value, k[1]))
+
 EXPECTED_AFTER = {"start": VmStatus.RUNNING, "stop": VmStatus.STOPPED, "destroy": VmStatus.DESTROYED}
 
 
-@pytest.mark.parametrize(("status", "action"), sorted(TABLE, key=lambda k: (k[0].value, k[1])))
+@pytest.mark.parametrize(("status", "action"), CELLS)
 async def test_state_by_job_table(provider: Lifecycle, status: VmStatus, action: str) -> None:
     await bring_to(provider, "vm-t", status)
     before = await provider.get_vm("vm-t")

@@ -19,7 +19,7 @@ from microvm_blueprint.runtime.lifecycle import Lifecycle
 from microvm_blueprint.runtime.model import Origin, VmStatus
 
 from .conftest import SERVICE_OWNER
-from .test_lifecycle_contract import EXPECTED_AFTER, TABLE
+from .test_lifecycle_contract import CELLS, EXPECTED_AFTER, TABLE
 
 OWNER = "0x00000000000000000000000000000000000000A1"
 OTHER = "0x00000000000000000000000000000000000000b2"
@@ -81,7 +81,7 @@ async def test_a_non_owner_is_refused_and_changes_nothing(provider: Lifecycle, s
     assert len((await provider.get_vm("vm-o")).history) == len(after.history)
 
 
-@pytest.mark.parametrize(("status", "action"), sorted(TABLE, key=lambda k: (k[0].value, k[1])))
+@pytest.mark.parametrize(("status", "action"), CELLS)
 async def test_the_service_owner_gets_the_owners_table(provider: Lifecycle, status: VmStatus, action: str) -> None:
     """The state x job table, every cell played by the service owner on a customer's VM: the same answers."""
     await owned_vm(provider, "vm-t", status)

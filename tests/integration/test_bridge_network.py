@@ -16,6 +16,7 @@ working; after destroy neither `ip netns list` nor `nft list ruleset` shows anyt
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import socket
 import subprocess
@@ -31,7 +32,7 @@ from microvm_blueprint.runtime.adapters.qemu import QemuDriver, QemuSettings
 from microvm_blueprint.runtime.confine import DEFAULT_UID_RANGE, Confinement
 from microvm_blueprint.runtime.confine import DEFAULT_USER as VMM_USER
 from microvm_blueprint.runtime.lifecycle import Lifecycle
-from microvm_blueprint.runtime.model import NetworkMode, NetworkSettings, Origin, VmStatus
+from microvm_blueprint.runtime.model import BRIDGE_GATEWAY, NetworkMode, NetworkSettings, Origin, VmStatus
 from microvm_blueprint.runtime.store import Store
 
 from ..waiting import until
@@ -182,7 +183,7 @@ async def test_bridge_ssh_isolation_clones_operator_restart_and_destroy(
     # own namespace's addresses, nothing beyond (egress denied)
     lo, anywhere = listeners
     targets = [f"{b.ns_ip}:22", f"{b.host_ip}:{anywhere.port}", f"{a.host_ip}:{anywhere.port}",
-               f"{a.host_ip}:{b_port}", f"127.0.0.1:{lo.port}", f"{netns.BRIDGE_GATEWAY}:22",
+               f"{a.host_ip}:{b_port}", f"127.0.0.1:{lo.port}", f"{BRIDGE_GATEWAY}:22",
                f"{a.ns_ip}:22", "10.201.255.254:22"]
     targets += [f"{addr}:{anywhere.port}" for addr in host_addresses() if addr != "127.0.0.1"]
     answer = await ssh_ok(key, a_port, probe_cmd(targets), timeout=90)
@@ -199,7 +200,7 @@ async def test_bridge_ssh_isolation_clones_operator_restart_and_destroy(
     await life.snapshot_vm("br-a", "s1", Origin())
     await asyncio.gather(*(life.restore_vm("br-a", "s1", c, Origin()) for c in ("br-c1", "br-c2")))
     for c in ("br-c1", "br-c2"):  # a clone restarts its SSH listener (new host keys) before this line
-        await until(lambda c=c: reidentified(life, c), 60, f"{c}'s re-identified line", every=0.5)
+        await until(functools.partial(reidentified, life, c), 60, f"{c}'s re-identified line", every=0.5)
     ports = [a_port, host_port(life, "br-c1", 22), host_port(life, "br-c2", 22)]
     assert len(set(ports)) == 3
     names = await asyncio.gather(*(ssh_ok(key, p, f"echo vm-at-{p} > /tmp/who; ip -4 -o addr show eth0")
@@ -260,7 +261,7 @@ async def test_with_egress_allowed_a_guest_still_reaches_neither_the_host_nor_it
     lo, anywhere = listeners
     targets = [f"{addr}:{anywhere.port}" for addr in host_addresses() if addr != "127.0.0.1"]
     assert targets, "this machine has no address besides loopback to try"
-    targets += [f"127.0.0.1:{lo.port}", f"{e.host_ip}:{anywhere.port}", f"{netns.BRIDGE_GATEWAY}:22"]
+    targets += [f"127.0.0.1:{lo.port}", f"{e.host_ip}:{anywhere.port}", f"{BRIDGE_GATEWAY}:22"]
     answer = await ssh_ok(key, port, probe_cmd(targets), timeout=90)
     results = dict(line.split(" ", 1) for line in answer.strip().splitlines())
     assert set(results) == set(targets) and all(r.startswith("failed") for r in results.values()), answer

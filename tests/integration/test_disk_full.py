@@ -90,7 +90,7 @@ class Operator:
         """QEMU's own run state (QMP ``query-status``), not what the store says."""
         stored = self.life.store.get_vm(vm_id)
         assert stored is not None
-        return await self.driver.vmm_status(stored)
+        return await self.driver.vmm_status(self.life._record(stored))
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.qemu
 async def _drives(life: Lifecycle, driver: QemuDriver, vm_id: str) -> dict[str, dict[str, Any]]:
     stored = life.store.get_vm(vm_id)
     assert stored is not None
-    return {d["device"]: d for d in await driver.query_block(stored)}
+    return {d["device"]: d for d in await driver.query_block(life._record(stored))}
 
 
 async def test_qemu_reports_the_customer_disk_throttled_and_the_config_drive_not(tmp_path: Path) -> None:

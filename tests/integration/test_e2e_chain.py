@@ -22,7 +22,7 @@ pytestmark = pytest.mark.chain
 async def test_every_job_end_to_end(anvil: Anvil, harness_for: HarnessFactory) -> None:
     h = await harness_for(await deploy_dev_tangle(anvil.rpc_url))
     op = await h.start_operator()
-    steps = [
+    steps: list[tuple[str, *tuple[str | int, ...]]] = [
         ("create_vm", "vm-1"),
         ("start_vm", "vm-1"),
         ("stop_vm", "vm-1"),
@@ -55,7 +55,7 @@ async def test_failed_jobs_are_journaled_not_sent(anvil: Anvil, harness_for: Har
     op = await h.start_operator()
     ok = await h.job("create_vm", "vm-1")
     assert ok.result is True
-    cases = [
+    cases: list[tuple[tuple[str, *tuple[str | int, ...]], str]] = [
         (("create_vm", "vm-1"), "vm 'vm-1' already exists"),
         (("stop_vm", "vm-1"), "invalid vm transition for 'vm-1': created -> stopped"),
         (("start_vm", "nope"), "vm 'nope' not found"),

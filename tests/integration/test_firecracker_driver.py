@@ -77,8 +77,8 @@ def make(tmp_path: Path, shared: Path) -> Iterator[Callable[..., FirecrackerDriv
     ``CIDATA`` with an instance-id), no two with the same instance-id (DESIGN.md §8)."""
     made: list[tuple[FirecrackerDriver, Path]] = []
 
-    def factory(*extra: str, sub: str = "fc", **overrides: object) -> FirecrackerDriver:
-        driver = stand_in_driver(tmp_path / sub, *extra, **overrides)
+    def factory(*extra: str, sub: str = "fc", stock: bool = False, **overrides: object) -> FirecrackerDriver:
+        driver = stand_in_driver(tmp_path / sub, *extra, stock=stock, **overrides)
         made.append((driver, tmp_path / sub))
         return driver
 

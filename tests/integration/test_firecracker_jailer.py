@@ -16,7 +16,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import httpx
@@ -104,7 +104,7 @@ def test_jailer_settings_from_env() -> None:
 
 def _jailed(tmp_path: Path, chroot_base: Path, **overrides: object) -> FirecrackerSettings:
     return stand_in_settings(tmp_path / "fc", jailer=str(fake_jailer(tmp_path / "bin")), chroot_base=str(chroot_base),
-                             jailer_uid=999, jailer_gid=995, **overrides)
+                             jailer_uid=999, jailer_gid=995, stock=False, **overrides)
 
 
 def _chroots(base: Path) -> list[Path]:
@@ -215,7 +215,7 @@ async def test_the_jailed_stand_in_resolves_api_paths_inside_the_chroot(tmp_path
         sock = root / "run" / "firecracker.socket"
         await until(sock.exists, timeout=15, what="the jailed stand-in's API socket")
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://x", timeout=10) as api:
-            def put(path: str, body: dict[str, object]) -> httpx.Response:
+            def put(path: str, body: Mapping[str, object]) -> httpx.Response:
                 return api.put(path, json=body)
 
             boot = {"kernel_image_path": str(kernel), "boot_args": "console=ttyS0"}

@@ -59,7 +59,7 @@ async def test_connections_are_nodelay(api: Api) -> None:
     connections = list(api.server._server.server_state.connections)
     assert connections
     for protocol in connections:
-        sock = protocol.transport.get_extra_info("socket")  # type: ignore[attr-defined]
+        sock = protocol.transport.get_extra_info("socket")
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
@@ -108,7 +108,7 @@ async def test_every_page_shows_each_vms_own_snapshots(api: Api) -> None:
     singles = {n: (await api.http.get(f"/vms/{n}")).json() for n in names}
     for limit in (1, 2, 3, 100):
         listed: list[dict[str, object]] = []
-        params: dict[str, object] = {"limit": limit}
+        params: dict[str, str | int] = {"limit": limit}
         while page := (await api.http.get("/vms", params=params)).json():
             listed += page
             params = {"limit": limit, "after": page[-1]["vm_id"]}

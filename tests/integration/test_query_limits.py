@@ -251,10 +251,11 @@ async def test_out_of_file_handles_pauses_accepting_instead_of_spinning(tmp_path
             sys.executable, "-m", "tests.integration.limits_child", "200", cwd=REPO, stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=err, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert proc.stdin is not None and proc.stdout is not None
+    stdin, stdout = proc.stdin, proc.stdout
 
     async def say(command: str) -> str:
-        proc.stdin.write(command.encode() + b"\n")  # type: ignore[union-attr]
-        return (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()  # type: ignore[union-attr]
+        stdin.write(command.encode() + b"\n")
+        return (await asyncio.wait_for(stdout.readline(), 30)).decode().strip()
 
     socks: list[socket.socket] = []
     try:

@@ -91,7 +91,7 @@ class Served:
         assert uv is not None
         await until(lambda: len(uv.server_state.connections) == 1, what="the server to take the connection")
         for protocol in uv.server_state.connections:
-            theirs = protocol.transport.get_extra_info("socket")  # type: ignore[attr-defined]
+            theirs = protocol.transport.get_extra_info("socket")
             theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         writer.write(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
@@ -186,11 +186,12 @@ async def test_a_cancel_during_the_cleanup_of_a_server_that_stopped_on_its_own_p
     task = served.task
     uv = served.server._server
     assert task is not None and uv is not None
+    running: asyncio.Task[None] = task
 
     class CancelOnStopping(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             if record.getMessage() == "query API stopping":
-                task.cancel()  # from inside the task, just before its cleanup awaits
+                running.cancel()  # from inside the task, just before its cleanup awaits
 
     server_log = logging.getLogger("microvm_blueprint.blueprint.server")
     handler = CancelOnStopping()

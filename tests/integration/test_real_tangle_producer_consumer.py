@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -42,9 +43,9 @@ def vm_args(name: str) -> bytes:
 
 
 @pytest.fixture
-async def rpc(real_tangle: RealTangleChain) -> JsonRpc:
+async def rpc(real_tangle: RealTangleChain) -> AsyncIterator[JsonRpc]:
     client = JsonRpc(real_tangle.rpc_url)
-    yield client  # type: ignore[misc]
+    yield client
     await client.aclose()
 
 

@@ -101,7 +101,7 @@ def test_a_definition_the_contract_would_refuse_is_refused_here(tmp_path: Path) 
 def _sig(item: dict[str, Any]) -> str:
     def t(i: dict[str, Any]) -> str:
         if i["type"].startswith("tuple"):
-            return "(" + ",".join(t(c) for c in i["components"]) + ")" + i["type"][5:]
+            return "(" + ",".join(t(c) for c in i["components"]) + ")" + str(i["type"])[5:]
         return str(i["type"])
 
     return f"{item['name']}({','.join(t(i) for i in item.get('inputs', []))})"

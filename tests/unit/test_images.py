@@ -224,9 +224,9 @@ def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     monkeypatch.delenv("MICROVM_IMAGE_DIR")
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setattr(images.os, "geteuid", lambda: 1000)  # a user's VMMs run as that user
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # a user's VMMs run as that user
     assert images.default_cache_dir() == tmp_path / ".cache" / "microvm-blueprint" / "images"
-    monkeypatch.setattr(images.os, "geteuid", lambda: 0)  # root's run as the VMM user: not below /root
+    monkeypatch.setattr(os, "geteuid", lambda: 0)  # root's run as the VMM user: not below /root
     assert images.default_cache_dir() == images.SYSTEM_CACHE_DIR == Path("/var/cache/microvm-blueprint/images")
 
 

@@ -37,7 +37,7 @@ class Node:
     @property
     def url(self) -> str:
         assert self.server is not None
-        return f"ws://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return f"ws://127.0.0.1:{next(iter(self.server.sockets)).getsockname()[1]}"
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 
 import pytest
@@ -167,7 +167,7 @@ class GatedDriver(InMemoryDriver):
         return await super().snapshot(vm, snapdir)
 
 
-async def _burst(calls: list[Awaitable[object]], driver: GatedDriver, entering: int) -> list[object]:
+async def _burst(calls: Sequence[Awaitable[object]], driver: GatedDriver, entering: int) -> list[object]:
     """Run ``calls`` at once; open the gate once each is either inside the driver or refused."""
     tasks = [asyncio.ensure_future(c) for c in calls]
     await until(lambda: len(driver.entered) + sum(t.done() for t in tasks) >= len(tasks), what="the burst to settle")

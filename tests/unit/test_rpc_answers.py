@@ -162,6 +162,7 @@ async def test_an_error_answer_keeps_what_was_asked_and_answered(
     canned.error = error
     with pytest.raises(ContractRevert if is_revert else RpcError) as raised:  # the same, raised by call()
         await rpc.call("eth_estimateGas", [{"to": "0x" + "11" * 20, "data": "0x"}])
+    assert isinstance(raised.value, ContractRevert | RpcError)  # (pytest types it as their base)
     assert raised.value.code == code
 
 

@@ -4,6 +4,7 @@ a crashing handler never takes the service down."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from microvm_blueprint.tangle.calls import JobCall
@@ -17,7 +18,7 @@ class ListProducer:
     def __init__(self, calls: list[JobCall]) -> None:
         self.calls = calls
 
-    async def run(self, deliver, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
+    async def run(self, deliver: Callable[[JobCall], Awaitable[None]], stop: asyncio.Event) -> None:
         for c in self.calls:
             await deliver(c)
         await stop.wait()
@@ -87,8 +88,8 @@ async def test_a_crashing_handler_does_not_stop_the_service(tmp_path: Path) -> N
     router = Router().route(0, boom, name="boom")
     state = TangleState(tmp_path / "t.sqlite3")
     consumer = TangleConsumer(None, state, None, contract="0x" + "0" * 40, dry_run=True)  # type: ignore[arg-type]
-    runner = BlueprintRunner(router, ListProducer([call(0, "x"), call(1, "y"), call(2, "z", job=9)]), consumer,
-                             state, observer=Obs())  # type: ignore[arg-type]
+    producer = ListProducer([call(0, "x"), call(1, "y"), call(2, "z", job=9)])
+    runner = BlueprintRunner(router, producer, consumer, state, observer=Obs())  # type: ignore[arg-type]
     task = asyncio.create_task(runner.run())
     deadline = asyncio.get_running_loop().time() + 10
     while runner.handled < 3:

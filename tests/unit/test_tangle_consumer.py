@@ -154,14 +154,19 @@ async def test_a_refused_estimate_falls_back_to_a_fixed_limit_for_an_open_call(t
         "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d").address
 
 
+def _outbox_done(state: TangleState, call_id: int) -> bool:
+    status = state.outbox_status(0, call_id)
+    return status is not None and status[0] == "done"
+
+
 async def test_callbacks_that_raise_do_not_stop_the_sender(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     chain = FakeChain()
 
     consumer, state = make(tmp_path, chain, observer=Observer(explode=True))
     finish(consumer, 1)
-    await run_until(consumer, lambda: state.outbox_status(0, 1) is not None and state.outbox_status(0, 1)[0] == "done")
+    await run_until(consumer, lambda: _outbox_done(state, 1))
     finish(consumer, 2)
-    await run_until(consumer, lambda: state.outbox_status(0, 2) is not None and state.outbox_status(0, 2)[0] == "done")
+    await run_until(consumer, lambda: _outbox_done(state, 2))
     assert "job observer failed on on_submitted of call 1" in caplog.text
     assert [int.from_bytes(rlp.decode(s["raw"])[0], "big") for s in chain.sent] == [0, 1]  # local nonces
 

@@ -7,35 +7,38 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
 from microvm_blueprint.tangle import contracts
 from microvm_blueprint.tangle.devnet import ARTIFACT, REPO
 
+Fragment = dict[str, Any]  # one ABI item, as JSON
 
-def _sig(item: dict) -> str:  # type: ignore[type-arg]
-    def t(i: dict) -> str:  # type: ignore[type-arg]
+
+def _sig(item: Fragment) -> str:
+    def t(i: Fragment) -> str:
         if i["type"].startswith("tuple"):
-            return "(" + ",".join(t(c) for c in i["components"]) + ")" + i["type"][5:]
+            return "(" + ",".join(t(c) for c in i["components"]) + ")" + str(i["type"])[5:]
         return str(i["type"])
 
     return f"{item['name']}({','.join(t(i) for i in item.get('inputs', []))})"
 
 
 @pytest.fixture(scope="module")
-def real_abi(shared: Path) -> list[dict]:  # type: ignore[type-arg]
+def real_abi(shared: Path) -> list[Fragment]:
     path = shared / "tangle" / "tangle-operator-abi.json"
     if not path.is_file():
         pytest.skip(f"{path} not available")
     return json.loads(path.read_text())  # type: ignore[no-any-return]
 
 
-def _index(abi: list[dict]) -> dict[tuple[str, str], dict]:  # type: ignore[type-arg]
+def _index(abi: list[Fragment]) -> dict[tuple[str, str], Fragment]:
     return {(i["type"], _sig(i)): i for i in abi if i["type"] in ("function", "event", "error")}
 
 
-def test_our_fragments_match_the_real_abi(real_abi: list[dict]) -> None:  # type: ignore[type-arg]
+def test_our_fragments_match_the_real_abi(real_abi: list[Fragment]) -> None:
     real = _index(real_abi)
     for item in contracts.TANGLE_ABI:
         key = (item["type"], _sig(item))
@@ -54,7 +57,7 @@ def test_our_fragments_match_the_real_abi(real_abi: list[dict]) -> None:  # type
         assert contracts.selector(contracts.ERRORS[name]) == sel
 
 
-def test_dev_contract_speaks_the_real_interface(real_abi: list[dict]) -> None:  # type: ignore[type-arg]
+def test_dev_contract_speaks_the_real_interface(real_abi: list[Fragment]) -> None:
     dev = _index(json.loads(ARTIFACT.read_text())["abi"])
     real = _index(real_abi)
     for key in [("function", _sig(contracts.SUBMIT_JOB)), ("function", _sig(contracts.SUBMIT_RESULT)),
@@ -79,8 +82,9 @@ def test_committed_artifact_matches_a_fresh_compile() -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def test_topics_and_selectors_equal_those_of_the_real_abi(real_abi: list[dict]) -> None:  # type: ignore[type-arg]
+def test_topics_and_selectors_equal_those_of_the_real_abi(real_abi: list[Fragment]) -> None:
     """Every topic0 and selector we use, recomputed from the real ABI's own fragments."""
+    from eth_typing import ABIEvent, ABIFunction
     from eth_utils import event_abi_to_log_topic, function_abi_to_4byte_selector, keccak
 
     real = _index(real_abi)
@@ -88,9 +92,9 @@ def test_topics_and_selectors_equal_those_of_the_real_abi(real_abi: list[dict]) 
     for key, item in ours.items():
         theirs = real[key]
         if key[0] == "event":
-            assert contracts.topic(item) == "0x" + event_abi_to_log_topic(theirs).hex()
+            assert contracts.topic(item) == "0x" + event_abi_to_log_topic(cast("ABIEvent", theirs)).hex()
         elif key[0] == "function":
-            assert contracts.selector(item) == "0x" + function_abi_to_4byte_selector(theirs).hex()
+            assert contracts.selector(item) == "0x" + function_abi_to_4byte_selector(cast("ABIFunction", theirs)).hex()
         else:
             assert contracts.selector(item) == "0x" + keccak(text=_sig(theirs))[:4].hex()
     by_name = {i["name"]: i for i in real_abi if i["type"] == "event"}
@@ -99,7 +103,7 @@ def test_topics_and_selectors_equal_those_of_the_real_abi(real_abi: list[dict]) 
                            ("JobResultSubmitted", contracts.TOPIC_JOB_RESULT_SUBMITTED),
                            ("JobCompleted", contracts.TOPIC_JOB_COMPLETED),
                            ("ServiceActivated", contracts.TOPIC_SERVICE_ACTIVATED)]:
-        assert constant == "0x" + event_abi_to_log_topic(by_name[name]).hex()
+        assert constant == "0x" + event_abi_to_log_topic(cast("ABIEvent", by_name[name])).hex()
     # every custom error the real contract declares is classified by name
     real_errors = {_sig(i) for i in real_abi if i["type"] == "error"}
     assert {_sig(e) for e in {**contracts.ERRORS, **contracts.OTHER_ERRORS}.values()} == real_errors

@@ -18,7 +18,7 @@ from microvm_blueprint.runtime.adapters.in_memory import InMemoryDriver
 from microvm_blueprint.runtime.confine import DEFAULT_UID_RANGE, check_uid_range, parse_uid_range
 from microvm_blueprint.runtime.errors import QuotaExceeded
 from microvm_blueprint.runtime.lifecycle import Lifecycle
-from microvm_blueprint.runtime.model import Origin, VmHandle, VmRecord, VmSpec, VmStatus
+from microvm_blueprint.runtime.model import Origin, SnapshotRecord, VmHandle, VmRecord, VmSpec, VmStatus
 from microvm_blueprint.runtime.store import Store
 
 RANGE = (300_000, 300_002)
@@ -38,9 +38,9 @@ class UidDriver(InMemoryDriver):
         self.seen[vm.vm_id] = vm.vmm_uid
         return await super().create(vm)
 
-    async def restore(self, vm: VmRecord, snapshot: object) -> VmHandle | None:  # type: ignore[override]
+    async def restore(self, vm: VmRecord, snapshot: SnapshotRecord) -> VmHandle | None:
         self.seen[vm.vm_id] = vm.vmm_uid
-        return await super().restore(vm, snapshot)  # type: ignore[arg-type]
+        return await super().restore(vm, snapshot)
 
 
 def _life(tmp_path: Path, driver: InMemoryDriver | None = None, uids: tuple[int, int] | None = RANGE) -> Lifecycle:

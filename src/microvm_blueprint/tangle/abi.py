@@ -72,7 +72,9 @@ def _check_strings(values: Sequence[Any]) -> None:
             _check_strings(v)
 
 
-def decode_args(types: Sequence[str], data: bytes, *, max_bytes: int = MAX_INPUT_BYTES) -> tuple[Any, ...]:
+def decode_args(
+    types: Sequence[str], data: bytes | bytearray | memoryview, *, max_bytes: int = MAX_INPUT_BYTES
+) -> tuple[Any, ...]:
     """Decode job inputs as the tuple ``types`` (the wrapped form first when it may apply).
 
     Raises :class:`AbiDecodeError` (and nothing else) with a one-line reason on any malformed input.
