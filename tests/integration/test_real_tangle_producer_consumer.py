@@ -15,10 +15,11 @@ from eth_abi import encode
 from microvm_blueprint.tangle import contracts
 from microvm_blueprint.tangle.abi import encode_result
 from microvm_blueprint.tangle.calls import JobCall
-from microvm_blueprint.tangle.consumer import GAS_MULTIPLIER, submit_results_data
+from microvm_blueprint.tangle.consumer import submit_results_data
 from microvm_blueprint.tangle.producer import TangleProducer
 from microvm_blueprint.tangle.rpc import ContractRevert, JsonRpc
 from microvm_blueprint.tangle.state import TangleState
+from microvm_blueprint.tangle.transact import GAS_MULTIPLIER
 
 from .conftest import RealTangleChain
 from .tangle_chain import (

@@ -172,3 +172,23 @@ async def test_a_malformed_answer_names_its_method(node: tuple[CannedNode, JsonR
     with pytest.raises(RpcError) as raised:
         await rpc.gas_price()
     assert raised.value.method == "eth_gasPrice" and raised.value.code is None
+
+
+async def test_wait_receipt_returns_the_receipt_once_mined_and_none_past_its_deadline(
+        node: tuple[CannedNode, JsonRpc]) -> None:
+    canned, rpc = node
+    canned.result = None  # not mined
+    assert await rpc.wait_receipt(GOOD_HASH, 0.2, every=0.02) is None
+
+    async def mine_later() -> None:
+        await asyncio.sleep(0.1)  # the node's answer changes while the wait polls
+        canned.result = {"status": "0x1", "transactionHash": GOOD_HASH}
+
+    canned.result = None
+    miner = asyncio.create_task(mine_later())
+    receipt = await rpc.wait_receipt(GOOD_HASH, 10, every=0.02)
+    await miner
+    assert receipt == {"status": "0x1", "transactionHash": GOOD_HASH}
+    canned.result = "not a receipt"
+    with pytest.raises(RpcError):
+        await rpc.wait_receipt(GOOD_HASH, 1)

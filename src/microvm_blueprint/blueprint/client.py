@@ -179,14 +179,9 @@ class TangleCustomer:
         return hashes
 
     async def wait_submitted(self, tx_hash: str, timeout: float = 60.0) -> Submitted:
-        deadline = time.monotonic() + timeout
-        while True:
-            receipt = await self.rpc.receipt(tx_hash)
-            if receipt is not None:
-                break
-            if time.monotonic() > deadline:
-                raise ClientError(f"submitJob transaction {tx_hash} not mined after {timeout:.0f}s")
-            await asyncio.sleep(0.01)
+        receipt = await self.rpc.wait_receipt(tx_hash, timeout, every=0.01)
+        if receipt is None:
+            raise ClientError(f"submitJob transaction {tx_hash} not mined after {timeout:.0f}s")
         seen = time.monotonic()
         if int(str(receipt["status"]), 16) != 1:
             raise ClientError(f"submitJob reverted (tx {tx_hash}): is this account a permitted caller?")

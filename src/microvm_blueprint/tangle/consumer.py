@@ -42,14 +42,13 @@ from .producer import Backoff
 from .rpc import ContractRevert, JsonRpc
 from .signing import LegacyTx, sign_legacy
 from .state import OutboxRow, TangleState
+from .transact import GAS_MULTIPLIER  # gas limit over the node's estimate, as every sender's
 
 log = logging.getLogger(__name__)
 
 SEL_SUBMIT_RESULT = selector_bytes(SUBMIT_RESULT)
 SEL_SUBMIT_RESULTS = selector_bytes(SUBMIT_RESULTS)
 SEL_GET_JOB_CALL = selector_bytes(GET_JOB_CALL)
-#: Gas multiplier over the node's estimate.
-GAS_MULTIPLIER = 1.3
 #: Gas limit used only when the node refuses ``eth_estimateGas`` without a revert (one result per tx).
 GAS_FALLBACK = 1_000_000
 #: A transaction without a receipt after this long is given up and its calls looked at again.

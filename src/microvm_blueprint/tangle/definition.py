@@ -25,7 +25,6 @@ definition.rs`` at 4c85bd163):
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from collections.abc import Sequence
@@ -45,7 +44,7 @@ from .contracts import (
 from .errors import TangleError
 from .keystore import OperatorKey
 from .rpc import ContractRevert, JsonRpc
-from .signing import LegacyTx, sign_legacy
+from .transact import GAS_MULTIPLIER, send_and_confirm
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +361,7 @@ def explain_create_revert(exc: ContractRevert, sender: str) -> str:
 
 async def create_blueprint(
     rpc: JsonRpc, contract: str, key: OperatorKey, definition: BlueprintDefinition, *,
-    receipt_timeout: float = 120.0, gas_multiplier: float = 1.3,
+    receipt_timeout: float = 120.0, gas_multiplier: float = GAS_MULTIPLIER,
 ) -> CreatedBlueprint:
     """Send ``createBlueprint`` signed by ``key`` (the blueprint's owner) and return the new id (from
     ``BlueprintCreated``). The gas is estimated first, so a definition the contract refuses is named
@@ -373,20 +372,9 @@ async def create_blueprint(
         estimate = await rpc.estimate_gas(contract, data, me)
     except ContractRevert as exc:
         raise DefinitionError(explain_create_revert(exc, me)) from exc
-    tx = LegacyTx(
-        nonce=await rpc.nonce(me), gas_price=await rpc.gas_price(), gas=int(estimate * gas_multiplier), to=contract,
-        data=data, chain_id=await rpc.chain_id(),
-    )
-    tx_hash = await rpc.send_raw(sign_legacy(tx, key.secret.reveal()))
-    log.info("createBlueprint sent from %s: tx %s", me, tx_hash)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + receipt_timeout
-    while (receipt := await rpc.receipt(tx_hash)) is None:
-        if loop.time() > deadline:
-            raise DefinitionError(f"createBlueprint transaction {tx_hash} not mined after {receipt_timeout:.0f}s")
-        await asyncio.sleep(0.1)
-    if int(str(receipt.get("status")), 16) != 1:
-        raise DefinitionError(f"createBlueprint transaction {tx_hash} was mined and failed (status 0)")
+    tx_hash, receipt = await send_and_confirm(rpc, key, contract, data, estimate, what="createBlueprint",
+                                              error=DefinitionError, receipt_timeout=receipt_timeout,
+                                              gas_multiplier=gas_multiplier)
     for entry in receipt.get("logs", []):
         topics = entry.get("topics", [])
         if (len(topics) >= 3 and topics[0] == TOPIC_BLUEPRINT_CREATED

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import tempfile
@@ -24,15 +23,13 @@ from .contracts import IS_OPERATOR_REGISTERED, IS_SERVICE_OPERATOR, REGISTER_OPE
 from .errors import RegistrationError, RpcError
 from .keystore import OperatorKey
 from .rpc import ContractRevert, JsonRpc
-from .signing import LegacyTx, sign_legacy
+from .transact import send_and_confirm
 
 log = logging.getLogger(__name__)
 
 SEL_IS_OPERATOR_REGISTERED = selector_bytes(IS_OPERATOR_REGISTERED)
 SEL_REGISTER_OPERATOR = selector_bytes(REGISTER_OPERATOR)
 SEL_IS_SERVICE_OPERATOR = selector_bytes(IS_SERVICE_OPERATOR)
-#: Gas multiplier over the node's estimate (as the result sender's).
-GAS_MULTIPLIER = 1.3
 #: How long ``register`` waits for its transaction to be mined.
 RECEIPT_TIMEOUT = 120.0
 
@@ -134,20 +131,8 @@ async def register_operator(
         if exc.name == "OperatorAlreadyRegistered":  # registered between our check and now
             return Registration(me, blueprint_id, None)
         raise RegistrationError(explain_revert(exc, blueprint_id, me)) from exc
-    tx = LegacyTx(
-        nonce=await rpc.nonce(me), gas_price=await rpc.gas_price(), gas=int(estimate * GAS_MULTIPLIER), to=contract,
-        data=data, chain_id=await rpc.chain_id(),
-    )
-    tx_hash = await rpc.send_raw(sign_legacy(tx, key.secret.reveal()))
-    log.info("registerOperator sent for %s (blueprint %d): tx %s", me, blueprint_id, tx_hash)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + receipt_timeout
-    while (receipt := await rpc.receipt(tx_hash)) is None:
-        if loop.time() > deadline:
-            raise RegistrationError(f"registerOperator transaction {tx_hash} not mined after {receipt_timeout:.0f}s")
-        await asyncio.sleep(0.1)
-    if int(str(receipt.get("status")), 16) != 1:
-        raise RegistrationError(f"registerOperator transaction {tx_hash} was mined and failed (status 0)")
+    tx_hash, _ = await send_and_confirm(rpc, key, contract, data, estimate, what="registerOperator",
+                                        error=RegistrationError, receipt_timeout=receipt_timeout)
     if not await is_operator_registered(rpc, contract, blueprint_id, me):
         raise RegistrationError(f"registerOperator transaction {tx_hash} succeeded but the operator is not registered")
     return Registration(me, blueprint_id, tx_hash)

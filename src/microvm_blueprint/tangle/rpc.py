@@ -6,6 +6,7 @@ pool, and turns every transport or protocol failure into :class:`RpcError` and e
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 from collections.abc import Sequence
@@ -208,6 +209,17 @@ class JsonRpc:
         if result is not None and not isinstance(result, dict):
             raise _fail("eth_getTransactionReceipt", "unexpected result")
         return result
+
+    async def wait_receipt(self, tx_hash: str, timeout: float, *, every: float = 0.1) -> dict[str, Any] | None:
+        """The receipt of ``tx_hash`` once it is mined, asked every ``every`` seconds; ``None`` when it
+        is not mined within ``timeout`` seconds (the caller says what that means)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (receipt := await self.receipt(tx_hash)) is None:
+            if loop.time() > deadline:
+                return None
+            await asyncio.sleep(every)
+        return receipt
 
 
 def _block_hash(block: dict[str, Any]) -> str:

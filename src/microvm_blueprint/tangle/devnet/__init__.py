@@ -215,16 +215,12 @@ async def send_unlocked(rpc: JsonRpc, sender: str, to: str | None, data: bytes, 
     if to:
         tx["to"] = to
     tx_hash = await rpc.call("eth_sendTransaction", [tx])
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        receipt = await rpc.receipt(str(tx_hash))
-        if receipt is not None:
-            if int(str(receipt["status"]), 16) != 1:
-                raise DevnetError(f"transaction {tx_hash} reverted")
-            return receipt
-        if asyncio.get_running_loop().time() > deadline:
-            raise DevnetError(f"no receipt for {tx_hash} after {timeout}s")
-        await asyncio.sleep(0.02)
+    receipt = await rpc.wait_receipt(str(tx_hash), timeout, every=0.02)
+    if receipt is None:
+        raise DevnetError(f"no receipt for {tx_hash} after {timeout}s")
+    if int(str(receipt["status"]), 16) != 1:
+        raise DevnetError(f"transaction {tx_hash} reverted")
+    return receipt
 
 
 async def deploy_dev_tangle(rpc_url: str, *, required_results: int = 1, job_count: int = JOB_COUNT) -> DevDeployment:
