@@ -478,16 +478,11 @@ class Store:
             if row is not None:
                 return int(row[0])
             db.execute("DELETE FROM bridge_slots WHERE vm_id=?", (vm_id,))
-            free = db.execute(
-                "SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM bridge_slots WHERE pool=? AND slot=0) UNION ALL "
-                "SELECT slot + 1 FROM bridge_slots b WHERE pool=? AND slot + 1 < ? AND NOT EXISTS "
-                "(SELECT 1 FROM bridge_slots c WHERE c.pool=b.pool AND c.slot=b.slot + 1) ORDER BY 1 LIMIT 1",
-                (pool, pool, slots),
-            ).fetchone()
+            free = _lowest_free(db, "bridge_slots", "slot", 0, slots - 1, pool=pool)
             if free is None:
                 raise QuotaExceeded(f"quota exceeded: MICROVM_BRIDGE_POOL {pool} has no free /30 left")
-            db.execute("INSERT INTO bridge_slots (vm_id, pool, slot) VALUES (?,?,?)", (vm_id, pool, int(free[0])))
-            return int(free[0])
+            db.execute("INSERT INTO bridge_slots (vm_id, pool, slot) VALUES (?,?,?)", (vm_id, pool, free))
+            return free
 
     def bridge_slots(self) -> dict[str, tuple[str, int]]:
         """Every VM holding a slot: ``vm_id -> (pool, slot)``."""
@@ -511,17 +506,12 @@ class Store:
             if row is not None and lo <= int(row[0]) <= hi:
                 return int(row[0])
             db.execute("DELETE FROM vmm_uids WHERE vm_id=?", (vm_id,))
-            free = db.execute(
-                "SELECT ? WHERE NOT EXISTS (SELECT 1 FROM vmm_uids WHERE uid=?) UNION ALL "
-                "SELECT uid + 1 FROM vmm_uids u WHERE uid + 1 BETWEEN ? AND ? AND NOT EXISTS "
-                "(SELECT 1 FROM vmm_uids v WHERE v.uid=u.uid + 1) ORDER BY 1 LIMIT 1",
-                (lo, lo, lo, hi),
-            ).fetchone()
+            free = _lowest_free(db, "vmm_uids", "uid", lo, hi)
             if free is None:
                 raise QuotaExceeded(f"quota exceeded: MICROVM_VMM_UID_RANGE {lo}-{hi} has no free uid left "
                                     f"({hi - lo + 1} VMs hold one each)")
-            db.execute("INSERT INTO vmm_uids (vm_id, uid) VALUES (?, ?)", (vm_id, int(free[0])))
-            return int(free[0])
+            db.execute("INSERT INTO vmm_uids (vm_id, uid) VALUES (?, ?)", (vm_id, free))
+            return free
 
     def vmm_uid(self, vm_id: str) -> int | None:
         """The uid ``vm_id``'s VMM runs as; ``None``: none of its own (a VM from before per-VM uids, or
@@ -806,6 +796,23 @@ def _i64(call_id: int | None) -> int | None:
     if call_id is None:
         return None
     return call_id - (1 << 64) if call_id >= (1 << 63) else call_id
+
+
+def _lowest_free(db: sqlite3.Connection, table: str, column: str, lo: int, hi: int, *,
+                 pool: str | None = None) -> int | None:
+    """The lowest value of ``column`` in ``[lo, hi]`` that no row of ``table`` (of ``pool``, when given)
+    holds: ``lo`` itself, or one above a held value whose successor is free; ``None`` when every value
+    is held. One query, inside the caller's transaction. ``table`` and ``column`` are this module's own
+    names, never input."""
+    mine, args = ("pool=? AND ", (pool,)) if pool is not None else ("", ())
+    same = "b.pool=a.pool AND " if pool is not None else ""
+    row = db.execute(
+        f"SELECT ? WHERE ? <= ? AND NOT EXISTS (SELECT 1 FROM {table} WHERE {mine}{column}=?) UNION ALL "
+        f"SELECT a.{column} + 1 FROM {table} a WHERE {mine}a.{column} + 1 BETWEEN ? AND ? AND NOT EXISTS "
+        f"(SELECT 1 FROM {table} b WHERE {same}b.{column}=a.{column} + 1) ORDER BY 1 LIMIT 1",
+        (lo, lo, hi, *args, lo, *args, lo, hi),
+    ).fetchone()
+    return None if row is None else int(row[0])
 
 
 @functools.lru_cache(maxsize=256)
