@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,23 @@ REPO = Path(__file__).resolve().parent.parent
 
 def shared_dir() -> Path:
     return Path(os.environ.get("MICROVM_SHARED_DIR", REPO.parent / "shared"))
+
+
+@contextlib.contextmanager
+def tmpfs_dir(tmp_path: Path, size: str) -> Iterator[Path]:
+    """A fresh tmpfs of ``size`` (``mount -o size=``) at ``tmp_path/data``, unmounted afterwards; skips the
+    test when not root or when this machine cannot mount one (full-disk and low-disk cases)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "data"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=False,
+                      timeout=30).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False, timeout=30)
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ from microvm_blueprint.runtime.lifecycle import Lifecycle
 from microvm_blueprint.runtime.model import NetworkMode, NetworkSettings, Origin, VmStatus
 from microvm_blueprint.runtime.store import Store
 
+from ..conftest import tmpfs_dir
 from ..qemu_support import qemu_pids
 from ..waiting import until
 from .test_guest_access import BOOT_TIMEOUT, _debian_image, _keygen, host_port, ssh, ssh_ok, submit_job8, wait_ssh
@@ -59,25 +60,15 @@ def _fill(path: Path) -> None:
                     f.write(chunk)
 
 
-def _mount_tmpfs(path: Path, size: str, *, remount: bool = False) -> None:
-    opts = f"remount,size={size}" if remount else f"size={size}"
-    subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], check=True, timeout=30)
+def _grow_tmpfs(path: Path, size: str) -> None:
+    """Give the tmpfs at ``path`` room again (a remount with a larger size keeps its files)."""
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"remount,size={size}", "tmpfs", str(path)], check=True, timeout=30)
 
 
 @pytest.fixture
 def small_data_dir(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "data"
-    mnt.mkdir()
-    try:
-        _mount_tmpfs(mnt, f"{TMPFS_MIB}m")
-    except subprocess.CalledProcessError:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs_dir(tmp_path, f"{TMPFS_MIB}m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False, timeout=30)
 
 
 class Operator:
@@ -85,6 +76,17 @@ class Operator:
         self.driver = QemuDriver(QemuSettings(image_dir=image_dir, accel="tcg", boot_timeout=BOOT_TIMEOUT))
         self.life = Lifecycle(self.driver, Store(data / "runtime.sqlite3"), state_dir=data / "state",
                               network=NetworkSettings(mode=NetworkMode.USER), min_free_mib=0)
+
+    async def boot(self, vm_id: str, tmp_path: Path) -> tuple[Path, int]:
+        """A running ``debian`` VM with a disk far larger than the tmpfs, reachable over SSH: the key and
+        the host port of its SSH."""
+        key = await asyncio.to_thread(_keygen, tmp_path / "id_ed25519")
+        await submit_job8(self.life, vm_id, 1, 512, DISK_MIB, "debian", [key.with_suffix(".pub").read_text().strip()],
+                          [22])
+        port = host_port(self.life, vm_id, 22)
+        await self.life.start_vm(vm_id, Origin())
+        await wait_ssh(key, port)
+        return key, port
 
     async def qemu_status(self, vm_id: str) -> str:
         """QEMU's own run state (QMP ``query-status``), not what the store says."""
@@ -116,12 +118,8 @@ async def operator(small_data_dir: Path, tmp_path: Path, request: pytest.Fixture
 
 async def test_a_full_host_disk_reaches_the_guest_and_the_view_and_the_guest_runs_on(
         operator: Operator, small_data_dir: Path, tmp_path: Path) -> None:
-    key = await asyncio.to_thread(_keygen, tmp_path / "id_ed25519")
     life = operator.life
-    await submit_job8(life, "full-1", 1, 512, DISK_MIB, "debian", [key.with_suffix(".pub").read_text().strip()], [22])
-    port = host_port(life, "full-1", 22)
-    await life.start_vm("full-1", Origin())
-    await wait_ssh(key, port)
+    key, port = await operator.boot("full-1", tmp_path)
     assert await operator.qemu_status("full-1") == "running"
     view = await life.get_vm("full-1")
     assert view.status is VmStatus.RUNNING and view.error is None
@@ -160,7 +158,7 @@ async def test_a_full_host_disk_reaches_the_guest_and_the_view_and_the_guest_run
     assert await operator.qemu_status("full-1") == "running"
 
     # ---- the host has room again: the guest writes again -----------------------------------------------
-    _mount_tmpfs(small_data_dir, "1g", remount=True)
+    _grow_tmpfs(small_data_dir, "1g")
     out = await ssh_ok(key, port, RAW_WRITE, timeout=120)
     assert "raw-write-ok" in out, out  # written to the disk, and read back from it the same
     assert await operator.qemu_status("full-1") == "running"
@@ -172,12 +170,8 @@ async def test_a_disk_error_stays_through_stop_and_start_and_a_second_one_is_see
     """The error stays in the view through a stop and a start while the host is still full, is cleared by
     a start once the host has room, and a second disk error after that is seen again (QEMU's
     ``BLOCK_IO_ERROR`` watch used to report only the first of a QEMU process, and a stop cleared the view)."""
-    key = await asyncio.to_thread(_keygen, tmp_path / "id_ed25519")
     life = operator.life
-    await submit_job8(life, "full-2", 1, 512, DISK_MIB, "debian", [key.with_suffix(".pub").read_text().strip()], [22])
-    port = host_port(life, "full-2", 22)
-    await life.start_vm("full-2", Origin())
-    await wait_ssh(key, port)
+    key, port = await operator.boot("full-2", tmp_path)
 
     async def disk_error_shown() -> bool:
         return (await life.get_vm("full-2")).error is not None

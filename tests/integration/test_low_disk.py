@@ -5,7 +5,6 @@ kinds of call succeed and no call went unanswered. On a real 64 MiB tmpfs DATA_D
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,19 +17,13 @@ from microvm_blueprint.runtime.lifecycle import Lifecycle
 from microvm_blueprint.runtime.model import Origin, VmStatus
 from microvm_blueprint.runtime.store import Store
 
+from ..conftest import tmpfs_dir
+
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "data"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], check=False).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs_dir(tmp_path, "64m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _fill(path: Path, leave_mib: int) -> None:
