@@ -142,7 +142,10 @@ async def run(subscribers: int = SUBSCRIBERS) -> None:
                 assert readers.stdout is not None and readers.stdin is not None
                 line = await asyncio.wait_for(readers.stdout.readline(), 60)
                 assert line.strip() == b"ready", line
-                while app.events.subscribers < subscribers:
+                deadline = time.monotonic() + 60
+                while app.events.subscribers < subscribers:  # every reader subscribed, or the round is void
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{app.events.subscribers} of {subscribers} readers subscribed in 60 s")
                     await asyncio.sleep(0.01)
                 seq0 = life.store.last_event_seq()
                 with_subs.append(await _paced(jobs, ROUND_S))
