@@ -4,6 +4,7 @@ cost of create not depending on the base image's size (qcow2 overlays)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -89,3 +90,47 @@ async def test_create_costs_the_same_for_a_4gib_base_image(life: Lifecycle, tmp_
     assert took["large"] < took["small"] * 3 + 0.5, took
     await life.start_vm("large", ORIGIN)  # and the big one really boots
     assert images.READY_LINE in await life.console("large")
+
+
+async def test_a_save_a_dead_operator_left_running_is_cancelled_when_its_vm_is_re_adopted(tmp_path: Path) -> None:
+    """An operator killed while QEMU saves a snapshot's memory leaves that migration running in QEMU;
+    reconciliation undoes the snapshot, and the re-adopted QEMU must not refuse the replayed call with
+    "There's a migration process in progress" (a crash test's kill -9 found it)."""
+    from microvm_blueprint.runtime.adapters.qemu import QemuDriver, QemuSettings
+    from microvm_blueprint.runtime.store import Store
+
+    from ..qemu_support import qemu_pids
+
+    image_dir = ensure_image()
+
+    def make() -> tuple[QemuDriver, Lifecycle]:
+        driver = QemuDriver(QemuSettings(image_dir=image_dir, accel="tcg"))
+        return driver, Lifecycle(driver, Store(tmp_path / "s.sqlite3"), state_dir=tmp_path / "state")
+
+    first_driver, first = make()
+    await first.create_vm("m", None, ORIGIN)
+    await first.start_vm("m", ORIGIN)
+    q = first_driver._vm(first._record(first.store.get_vm("m")))  # type: ignore[arg-type]
+    # a save as snapshot_vm starts one, slowed to 64 KiB/s so that it is still running when the operator dies
+    default = (await q.execute("query-migrate-parameters"))["max-bandwidth"]
+    await q.execute("migrate-set-parameters", {"max-bandwidth": 64 << 10})
+    await q.execute("stop")
+    await q.pass_fd(tmp_path / "cut-short.bin", "snapshot", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    await q.execute("migrate", {"uri": "fd:snapshot"})
+    assert (await q.execute("query-migrate"))["status"] in ("setup", "active")
+    await first.close(stop_vms=False)  # kill -9 of the operator, as far as QEMU can tell
+
+    second_driver, second = make()
+    try:
+        assert (await second.reconcile()).startswith("reconciled: 1 vm(s) re-adopted")
+        q2 = second_driver._vm(second._record(second.store.get_vm("m")))  # type: ignore[arg-type]
+        assert (await q2.execute("query-migrate"))["status"] == "cancelled"
+        assert await q2.status() == "running"  # back to what the store says
+        await q2.execute("migrate-set-parameters", {"max-bandwidth": default})  # undo the test's slowing
+        snap = await second.snapshot_vm("m", "s", ORIGIN)  # refused before the fix
+        assert snap.vm_status is VmStatus.RUNNING
+        await ticks_past(second, "m", await tick_of(second, "m"))  # and the guest runs on
+        await second.destroy_vm("m", ORIGIN)
+    finally:
+        await second.close(stop_vms=True)
+    assert qemu_pids(tmp_path) == set()

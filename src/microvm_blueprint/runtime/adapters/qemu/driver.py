@@ -373,6 +373,10 @@ class QemuDriver:
         if q is None:
             return False
         self._adopted(q)
+        with contextlib.suppress(VmError):  # a snapshot's save cut short by the operator's death: undone
+            if await q.abandon_migration():
+                log.warning("vm %r: cancelled the memory save an earlier operator left running", vm.vm_id,
+                            extra={"vm_id": vm.vm_id})
         if vm.status is VmStatus.RUNNING:
             # an operator killed between a snapshot's pause and its resume leaves the guest paused:
             # bring it back to the status the store recorded

@@ -215,6 +215,27 @@ class QemuProcess:
                 raise VmmTimeout(f"{what} did not finish within {self.settings.migrate_timeout:.0f}s")
             await asyncio.sleep(0.02)
 
+    async def abandon_migration(self) -> bool:
+        """Cancel a migration still running in a re-adopted QEMU (its operator was killed while saving a
+        snapshot, which reconciliation undoes) and wait, with a deadline, until QEMU says it ended; until
+        then QEMU refuses every new ``migrate`` ("There's a migration process in progress"). True if one
+        was running."""
+        info = await self.execute("query-migrate")
+        status = info.get("status") if isinstance(info, dict) else None
+        if status in (None, "none", "completed", "failed", "cancelled"):
+            return False
+        if status != "cancelling":
+            await self.execute("migrate_cancel")
+        deadline = time.monotonic() + self.settings.qmp_timeout
+        while status not in ("completed", "failed", "cancelled"):
+            if time.monotonic() > deadline:
+                raise VmmTimeout(f"a migration left by an earlier operator did not end after migrate_cancel "
+                                 f"(still {status!r} after {self.settings.qmp_timeout:.0f}s)", log_tail=self.log_tail())
+            await asyncio.sleep(0.02)
+            info = await self.execute("query-migrate")
+            status = info.get("status") if isinstance(info, dict) else None
+        return True
+
     async def pass_fd(self, path: Path, name: str, flags: int) -> None:
         """Open ``path`` here and hand the descriptor to QEMU as ``name`` (``getfd``)."""
         try:
