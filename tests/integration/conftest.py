@@ -23,6 +23,7 @@ from microvm_blueprint.runtime.lifecycle import Lifecycle
 from microvm_blueprint.tangle.abi import encode_args
 from microvm_blueprint.tangle.devnet import (
     ANVIL_KEYS,
+    KEEP_STATES,
     MAX_BLOCK_TRANSACTIONS,
     Anvil,
     DevDeployment,
@@ -286,7 +287,9 @@ def real_tangle_chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Real
     log_path = folder / "anvil.log"
     argv = [str(anvil), "--host", "127.0.0.1", "--port", str(port), "--base-fee", "0", "--gas-price", "0",
             "--gas-limit", "100000000", "--code-size-limit", "100000",
-            "--prune-history",  # as the devnet: no state left under ~/.foundry/anvil/tmp
+            # as the devnet: no state left under ~/.foundry/anvil/tmp, yet a few states kept in memory, since with
+            # none a call on "latest" racing a new block failed with "BlockOutOfRangeError" (a heartbeat test)
+            "--prune-history", str(KEEP_STATES),
             "--max-transactions", str(MAX_BLOCK_TRANSACTIONS)]  # as the devnet: a burst does not stall it
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
